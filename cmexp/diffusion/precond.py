@@ -1,0 +1,167 @@
+"""Preconditioning wrappers: a raw network becomes an EDM denoiser D(x, sigma) or a
+consistency function f(x, sigma) with the boundary condition f(x, sigma_min) = x.
+
+The raw network contract (``cmexp.nets``): ``net(x_in [B,C,H,W], noise_labels [B],
+class_labels [B] | None) -> [B,C,H,W]``; it knows nothing about sigma (EDM's split).
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor, nn
+
+from cmexp.diffusion.karras import append_dims, as_sigma_batch, check_sigma_range
+
+
+def edm_scalings(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """EDM denoiser scalings (Karras et al. 2022, Table 1), used by the teacher.
+
+    ``c_skip = sd^2/(sigma^2+sd^2)``, ``c_out = sigma sd/sqrt(sigma^2+sd^2)``,
+    ``c_in = 1/sqrt(sigma^2+sd^2)``; ``sd = sigma_data = 0.5``.
+
+    Args:
+        sigma: any shape; the result has the same shape.
+    """
+    var = sigma**2 + sigma_data**2
+    return sigma_data**2 / var, sigma * sigma_data / var.sqrt(), 1 / var.sqrt()
+
+
+def boundary_scalings(
+    sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Consistency-model scalings (CM paper App. C, Eq. for c_skip/c_out).
+
+    ``c_skip = sd^2/((sigma-eps)^2+sd^2)``, ``c_out = sd (sigma-eps)/sqrt(sd^2+sigma^2)``,
+    ``c_in = 1/sqrt(sigma^2+sd^2)`` (c_in uses sigma, not sigma - eps, as both official code
+    bases do). At ``sigma = eps``: ``c_skip = 1``, ``c_out = 0``, so f(x, eps) = x exactly.
+
+    Args:
+        sigma: any shape; the result has the same shape.
+        sigma_data: sd = 0.5 in the paper.
+        sigma_min: eps = 0.002 in the paper.
+    """
+    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    c_out = sigma_data * (sigma - sigma_min) / (sigma_data**2 + sigma**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+    return c_skip, c_out, c_in
+
+
+class _Precond(nn.Module):
+    """Shared wrapper logic; subclasses choose the scalings."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        c_noise_scale: float = 0.25,
+    ) -> None:
+        super().__init__()
+        check_sigma_range(sigma_min, sigma_max)
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
+        self.net = net
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self.sigma_data = float(sigma_data)
+        self.c_noise_scale = float(c_noise_scale)
+
+    @property
+    def img_resolution(self) -> int:
+        return int(self.net.img_resolution)
+
+    @property
+    def img_channels(self) -> int:
+        return int(self.net.img_channels)
+
+    @property
+    def label_dim(self) -> int:
+        return int(getattr(self.net, "label_dim", 0))
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        """Noise-level input of the raw net: ``c_noise_scale * ln(sigma)``.
+
+        0.25 gives ln(sigma)/4 (JAX CIFAR-10 code, EDM, ECT); 250 gives the official PyTorch
+        code's 1000 * ln(sigma + 1e-44)/4.
+        """
+        return self.c_noise_scale * torch.log(sigma + 1e-44)
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(
+        self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None
+    ) -> Tensor:
+        """Args: x ``[B,C,H,W]``; sigma scalar or ``[B]``; class_labels ``[B]`` or None.
+        Returns ``[B,C,H,W]`` in x's dtype; scalings are computed in float32."""
+        sigma = as_sigma_batch(sigma, x)
+        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma.float()))
+        out = self.net((c_in * x).to(x.dtype), self.c_noise(sigma.float()), class_labels)
+        return (c_skip * x + c_out * out.float()).to(x.dtype)
+
+
+class EDMPrecond(_Precond):
+    """EDM denoiser ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` with EDM scalings."""
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return edm_scalings(sigma, self.sigma_data)
+
+
+class CMPrecond(_Precond):
+    """Consistency function ``f(x, sigma)`` with the boundary scalings (CM paper Eq. 5,
+    App. C): ``f(x, sigma_min) = x`` exactly for any network."""
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return boundary_scalings(sigma, self.sigma_data, self.sigma_min)
+
+
+def gaussian_denoiser(sigma_data: float = 0.5):
+    """Exact denoiser for data ~ N(0, sd^2 I): ``D(x, sigma) = sd^2/(sd^2+sigma^2) x``.
+
+    Returns a callable with the denoiser signature ``(x, sigma, class_labels=None)``.
+    """
+
+    def denoise(x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        s = append_dims(as_sigma_batch(sigma, x), x.ndim)
+        return (sigma_data**2 / (sigma_data**2 + s**2)) * x
+
+    return denoise
+
+
+def gaussian_consistency_fn(sigma_data: float = 0.5, sigma_min: float = 0.002):
+    """Exact consistency function for data ~ N(0, sd^2 I): the PF-ODE maps x at sigma to
+    ``x sqrt((sd^2+eps^2)/(sd^2+sigma^2))`` at eps. Same signature as a CMPrecond."""
+
+    def f(x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        s = append_dims(as_sigma_batch(sigma, x), x.ndim)
+        return x * torch.sqrt((sigma_data**2 + sigma_min**2) / (sigma_data**2 + s**2))
+
+    return f
+
+
+def gaussian_mixture_denoiser(means: Tensor, weights: Tensor, std: float = 0.0):
+    """Exact denoiser of an isotropic Gaussian mixture ``sum_k w_k N(m_k, std^2 I)`` in R^d.
+
+    ``E[x0 | x] = sum_k r_k(x) (m_k + std^2/(std^2+sigma^2) (x - m_k))`` with responsibilities
+    ``r_k`` of ``N(m_k, (std^2+sigma^2) I)``. Inputs x are ``[B, d]`` (or ``[B, ...]`` with
+    prod(...) = d). ``means``: ``[K, d]``; ``weights``: ``[K]`` summing to 1.
+    """
+    log_w = torch.log(weights)
+
+    def denoise(x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        s = as_sigma_batch(sigma, x).to(x.dtype)
+        flat = x.reshape(x.shape[0], -1)
+        m = means.to(flat)
+        var = std**2 + s**2  # [B]
+        sq = ((flat[:, None, :] - m[None]) ** 2).sum(-1)  # [B,K]
+        logits = log_w.to(flat)[None] - 0.5 * sq / var[:, None]
+        resp = torch.softmax(logits, dim=1)  # [B,K]
+        shrink = (std**2 / var)[:, None, None]
+        post_means = m[None] + shrink * (flat[:, None, :] - m[None])  # [B,K,d]
+        return (resp[..., None] * post_means).sum(1).reshape(x.shape)
+
+    return denoise
+
+

@@ -1,0 +1,161 @@
+"""Consistency distillation (CM paper Alg. 2, Eq. 7) and consistency training (Alg. 3,
+Eq. 10) objectives.
+
+Both draw, per example, an index ``j ~ U{0..N-2}`` into the descending Karras grid, set
+``sigma = sigmas[j]`` (t_{n+1}) and ``sigma_next = sigmas[j+1]`` (t_n), and return the
+unreduced ``lambda(sigma_n) d(f_theta(x + sigma z, sigma), stopgrad f_theta^-(x_hat, sigma_next))``.
+CD builds ``x_hat`` with one teacher ODE step; CT uses ``x_hat = x + sigma_next z`` with the
+same z (the Euler step with the one-sample score estimate, Thm. 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cmexp.diffusion.karras import append_dims
+from cmexp.diffusion.solvers import Denoiser
+from cmexp.losses.weighting import UniformWeighting
+
+Metric = Callable[[Tensor, Tensor], Tensor]
+ConsistencyFn = Callable[..., Tensor]
+Solver = Callable[..., Tensor]
+
+
+@dataclass
+class ConsistencyLossOutput:
+    """Per-sample loss ``[B]`` and the noise levels it used (``[B]`` each)."""
+
+    loss: Tensor
+    sigma: Tensor
+    sigma_next: Tensor
+
+
+class UniformIndices:
+    """``j ~ U{0, ..., N-2}`` (CM paper: n ~ U[[1, N-1]])."""
+
+    def __call__(self, sigmas: Tensor, batch_size: int, device: torch.device) -> Tensor:
+        return torch.randint(0, len(sigmas) - 1, (batch_size,), device=device)
+
+
+class LognormalIndices:
+    """iCT's discretised lognormal over grid intervals: ``p(j) ~ erf((ln s_j - P_mean) /
+    (sqrt(2) P_std)) - erf((ln s_{j+1} - P_mean)/(sqrt(2) P_std))``; P_mean = -1.1, P_std = 2."""
+
+    def __init__(self, P_mean: float = -1.1, P_std: float = 2.0) -> None:
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
+
+    def __call__(self, sigmas: Tensor, batch_size: int, device: torch.device) -> Tensor:
+        z = (sigmas.double().log() - self.P_mean) / (math.sqrt(2) * self.P_std)
+        probs = (torch.erf(z[:-1]) - torch.erf(z[1:])).clamp_min(0)
+        return torch.multinomial(probs.float(), batch_size, replacement=True).to(device)
+
+
+@contextmanager
+def replay_rng(device: torch.device) -> Iterator[Callable[[], AbstractContextManager[None]]]:
+    """Capture the RNG state of ``device`` now; the yielded context manager replays it.
+
+    Used so the online and target passes see the same dropout mask (official code; iCT).
+    The global stream continues afterwards as if the replay had not happened.
+    """
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextmanager
+    def replay() -> Iterator[None]:
+        devices = [device] if cuda_state is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, device)
+            yield
+
+    yield replay
+
+
+class _ConsistencyLoss:
+    def __init__(
+        self,
+        metric: Metric,
+        weighting: Callable[[Tensor, Tensor], Tensor] | None = None,
+        index_sampler: Callable[[Tensor, int, torch.device], Tensor] | None = None,
+    ) -> None:
+        self.metric = metric
+        self.weighting = weighting if weighting is not None else UniformWeighting()
+        self.index_sampler = index_sampler if index_sampler is not None else UniformIndices()
+
+    def target_input(
+        self, images: Tensor, noise: Tensor, x_t: Tensor, sigma: Tensor, sigma_next: Tensor,
+        class_labels: Tensor | None,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        online: ConsistencyFn,
+        target: ConsistencyFn,
+        images: Tensor,
+        sigmas: Tensor,
+        class_labels: Tensor | None = None,
+    ) -> ConsistencyLossOutput:
+        """Args:
+            online: f_theta, called with gradients. target: f_theta^-, called under no_grad.
+            images: ``[B,C,H,W]`` clean data in [-1,1]. sigmas: ``[N]`` descending grid.
+        Returns: :class:`ConsistencyLossOutput` with ``loss [B]``.
+        """
+        if sigmas.ndim != 1 or len(sigmas) < 2:
+            raise ValueError(f"sigmas must be a 1-D grid with >= 2 levels, got {tuple(sigmas.shape)}")
+        sigmas = sigmas.to(images.device)
+        idx = self.index_sampler(sigmas, images.shape[0], images.device)
+        sigma, sigma_next = sigmas[idx], sigmas[idx + 1]
+        noise = torch.randn_like(images)
+        x_t = images + append_dims(sigma, images.ndim).to(images.dtype) * noise
+        with torch.no_grad():
+            x_hat = self.target_input(images, noise, x_t, sigma, sigma_next, class_labels)
+        with replay_rng(images.device) as replay:
+            pred = online(x_t, sigma, class_labels)
+            with torch.no_grad(), replay():
+                tgt = target(x_hat, sigma_next, class_labels)
+        loss = self.weighting(sigma, sigma_next) * self.metric(pred, tgt.detach())
+        return ConsistencyLossOutput(loss=loss, sigma=sigma, sigma_next=sigma_next)
+
+
+class ConsistencyDistillationLoss(_ConsistencyLoss):
+    """CD (CM paper Alg. 2): ``x_hat = solver(teacher, x_t, sigma, sigma_next)``, one Euler or
+    Heun step of the teacher's PF-ODE (CIFAR-10: Heun, N = 18, LPIPS, lambda = 1).
+
+    Args:
+        metric: d(x, y) -> ``[B]``. solver: ``euler_step`` or ``heun_step``.
+        teacher: the frozen EDM denoiser D(x, sigma); may also be given per call.
+        weighting: lambda(sigma, sigma_next) -> ``[B]`` (default 1).
+    """
+
+    def __init__(
+        self,
+        metric: Metric,
+        solver: Solver,
+        teacher: Denoiser | None = None,
+        weighting: Callable[[Tensor, Tensor], Tensor] | None = None,
+        index_sampler: Callable[[Tensor, int, torch.device], Tensor] | None = None,
+    ) -> None:
+        super().__init__(metric, weighting, index_sampler)
+        self.solver = solver
+        self.teacher = teacher
+
+    def target_input(self, images, noise, x_t, sigma, sigma_next, class_labels):  # noqa: D102
+        if self.teacher is None:
+            raise ValueError("ConsistencyDistillationLoss needs a teacher denoiser (teacher=None)")
+        return self.solver(self.teacher, x_t, sigma, sigma_next, class_labels)
+
+
+class ConsistencyTrainingLoss(_ConsistencyLoss):
+    """CT (CM paper Alg. 3): no teacher, ``x_hat = x + sigma_next z`` with the same z as
+    ``x_t = x + sigma z`` (the Euler step with the unbiased score estimate (x - x_t)/sigma^2)."""
+
+    def target_input(self, images, noise, x_t, sigma, sigma_next, class_labels):  # noqa: D102
+        return images + append_dims(sigma_next, images.ndim).to(images.dtype) * noise

@@ -1,0 +1,15 @@
+"""LightningModules, one per training mode: EDM teacher, CD and CT."""
+
+from cmexp.modules.base import DiffusionLitModule, NonFiniteLossError
+from cmexp.modules.consistency import CDLitModule, ConsistencyLitModule, CTLitModule, load_teacher
+from cmexp.modules.edm import EDMLitModule
+
+__all__ = [
+    "CDLitModule",
+    "CTLitModule",
+    "ConsistencyLitModule",
+    "DiffusionLitModule",
+    "EDMLitModule",
+    "NonFiniteLossError",
+    "load_teacher",
+]

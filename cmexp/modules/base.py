@@ -1,0 +1,174 @@
+"""Shared LightningModule machinery: optimizer partials, the sampling EMA, exact resume
+(batch counter and RNG states in the checkpoint) and self-describing checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cmexp.diffusion.ema import ema_update_
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss is NaN or infinite; the last good checkpoint is kept."""
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with ``requires_grad=False`` everywhere (target network, EMA, teacher)."""
+    out = copy.deepcopy(module)
+    out.requires_grad_(False)
+    return out
+
+
+class DiffusionLitModule(pl.LightningModule):
+    """Base class. Subclasses set ``self.model`` (the trained wrapper) before calling
+    :meth:`_init_ema`, and implement ``compute_loss`` and ``sample_images``.
+
+    Args:
+        optimizer: partial optimizer (``torch.optim.RAdam`` with lr 4e-4 in the CM paper,
+            Table 3), completed with the parameters in ``configure_optimizers``.
+        ema_decay: rate of the sampling EMA (0.9999 for CIFAR-10, Table 3). Never the target
+            network's rate ``mu``.
+        lr_warmup_kimg: linear learning-rate warm-up in thousands of images (0 = none, as the
+            CM paper; EDM's teacher uses 10,000).
+    """
+
+    kind: str = "base"
+
+    def __init__(
+        self,
+        optimizer: OptimizerFactory,
+        ema_decay: float = 0.9999,
+        lr_warmup_kimg: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay!r}")
+        self.optimizer_factory = optimizer
+        self.ema_decay = float(ema_decay)
+        self.lr_warmup_kimg = float(lr_warmup_kimg)
+        self.batches_seen = 0
+        self.run_config: dict[str, Any] | None = None  # set by cmexp.train for self-description
+        self.model: nn.Module
+        self.ema: nn.Module
+
+    def _init_ema(self) -> None:
+        self.ema = frozen_copy(self.model)
+
+    # ---------------------------------------------------------------- training
+    def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def global_batch_size(self, local: int) -> int:
+        return local * (self.trainer.world_size if self._trainer is not None else 1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        labels = labels if self.label_dim > 0 else None
+        loss, extra = self.compute_loss(images, labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}; the last "
+                "good checkpoint is kept in the run's checkpoints/ folder (last.ckpt); lower "
+                "model.optimizer.lr or check the data"
+            )
+        self.batches_seen += 1
+        kimg = self.batches_seen * self.global_batch_size(images.shape[0]) / 1000
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/kimg", kimg, on_step=True, on_epoch=False)
+        for key, value in extra.items():
+            self.log(f"train/{key}", float(value), on_step=True, on_epoch=False)
+        return loss
+
+    @property
+    def label_dim(self) -> int:
+        return int(getattr(self.model, "label_dim", 0))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Update the averaged copies after each optimizer step (sampling EMA here)."""
+        ema_update_(self.ema, self.model, self.ema_decay)
+
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_factory(params=[p for p in self.model.parameters() if p.requires_grad])
+        if self.lr_warmup_kimg <= 0:
+            return opt
+
+        def warmup(step: int) -> float:
+            batch = self.trainer.datamodule.batch_size if self.trainer.datamodule else 1
+            kimg = step * self.global_batch_size(batch) / 1000
+            return min(kimg / self.lr_warmup_kimg, 1.0)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample_images(self, num: int, seed: int = 0) -> dict[str, Tensor]:
+        """Named sample sets ``{name: [num,C,H,W] in [-1,1]}`` from the sampling EMA."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- checkpoints
+    def metadata(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "kind": self.kind,
+            "img_resolution": int(m.img_resolution),
+            "img_channels": int(m.img_channels),
+            "label_dim": int(m.label_dim),
+            "sigma_min": m.sigma_min,
+            "sigma_max": m.sigma_max,
+            "sigma_data": m.sigma_data,
+            "c_noise_scale": m.c_noise_scale,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["cmexp"] = {
+            **self.metadata(),
+            "batches_seen": self.batches_seen,
+            "rng": rng,
+            "config": self.run_config,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("cmexp")
+        if meta is None:
+            raise ValueError("ckpt_path does not point to a checkpoint written by cmexp (no 'cmexp' entry)")
+        if meta.get("kind") != self.kind:
+            raise ValueError(
+                f"ckpt_path holds a '{meta.get('kind')}' model but this run trains '{self.kind}'; "
+                "resume with the same +experiment"
+            )
+        self.batches_seen = int(meta["batches_seen"])
+        rng = meta["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and hasattr(datamodule, "start_batch"):
+            datamodule.start_batch = self.batches_seen
+
+    def teardown(self, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

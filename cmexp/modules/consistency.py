@@ -1,0 +1,183 @@
+"""Consistency distillation (CD, Alg. 2) and consistency training (CT, Alg. 3) modules.
+
+Three copies of the consistency function live here and are never the same object:
+``model`` (online theta, trained), ``target`` (theta^-, updated with rate mu(k) after every
+optimizer step, enters the loss) and ``ema`` (sampling EMA with ``ema_decay``, used for
+samples and metrics). The CD teacher is frozen and kept out of checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cmexp.diffusion.ema import ema_update_
+from cmexp.diffusion.karras import karras_sigmas
+from cmexp.diffusion.precond import CMPrecond, EDMPrecond
+from cmexp.diffusion.sampling import SeededNoise, sample_multistep
+from cmexp.diffusion.schedules import Schedule, check_mu
+from cmexp.losses.consistency import ConsistencyDistillationLoss, ConsistencyTrainingLoss
+from cmexp.modules.base import DiffusionLitModule, OptimizerFactory, frozen_copy
+
+
+class ConsistencyLitModule(DiffusionLitModule):
+    """Shared CD/CT training logic.
+
+    Args:
+        net: raw network. loss: CD or CT objective. schedule: ``step -> (N, mu)``
+            (``FixedSchedule`` or ``AdaptiveSchedule``).
+        sample_sigmas: noise levels of the multistep sample grid after the first step (the
+            2-step tau; CIFAR-10 CD: 0.585 = grid index 11 of N = 18).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: ConsistencyDistillationLoss | ConsistencyTrainingLoss,
+        schedule: Schedule,
+        optimizer: OptimizerFactory,
+        ema_decay: float = 0.9999,
+        lr_warmup_kimg: float = 0.0,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        rho: float = 7.0,
+        c_noise_scale: float = 0.25,
+        sample_sigmas: Sequence[float] = (0.585,),
+    ) -> None:
+        super().__init__(optimizer, ema_decay, lr_warmup_kimg)
+        self.model = CMPrecond(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
+        self.target = frozen_copy(self.model)
+        self._init_ema()
+        self.loss = loss
+        self.schedule = schedule
+        self.rho = float(rho)
+        self.sample_sigmas = [float(s) for s in sample_sigmas]
+        for s in self.sample_sigmas:
+            if not sigma_min < s < sigma_max:
+                raise ValueError(f"model.sample_sigmas entries must lie in (sigma_min, sigma_max), got {s}")
+        self._mu = schedule(0)[1]
+        check_mu(self._mu)
+
+    def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        num_scales, mu = self.schedule(self.global_step)
+        check_mu(mu)
+        self._mu = mu
+        m = self.model
+        sigmas = karras_sigmas(num_scales, m.sigma_min, m.sigma_max, self.rho, device=images.device)
+        out = self.loss(self.model, self.target, images, sigmas, labels)
+        return out.loss.mean(), {"num_scales": num_scales, "mu": mu}
+
+    def after_optimizer_step(self) -> None:
+        ema_update_(self.target, self.model, self._mu)
+        super().after_optimizer_step()
+
+    @torch.no_grad()
+    def sample_images(self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)) -> dict[str, Tensor]:
+        m = self.ema
+        shape = (m.img_channels, m.img_resolution, m.img_resolution)
+        out: dict[str, Tensor] = {}
+        for k in steps:
+            noise = SeededNoise(range(seed, seed + num), self.device)
+            z = noise.randn(shape)
+            sigmas = [m.sigma_max, *self.sample_sigmas[: k - 1]]
+            if len(sigmas) < k:
+                raise ValueError(f"{k}-step sampling needs {k - 1} entries in model.sample_sigmas")
+            out[f"{k}step"] = sample_multistep(m, z, sigmas, m.sigma_min, noise=noise.randn_like)
+        return out
+
+
+class CTLitModule(ConsistencyLitModule):
+    """Consistency training: random init, no teacher (CM paper Alg. 3, Table 3)."""
+
+    kind = "ct"
+
+
+class CDLitModule(ConsistencyLitModule):
+    """Consistency distillation from an EDM teacher trained by this suite (CM paper Alg. 2).
+
+    The teacher is rebuilt from ``teacher_path`` (its sampling-EMA weights), frozen, in eval
+    mode, and not registered as a submodule, so CD checkpoints never contain it. The online,
+    target and sampling-EMA networks start from the teacher's EMA weights (App. C).
+    """
+
+    kind = "cd"
+
+    def __init__(self, *args: Any, teacher_path: str | None = None, init_from_teacher: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.loss, ConsistencyDistillationLoss):
+            raise ValueError("model.loss of a CD run must be a ConsistencyDistillationLoss")
+        teacher = load_teacher(teacher_path, self.model.net)
+        self._teacher = [teacher]  # a list keeps it out of state_dict() and parameters()
+        self.loss.teacher = teacher
+        if init_from_teacher:
+            self.model.net.load_state_dict(teacher.net.state_dict())
+            ema_update_(self.target, self.model, 0.0)
+            ema_update_(self.ema, self.model, 0.0)
+
+    @property
+    def teacher(self) -> EDMPrecond:
+        return self._teacher[0]
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "CDLitModule":
+        super()._apply(fn, *args, **kwargs)
+        self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "teacher_path": self.teacher_path}
+
+    @property
+    def teacher_path(self) -> str:
+        return getattr(self.teacher, "source_path", "")
+
+
+def load_teacher(path: str | None, net: nn.Module) -> EDMPrecond:
+    """Rebuild a frozen EDM teacher from a cmexp EDM checkpoint's sampling-EMA weights.
+
+    Args:
+        path: ``model.teacher_path``, a ``.ckpt`` written by ``+experiment=*_edm``.
+        net: a raw network with the teacher's architecture (the run's ``net`` group); it is
+            deep-copied, not modified.
+    """
+    if not path:
+        raise ValueError(
+            "model.teacher_path is required for consistency distillation: set "
+            "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm)"
+        )
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"model.teacher_path={path}: no such file")
+    ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    meta = ckpt.get("cmexp") if isinstance(ckpt, dict) else None
+    if not meta or meta.get("kind") != "edm":
+        raise ValueError(
+            f"model.teacher_path={path} is not an EDM teacher checkpoint written by cmexp "
+            f"(found kind={meta.get('kind') if meta else None!r}, expected 'edm')"
+        )
+    want = (int(net.img_resolution), int(net.img_channels))
+    got = (int(meta["img_resolution"]), int(meta["img_channels"]))
+    if want != got:
+        raise ValueError(
+            f"model.teacher_path={path} is a {got[1]}-channel {got[0]}x{got[0]} teacher but this run "
+            f"uses dataset.resolution={want[0]}, dataset.channels={want[1]}"
+        )
+    teacher = frozen_copy(
+        EDMPrecond(net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
+    )
+    prefix = "ema."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        teacher.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"model.teacher_path={path}: the teacher's weights do not fit the run's net config; "
+            f"use the same net as the teacher run ({str(err).splitlines()[0]})"
+        ) from None
+    teacher.eval()
+    teacher.source_path = str(file)
+    return teacher

@@ -1,0 +1,105 @@
+"""Training entry point: ``python -m cmexp.train [+experiment=NAME] [overrides]``.
+
+Builds datamodule, model, callbacks, loggers and trainer from the config and calls fit;
+everything method-specific lives in the config groups and ``cmexp.modules``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from cmexp.utils.checks import ConfigError, check_train_config
+
+log = logging.getLogger("cmexp.train")
+
+
+def _wandb_offline_if_needed(cfg: DictConfig) -> None:
+    """Log W&B offline when no API key is configured (syncable later with `wandb sync`)."""
+    if "wandb" not in (cfg.get("logger") or {}) or os.environ.get("WANDB_MODE"):
+        return
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
+    if not has_key:
+        os.environ["WANDB_MODE"] = "offline"
+        log.info("W&B: no API key found, logging offline (upload later with `wandb sync`)")
+
+
+def _record_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Write the resolved config and the Hydra group choices into the run folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    choices: dict[str, Any] = {}
+    if HydraConfig.initialized():
+        choices = {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra/")}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
+    OmegaConf.save(OmegaConf.create(choices), output_dir / "choices.yaml")
+    return {"config": resolved, "choices": choices}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one run from a composed config. Returns the final logged metrics and objects."""
+    check_train_config(cfg)
+    import lightning.pytorch as pl
+    import torch
+
+    from cmexp.utils.instantiate import instantiate_dict
+
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_dir = output_dir / "checkpoints"
+    if not cfg.get("ckpt_path") and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        raise ConfigError(
+            f"paths.output_dir={output_dir} already holds checkpoints of an earlier run; refusing to "
+            "overwrite them (pass ckpt_path=... to resume, or use a new folder)"
+        )
+    record = _record_run(cfg, output_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.backends.cuda.matmul.allow_tf32 = False  # numerics are a stated choice (EDM)
+    torch.backends.cudnn.allow_tf32 = False
+
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    model = hydra.utils.instantiate(cfg.model)
+    model.run_config = record
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    _wandb_offline_if_needed(cfg)
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams({**record["choices"], "config": record["config"]})
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    log.info("run folder: %s", output_dir)
+    return {"metrics": metrics, "model": model, "trainer": trainer, "datamodule": datamodule}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        out = train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        try:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+        except ImportError:
+            pass
+    loss = out["metrics"].get("train/loss")
+    return loss
+
+
+if __name__ == "__main__":
+    main()

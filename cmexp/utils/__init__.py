@@ -1,0 +1,1 @@
+"""Glue for Hydra and Lightning (no science here)."""

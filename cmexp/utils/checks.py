@@ -1,0 +1,54 @@
+"""Up-front validation of a composed training config: one clear message per mistake, naming
+the config key and what is expected, before anything heavy is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and the expected value."""
+
+
+def _sel(cfg: DictConfig, key: str):  # noqa: ANN202
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the mistakes users make most often."""
+    smin, smax = _sel(cfg, "model.sigma_min"), _sel(cfg, "model.sigma_max")
+    if smin is not None and smax is not None:
+        if not smin > 0:
+            raise ConfigError(f"model.sigma_min must be > 0, got {smin}")
+        if not smin < smax:
+            raise ConfigError(f"model.sigma_min={smin} must be < model.sigma_max={smax}")
+    s0, s1 = _sel(cfg, "schedule.s0"), _sel(cfg, "schedule.s1")
+    if s0 is not None and s1 is not None and s1 < s0:
+        raise ConfigError(f"schedule.s1={s1} must be >= schedule.s0={s0}")
+    for key in ("schedule.mu", "schedule.mu0"):
+        mu = _sel(cfg, key)
+        if mu is not None and not 0 <= mu < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {mu}")
+    ema = _sel(cfg, "model.ema_decay")
+    if ema is not None and not 0 <= ema < 1:
+        raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema}")
+    target = str(_sel(cfg, "model._target_") or "")
+    if target.endswith("CDLitModule"):
+        path = _sel(cfg, "model.teacher_path")
+        if not path:
+            raise ConfigError(
+                "model.teacher_path is required for consistency distillation: set "
+                "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm)"
+            )
+        if not Path(str(path)).expanduser().is_file():
+            raise ConfigError(f"model.teacher_path={path}: no such file")
+    max_steps = _sel(cfg, "trainer.max_steps")
+    if max_steps is not None and max_steps != -1 and max_steps < 1:
+        raise ConfigError(f"trainer.max_steps must be >= 1, got {max_steps}")
+    ckpt = _sel(cfg, "ckpt_path")
+    if ckpt and not Path(str(ckpt)).expanduser().is_file():
+        raise ConfigError(f"ckpt_path={ckpt}: no such file")

@@ -1,0 +1,53 @@
+"""Fixtures for Hydra-composed runs: compose the real conf/ tree, point every output at tmp."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(base / var.lower()))
+
+
+def compose_train(overrides: list[str], out: Path) -> DictConfig:
+    """Compose conf/train.yaml like `python -m cmexp.train` would, with outputs under ``out``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.runtime.cwd = str(out.parent)
+        cfg.hydra.job.override_dirname = ",".join(o for o in overrides if not o.startswith("+experiment"))
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(out.parent)
+        cfg.paths.output_dir = str(out)
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def composer(tmp_path: Path) -> Callable[..., DictConfig]:
+    counter = iter(range(1000))
+
+    def make(overrides: list[str], name: str | None = None) -> DictConfig:
+        return compose_train(overrides, tmp_path / (name or f"run{next(counter)}"))
+
+    yield make
+    GlobalHydra.instance().clear()
