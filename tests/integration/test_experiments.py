@@ -1,0 +1,132 @@
+"""Every experiment composes and instantiates; the command line prints configs and reports bad
+input on one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from .conftest import CONF_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+ROOT = CONF_DIR.parent
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "cmexp.train", *args], capture_output=True, text=True,
+        env=full_env, cwd=cwd or ROOT, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def fake_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TORCH_HOME holding a VGG16 backbone file of the right format (random values)."""
+    from tests.fakes import write_fake_vgg16
+
+    home = tmp_path_factory.mktemp("torch_home")
+    write_fake_vgg16(home / "hub" / "checkpoints")
+    return home
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per net config, a checkpoint shaped like an EDM teacher written by this suite."""
+    return {"_dir": tmp_path_factory.mktemp("teachers")}
+
+
+def _fake_teacher(cfg, cache: dict[str, Path]) -> Path:
+    from cmexp.diffusion import EDMPrecond
+
+    key = OmegaConf.to_yaml(cfg.net)
+    if key not in cache:
+        net = hydra.utils.instantiate(cfg.net)
+        teacher = EDMPrecond(net)
+        path = cache["_dir"] / f"teacher{len(cache)}.ckpt"
+        meta = {"kind": "edm", "img_resolution": net.img_resolution, "img_channels": net.img_channels,
+                "label_dim": net.label_dim, "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5,
+                "c_noise_scale": 0.25}
+        state = {f"ema.{k}": v for k, v in teacher.state_dict().items()}
+        torch.save({"cmexp": meta, "state_dict": state}, path)
+        cache[key] = path
+    return cache[key]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(name, composer, teachers, fake_weights, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(fake_weights))
+    cfg = composer([f"+experiment={name}"])
+    assert cfg.model._target_.startswith("cmexp.modules.")
+    if cfg.model._target_.endswith("CDLitModule"):
+        OmegaConf.update(cfg, "model.teacher_path", str(_fake_teacher(cfg, teachers)))
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    assert datamodule.batch_size == cfg.dataset.batch_size
+    model = hydra.utils.instantiate(cfg.model)
+    assert model.model.img_resolution == cfg.dataset.resolution
+    assert model.model.img_channels == cfg.dataset.channels
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert trainer_cfg["max_steps"] > 0
+    for cb in cfg.callbacks.values():
+        hydra.utils.instantiate(cb)
+    if name.startswith("cifar10"):
+        # the paper's Table 3 values
+        assert cfg.dataset.batch_size == 512 and cfg.net.model_channels == 128
+        if "_cd_" in name or "_ct_" in name:
+            assert cfg.model.ema_decay == 0.9999
+            assert cfg.model.optimizer._target_ == "torch.optim.RAdam"
+    if "_cd_" in name:
+        assert cfg.schedule.num_scales == 18 and cfg.schedule.mu == 0.0
+        assert cfg.solver._target_ == "cmexp.diffusion.heun_step"
+
+
+def test_main_job_is_the_quick_fashion_mnist_ct(composer) -> None:
+    plain = OmegaConf.to_container(composer([])["model"], resolve=False)
+    exp = OmegaConf.to_container(composer(["+experiment=fmnist_ct_pseudo_huber"])["model"], resolve=False)
+    assert plain == exp
+    cfg = composer([])
+    assert cfg.dataset._target_.endswith("FashionMNISTDataModule")
+    assert cfg.model._target_ == "cmexp.modules.CTLitModule"
+    assert cfg.schedule._target_ == "cmexp.diffusion.AdaptiveSchedule"
+
+
+def test_presets_do_not_leak_into_cifar10(composer) -> None:
+    cfg = composer(["+experiment=cifar10_edm"])
+    assert cfg.model.ema_decay == 0.99929 and cfg.dataset.batch_size == 512
+    cfg = composer(["+experiment=cifar10_ct_lpips"])
+    assert cfg.schedule.s1 == 150
+
+
+def test_command_line_group_choice_beats_the_preset(composer) -> None:
+    cfg = composer(["schedule=fixed"])
+    assert cfg.schedule._target_ == "cmexp.diffusion.FixedSchedule"
+    hydra.utils.instantiate(cfg.schedule)
+
+
+@pytest.mark.parametrize("name", ["cifar10_cd_lpips", "fmnist_ct_pseudo_huber"])
+def test_cfg_job_prints_resolved_config(name: str) -> None:
+    out = _cli(f"+experiment={name}", "--cfg", "job", "--resolve")
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.model._target_.startswith("cmexp.modules.")
+
+
+def test_unknown_group_option_and_bad_values_fail_with_one_clear_line(tmp_path: Path) -> None:
+    out = _cli("net=resnet9000", f"paths.root_dir={tmp_path}")
+    assert out.returncode != 0
+    assert "Could not find 'net/resnet9000'" in out.stderr
+    out = _cli("schedule.s1=1", f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r"))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: schedule.s1=1 must be >= schedule.s0=2"
+    out = _cli("dataset=cifar10", f"dataset.data_dir={tmp_path / 'nothing'}", "net=tiny",
+               f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r2"))
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "dataset.data_dir" in last
