@@ -1,0 +1,30 @@
+"""Small fake weight files in the real formats, so loading code is tested without downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# torchvision vgg16 `features` convolutions: index -> (in, out)
+VGG16_CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256),
+               14: (256, 256), 17: (256, 512), 19: (512, 512), 21: (512, 512), 24: (512, 512),
+               26: (512, 512), 28: (512, 512)}
+
+
+def fake_vgg16_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A torchvision-format VGG16 `features.*` state dict with random (He-scaled) values."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for i, (cin, cout) in VGG16_CONVS.items():
+        state[f"features.{i}.weight"] = torch.randn(cout, cin, 3, 3, generator=gen) * (2 / (9 * cin)) ** 0.5
+        state[f"features.{i}.bias"] = torch.randn(cout, generator=gen) * 0.01
+    return state
+
+
+def write_fake_vgg16(folder: Path, seed: int = 0) -> Path:
+    """Write ``vgg16-397923af.pth`` (the torch hub cache name) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "vgg16-397923af.pth"
+    torch.save(fake_vgg16_state(seed), path)
+    return path
