@@ -18,6 +18,19 @@ from cmexp.diffusion.ema import ema_update_
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
+def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
+    """numpy's MT19937 state with the key array as a tensor, so checkpoints load with
+    ``torch.load(weights_only=True)`` (Lightning's default)."""
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_torch(state: dict[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached"])
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss is NaN or infinite; the last good checkpoint is kept."""
 
@@ -137,7 +150,7 @@ class DiffusionLitModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng: dict[str, Any] = {
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state_to_torch(np.random.get_state()),
             "python": random.getstate(),
         }
         if torch.cuda.is_available():
@@ -161,7 +174,7 @@ class DiffusionLitModule(pl.LightningModule):
         self.batches_seen = int(meta["batches_seen"])
         rng = meta["rng"]
         torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_state_from_torch(rng["numpy"]))
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
