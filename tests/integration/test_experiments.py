@@ -130,3 +130,19 @@ def test_unknown_group_option_and_bad_values_fail_with_one_clear_line(tmp_path: 
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "dataset.data_dir" in last
+
+
+@pytest.mark.parametrize(("launcher", "target"), [
+    ("local", "hydra._internal.core_plugins.basic_launcher.BasicLauncher"),
+    ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+])
+def test_hydra_launcher_configs_compose(launcher: str, target: str) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "+experiment=cifar10_edm"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+    GlobalHydra.instance().clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,3 +207,27 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(composer
     ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_wandb_offline_run_logs_metrics_and_uint8_grids(composer, monkeypatch, tmp_path) -> None:
+    """Without an API key, logger=wandb logs offline into the run folder (syncable later)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key
+    logged = []
+    orig = WandbLogger.log_image
+
+    def spy(self, key, images, step=None, **kw):
+        logged.append((key, images[0]))
+        return orig(self, key=key, images=images, step=step, **kw)
+
+    monkeypatch.setattr(WandbLogger, "log_image", spy)
+    cfg = composer([*TINY, "model=ct", "logger=wandb", "trainer.max_steps=2"], name="wb")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run in the run folder"
+    assert {k for k, _ in logged} == {"samples/1step", "samples/2step"}
+    assert all(getattr(img, "dtype", None) in (torch.uint8, np.uint8) for _, img in logged)
+    assert (run / "csv" / "metrics.csv").is_file()
