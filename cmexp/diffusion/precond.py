@@ -95,11 +95,14 @@ class _Precond(nn.Module):
         self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None
     ) -> Tensor:
         """Args: x ``[B,C,H,W]``; sigma scalar or ``[B]``; class_labels ``[B]`` or None.
-        Returns ``[B,C,H,W]`` in x's dtype; scalings are computed in float32."""
-        sigma = as_sigma_batch(sigma, x)
-        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma.float()))
-        out = self.net((c_in * x).to(x.dtype), self.c_noise(sigma.float()), class_labels)
-        return (c_skip * x + c_out * out.float()).to(x.dtype)
+        Returns ``[B,C,H,W]`` in x's dtype; scalings are computed in float32 (float64 when
+        x or sigma is float64)."""
+        sigma = as_sigma_batch(sigma, x)  # float32 or wider
+        if x.dtype == torch.float64:
+            sigma = sigma.double()
+        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
+        out = self.net((c_in * x).to(x.dtype), self.c_noise(sigma), class_labels)
+        return (c_skip * x + c_out * out.to(c_out.dtype)).to(x.dtype)
 
 
 class EDMPrecond(_Precond):

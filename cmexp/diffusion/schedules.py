@@ -121,7 +121,12 @@ class ImprovedSchedule:
     def __post_init__(self) -> None:
         _check_schedule_args(self.s0, self.s1, 0.0)
         check_mu(self.mu)
+        if self.total_steps <= 0:
+            raise ValueError(f"total_steps must be > 0, got {self.total_steps!r}")
 
     def __call__(self, step: int) -> tuple[int, float]:
-        k_prime = max(self.total_steps // (int(math.log2(self.s1 // self.s0)) + 1), 1)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step!r}")
+        # log2 of the floored ratio is not itself floored (iCT; e.g. s1/s0 = 100 -> 7.64 stages).
+        k_prime = max(math.floor(self.total_steps / (math.log2(self.s1 // self.s0) + 1)), 1)
         return min(self.s0 * 2 ** (step // k_prime), self.s1) + 1, float(self.mu)

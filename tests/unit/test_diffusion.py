@@ -37,6 +37,16 @@ from cmexp.nets import TinyUNet
 SD = 0.5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops are dominated by OpenMP hand-offs when the CPU is shared; one thread is ~50x
+    faster here and keeps the module well under a few seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------ sigma grid
 def test_karras_grid_endpoints_monotone_and_reference_values() -> None:
     s = karras_sigmas(18, dtype=torch.float64)
@@ -48,6 +58,15 @@ def test_karras_grid_endpoints_monotone_and_reference_values() -> None:
     for got, want in zip(s.tolist(), ref):
         assert got == pytest.approx(want, rel=5e-3)  # printed to 2-4 significant digits
     assert s[11].item() == pytest.approx(0.585, abs=1e-3)  # the CIFAR-10 CD 2-step tau
+    s32 = karras_sigmas(18)
+    assert s32[0].item() == 80.0 and s32[-1].item() == torch.tensor(0.002).item()
+    # the closed form in the paper's ascending index: t_i, i = 1..N, is the flipped grid
+    i = torch.arange(1, 19, dtype=torch.float64)
+    t = (0.002 ** (1 / 7) + (i - 1) / 17 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    torch.testing.assert_close(s.flip(0), t)
+    other = karras_sigmas(5, sigma_min=0.01, sigma_max=10.0, rho=3.0, dtype=torch.float64)
+    assert other[0].item() == 10.0 and other[-1].item() == 0.01 and len(other) == 5
+    assert bool((other[1:] < other[:-1]).all())
 
 
 @pytest.mark.parametrize(("kwargs", "name"), [
@@ -84,9 +103,24 @@ def test_schedule_objects() -> None:
         AdaptiveSchedule(100, s0=10, s1=5)
     with pytest.raises(ValueError, match="variant"):
         adaptive_schedule(0, 10, variant="other")
+    assert AdaptiveSchedule(800_000, variant="paper")(0) == (2, pytest.approx(0.9))
+    assert AdaptiveSchedule(1000)(5000) == (151, pytest.approx(0.9 ** (2 / 150)))  # k > K clamps
+    with pytest.raises(ValueError, match="total_steps"):
+        AdaptiveSchedule(0)
+    with pytest.raises(ValueError, match="step"):
+        adaptive_schedule(-1, 10)
+    with pytest.raises(ValueError, match="mu0"):
+        AdaptiveSchedule(10, mu0=1.0)
+    # iCT: N(k) = min(s0 2^floor(k/K'), s1) + 1, K' = floor(K/(log2 floor(s1/s0) + 1)); K' = 100
     ict = ImprovedSchedule(total_steps=800)
-    ns = [ict(k)[0] for k in range(0, 800, 100)]
-    assert ns[0] == 11 and ns == sorted(ns) and max(ns) <= 1281 and ict(10**6) == (1281, 0.0)
+    assert [ict(k)[0] for k in (0, 99, 100, 199, 200, 600, 699, 700, 799)] == [
+        11, 11, 21, 21, 41, 641, 641, 1281, 1281]
+    assert ict(10**6) == (1281, 0.0)
+    # a ratio that is no power of 2: s1/s0 = 100 -> log2(100) + 1 = 7.64 stages, K' = 130
+    ict = ImprovedSchedule(total_steps=1000, s0=10, s1=1000)
+    assert [ict(k)[0] for k in (129, 130, 779, 780, 909, 910)] == [11, 21, 321, 641, 641, 1001]
+    with pytest.raises(ValueError, match="total_steps"):
+        ImprovedSchedule(total_steps=0)
 
 
 # ------------------------------------------------------------------ scalings, boundary
@@ -129,10 +163,36 @@ def test_c_noise_options() -> None:
             return x
 
     sigma = torch.tensor([0.5, 2.0])
-    EDMPrecond(Spy())(torch.zeros(2, 3, 8, 8), sigma)
-    EDMPrecond(Spy(), c_noise_scale=250.0)(torch.zeros(2, 3, 8, 8), sigma)
-    torch.testing.assert_close(seen[0], sigma.log() / 4)
-    torch.testing.assert_close(seen[1], 1000 * sigma.log() / 4)
+    for cls in (EDMPrecond, CMPrecond):
+        seen.clear()
+        cls(Spy())(torch.zeros(2, 3, 8, 8), sigma)
+        cls(Spy(), c_noise_scale=250.0)(torch.zeros(2, 3, 8, 8), sigma)
+        torch.testing.assert_close(seen[0], sigma.log() / 4)
+        torch.testing.assert_close(seen[1], 1000 * sigma.log() / 4)
+
+
+def test_precond_applies_the_scalings_around_the_net() -> None:
+    """D = c_skip x + c_out F(c_in x) for both wrappers, with scalar or per-sample sigma."""
+    torch.manual_seed(0)
+
+    class Fixed(_Wild):
+        def forward(self, x, noise_labels, class_labels=None):
+            return torch.tanh(x) + noise_labels[:, None, None, None]
+
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    sigma = torch.tensor([0.01, 0.7, 30.0], dtype=torch.float64)
+    for cls, scal in ((EDMPrecond, edm_scalings), (CMPrecond, boundary_scalings)):
+        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in scal(sigma))
+        want = c_skip * x + c_out * (torch.tanh(c_in * x) + sigma.log().view(-1, 1, 1, 1) / 4)
+        out = cls(Fixed())(x, sigma)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        one = cls(Fixed())(x, 0.7)
+        torch.testing.assert_close(one[1], want[1])
+    with pytest.raises(ValueError, match="sigma"):
+        CMPrecond(Fixed())(x, torch.ones(2))
+    with pytest.raises(ValueError, match="sigma_data"):
+        CMPrecond(Fixed(), sigma_data=0.0)
 
 
 # ------------------------------------------------------------------ solvers vs the exact PF-ODE
@@ -174,9 +234,21 @@ def test_full_samplers_converge_and_heun_uses_2n_minus_1_nfe() -> None:
     assert errs[("heun", 72)] < errs[("heun", 18)] / 10
     assert errs[("euler", 72)] < errs[("euler", 18)] / 3
     assert errs[("heun", 72)] < 1e-2
-    calls.clear()
-    sample_heun(D, 80 * x0, append_zero(karras_sigmas(18, dtype=torch.float64)))
-    assert len(calls) == 35  # CM paper Table 1: EDM at 35 NFE
+    for n in (2, 18, 40):  # N noise levels + a final Euler step to 0: 2N - 1 NFE
+        calls.clear()
+        sample_heun(D, 80 * x0, append_zero(karras_sigmas(n, dtype=torch.float64)))
+        assert len(calls) == 2 * n - 1  # N = 18: CM paper Table 1's EDM at 35 NFE
+        calls.clear()
+        sample_euler(D, 80 * x0, append_zero(karras_sigmas(n, dtype=torch.float64)))
+        assert len(calls) == n
+    # with the final step to sigma = 0 the result is a sample of N(0, sd^2): exact D gives
+    # x(0) = x(80) sd/sqrt(sd^2 + 80^2)
+    out = sample_heun(D0, 80 * x0, append_zero(karras_sigmas(200, dtype=torch.float64)))
+    torch.testing.assert_close(out, _exact(80 * x0, 80.0, 0.0), atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="descending"):
+        sample_heun(D0, x0, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="sigma_next > 0"):
+        heun_step(D0, x0, 1.0, 0.0)
 
 
 def test_heun_sampler_reproduces_a_gaussian_mixture() -> None:
@@ -207,12 +279,61 @@ def test_onestep_and_multistep_with_the_exact_consistency_function() -> None:
     assert out.item() == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError, match="descending"):
         sample_multistep(f, z0, [0.5, 0.6])
+    with pytest.raises(ValueError, match="sigma_min"):
+        sample_multistep(f, z0, [80.0, 0.001])
+
+
+def test_multistep_renoising_scale_clipping_and_sample_std() -> None:
+    f = gaussian_consistency_fn(SD)
+    eps = 0.002
+    taus = [80.0, 5.0, 0.585, eps]
+    seen = []
+
+    def halves(x):
+        seen.append(x.clone())
+        return torch.full_like(x, 0.5)
+
+    z = torch.full((2, 1, 2, 2), 0.01, dtype=torch.float64)
+    out = sample_multistep(f, z, taus, noise=halves, clip_denoised=False)
+    want = f(80.0 * z, 80.0)
+    for tau in taus[1:]:
+        want = f(want + math.sqrt(tau**2 - eps**2) * 0.5, tau)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=0)
+    assert len(seen) == 3  # NFE = len(sigmas); the last tau = eps adds sqrt(eps^2 - eps^2) = 0 noise
+
+    # clipping: each output is clamped to [-1, 1] before re-noising, and the result too
+    big = lambda x, s, c=None: 3 * x + 5  # noqa: E731
+    out = sample_multistep(big, torch.zeros(1, 1, 1, 1), [80.0, 1.0], noise=torch.zeros_like)
+    assert out.item() == 1.0
+    out = sample_multistep(big, torch.zeros(1, 1, 1, 1), [80.0, 1.0], noise=torch.zeros_like,
+                           clip_denoised=False)
+    assert out.item() == 3 * 5 + 5  # f(f(0) + 0) with f(0) = 5 unclipped
+
+    # the exact consistency function produces N(0, sd^2 + eps^2) samples with any tau list
+    torch.manual_seed(3)
+    z = torch.randn(20000, 1, 1, 1, dtype=torch.float64)
+    for taus in ([80.0, 0.585], [80.0, 5.0, 0.585, eps]):
+        x = sample_multistep(f, z, taus, clip_denoised=False)
+        assert x.std().item() == pytest.approx(math.sqrt(SD**2 + eps**2), rel=0.03)
+        assert x.mean().item() == pytest.approx(0.0, abs=0.02)
 
 
 def test_seeded_noise_does_not_depend_on_batch_composition() -> None:
     a = SeededNoise([1, 2, 3]).randn((2, 4, 4))
     b = SeededNoise([3, 1]).randn((2, 4, 4))
     assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0])
+    assert not torch.equal(a[0], a[1])
+    # a multistep sampler driven by per-seed noise gives each seed the same image in any batch
+    f = lambda x, s, c=None: torch.tanh(x / s)  # noqa: E731
+    full_noise = SeededNoise([7, 8, 9])
+    full = sample_multistep(f, full_noise.randn((1, 4, 4)), [80.0, 2.0, 0.5],
+                            noise=full_noise.randn_like)
+    part_noise = SeededNoise([9, 7])
+    part = sample_multistep(f, part_noise.randn((1, 4, 4)), [80.0, 2.0, 0.5],
+                            noise=part_noise.randn_like)
+    assert torch.equal(full[2], part[0]) and torch.equal(full[0], part[1])
+    with pytest.raises(ValueError, match="seeds"):
+        SeededNoise([1, 2]).randn_like(torch.zeros(3, 1))
 
 
 def test_ema_update() -> None:
@@ -225,3 +346,10 @@ def test_ema_update() -> None:
     keep = tgt.weight.detach().clone()
     ema_update_(tgt, nn.Linear(3, 3), 1.0)
     assert torch.equal(tgt.weight, keep)
+    # buffers are copied whatever the rate; bad rates raise
+    bn_s, bn_t = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    bn_s.running_mean.fill_(2.0)
+    ema_update_(bn_t, bn_s, 0.99)
+    assert torch.equal(bn_t.running_mean, bn_s.running_mean)
+    with pytest.raises(ValueError, match="rate"):
+        ema_update_(tgt, src, 1.5)
