@@ -11,6 +11,7 @@ import gzip
 import pickle
 import socket
 import struct
+import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -28,12 +29,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def online(host: str, port: int = 443, timeout: float = 2.0) -> bool:
     """True when the download host answers within ``timeout`` seconds (guards downloads, so
-    an offline machine fails at once instead of waiting for network timeouts)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    an offline machine fails at once instead of waiting for network timeouts). The probe runs
+    in a daemon thread so that a hanging DNS lookup cannot exceed ``timeout`` either."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
 
 
 class TensorImageDataset(Dataset):
@@ -54,14 +64,15 @@ class TensorImageDataset(Dataset):
 def fit_images(images: Tensor, resolution: int, channels: int, pad_from: int | None = None) -> Tensor:
     """uint8 ``[N, C0, H0, W0]`` -> uint8 ``[N, channels, resolution, resolution]``.
 
-    If ``pad_from`` equals H0 and ``resolution >= H0`` the images are padded with background 0
-    (centred); otherwise they are resized (bilinear, antialiased). 1 -> 3 channels repeats grey,
-    3 -> 1 takes the luma (ITU-R 601).
+    If ``pad_from`` equals H0 (28 for the MNIST family) and ``resolution == H0 + 4`` (32), the
+    images are padded with 2 pixels of background 0 (-1 after scaling) on each side; any other
+    size change is a resize (bilinear, antialiased). 1 -> 3 channels repeats grey, 3 -> 1 takes
+    the luma (ITU-R 601).
     """
     n, c0, h0, w0 = images.shape
     if h0 != resolution or w0 != resolution:
-        if pad_from == h0 and resolution >= h0 and h0 == w0 and (resolution - h0) % 2 == 0:
-            p = (resolution - h0) // 2
+        if pad_from == h0 and h0 == w0 and resolution == h0 + 4:
+            p = 2
             images = F.pad(images, (p, p, p, p), value=0)
         else:
             x = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear",
@@ -226,7 +237,8 @@ class IdxDataModule(ImageDataModule):
 
 class FashionMNISTDataModule(IdxDataModule):
     """Fashion-MNIST (Xiao et al. 2017), 60k 28x28 grey training images, 10 classes; padded
-    with 2 background pixels per side to 32x32 (another ``resolution`` is resized). Read from
+    with 2 background pixels (-1) per side to 32x32 (another ``resolution`` is resized, bilinear
+    with antialiasing). Read from
     ``data_dir`` or Debian's ``/usr/share/datasets/fashion-mnist`` (package
     ``dataset-fashion-mnist``)."""
 

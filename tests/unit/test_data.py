@@ -19,6 +19,7 @@ from cmexp.data import (
     FashionMNISTDataModule,
     GaussianMixtureDataModule,
     ImageFolderDataModule,
+    MNISTDataModule,
     StepLoader,
     TensorImageDataset,
     datamodules,
@@ -42,11 +43,22 @@ def test_fashion_mnist_from_debian_files_padded_to_32(tmp_path: Path) -> None:
     x, y = ds[0]
     assert x.shape == (1, 32, 32) and x.min() >= -1 and x.max() <= 1
     assert torch.all(ds.images[:, :, :2] == 0) and torch.all(ds.images[:, :, :, -2:] == 0)  # padding = -1
+    assert torch.all(x[:, :2] == -1) and torch.all(x[:, :, :2] == -1) and x.max() > 0
     assert set(ds.labels.unique().tolist()) == set(range(10))
     sub = FashionMNISTDataModule(str(tmp_path), subset=100, channels=3)
     sub.setup()
     assert len(sub.train_set) == 100 and sub.train_set[0][0].shape == (3, 32, 32)
     assert dm.real_images(5, split="test").shape == (5, 1, 32, 32)
+    big = FashionMNISTDataModule(str(tmp_path), subset=10, resolution=64)  # resized, not padded
+    big.setup()
+    assert big.train_set.images.shape == (10, 1, 64, 64)
+    assert big.train_set.images[:, :, 8:56, 8:56].float().mean() > 0
+    # a datamodule resumed at batch k yields batches k.. of the uninterrupted loader
+    dm.start_batch = 0
+    full = [b for _, b in zip(range(3), dm.train_dataloader())]
+    dm.start_batch = 2
+    x2, y2 = next(iter(dm.train_dataloader()))
+    assert torch.equal(x2, full[2][0]) and torch.equal(y2, full[2][1])
 
 
 def test_missing_fashion_mnist_fails_fast_naming_data_dir(tmp_path: Path, offline, monkeypatch) -> None:
@@ -55,6 +67,19 @@ def test_missing_fashion_mnist_fails_fast_naming_data_dir(tmp_path: Path, offlin
     with pytest.raises(FileNotFoundError, match=r"dataset.data_dir=.*train-images-idx3-ubyte"):
         FashionMNISTDataModule(str(tmp_path / "none")).setup()
     assert time.perf_counter() - start < 5
+
+
+def test_missing_mnist_fails_fast_naming_data_dir(tmp_path: Path, offline) -> None:
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"dataset.data_dir=.*train-images-idx3-ubyte"):
+        MNISTDataModule(str(tmp_path)).setup()
+    assert time.perf_counter() - start < 5
+
+
+def test_online_probe_is_bounded() -> None:
+    start = time.perf_counter()
+    datamodules.online("10.255.255.1", 81, timeout=0.5)  # unroutable: must give up on time
+    assert time.perf_counter() - start < 2
 
 
 def _dataset(n: int = 40) -> TensorImageDataset:
@@ -148,3 +173,22 @@ def test_dataset_configs_instantiate(name: str, tmp_path: Path) -> None:
                                           f"paths.output_dir={tmp_path}"])
     dm = instantiate(cfg.dataset)
     assert dm.batch_size == cfg.dataset.batch_size and dm.resolution == 32
+    if name == "gaussian_mixture":
+        x, y = next(iter(dm.train_dataloader()))
+        assert x.shape == (cfg.dataset.batch_size, 3, 32, 32) and y.max() < 4
+
+
+def test_imagefolder_config_requires_and_uses_data_dir(tmp_path: Path) -> None:
+    from omegaconf.errors import MissingMandatoryValue
+
+    for i in range(4):
+        Image.fromarray(np.full((20, 20, 3), 60 * i, dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["dataset=imagefolder", f"paths.root_dir={tmp_path}"])
+        with pytest.raises(MissingMandatoryValue):
+            _ = cfg.dataset.data_dir
+        cfg = compose("train", overrides=["dataset=imagefolder", f"dataset.data_dir={tmp_path}",
+                                          "dataset.batch_size=2", "dataset.num_workers=0"])
+    dm = instantiate(cfg.dataset)
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 32, 32)
