@@ -94,7 +94,7 @@ def test_main_job_is_the_quick_fashion_mnist_ct(composer) -> None:
     cfg = composer([])
     assert cfg.dataset._target_.endswith("FashionMNISTDataModule")
     assert cfg.model._target_ == "cmexp.modules.CTLitModule"
-    assert cfg.schedule._target_ == "cmexp.diffusion.AdaptiveSchedule"
+    assert cfg.schedule._target_ == "cmexp.diffusion.ImprovedSchedule" and cfg.schedule.mu == 0.0
 
 
 def test_presets_do_not_leak_into_cifar10(composer) -> None:
