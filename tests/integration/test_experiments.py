@@ -124,7 +124,7 @@ def test_unknown_group_option_and_bad_values_fail_with_one_clear_line(tmp_path: 
     assert "Could not find 'net/resnet9000'" in out.stderr
     out = _cli("schedule.s1=1", f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r"))
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == "error: schedule.s1=1 must be >= schedule.s0=2"
+    assert out.stderr.strip().splitlines()[-1] == "error: schedule.s1=1 must be >= schedule.s0=10"
     out = _cli("dataset=cifar10", f"dataset.data_dir={tmp_path / 'nothing'}", "net=tiny",
                f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r2"))
     assert out.returncode == 2
