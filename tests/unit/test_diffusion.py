@@ -37,16 +37,6 @@ from cmexp.nets import TinyUNet
 SD = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops are dominated by OpenMP hand-offs when the CPU is shared; one thread is ~50x
-    faster here and keeps the module well under a few seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ sigma grid
 def test_karras_grid_endpoints_monotone_and_reference_values() -> None:
     s = karras_sigmas(18, dtype=torch.float64)

@@ -15,25 +15,12 @@ from cmexp.losses.consistency import (
     replay_rng,
 )
 from cmexp.losses.edm import EDMLoss
+from cmexp.losses.metrics import l2
 from cmexp.losses.weighting import ICTWeighting, UniformWeighting
 from cmexp.nets import TinyUNet
 
 SD = 0.5
 EXACT = gaussian_consistency_fn(SD)
-
-
-def l2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-pixel mean squared difference -> [B] (local, so these tests do not depend on
-    cmexp.losses.metrics)."""
-    return ((x - y) ** 2).flatten(1).mean(1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Scaled(nn.Module):

@@ -16,15 +16,6 @@ def _count(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions on a shared CPU are ~50x faster with one thread (no OpenMP hand-off)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_cifar10_ncsnpp_and_ddpmpp_parameter_counts_are_pinned() -> None:
     # CM paper App. C: NCSN++ (nf 128, ch_mult 2,2,2, 4 blocks, attention at 16, FIR, Fourier 16,
     # skip rescale, residual progressive input); EDM's DDPM++ for comparison.
