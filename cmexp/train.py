@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cmexp.utils.checks import ConfigError, check_train_config
+from cmexp.utils.cli import run_cli
 
 log = logging.getLogger("cmexp.train")
 
@@ -82,39 +82,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return {"metrics": metrics, "model": model, "trainer": trainer, "datamodule": datamodule}
 
 
-def _user_error(err: BaseException) -> BaseException | None:
-    """The exception to report on one line, or None for a genuine bug (full traceback).
-
-    Hydra wraps errors raised in ``_target_`` constructors in ``InstantiationException``;
-    the user-facing cause (a ValueError naming a config key, a missing file) is unwrapped.
-    """
-    from hydra.errors import InstantiationException
-
-    from cmexp.modules.base import NonFiniteLossError
-
-    seen = 0
-    while isinstance(err, InstantiationException) and err.__cause__ is not None and seen < 5:
-        err, seen = err.__cause__, seen + 1
-    if isinstance(err, (ConfigError, NonFiniteLossError, FileNotFoundError, ValueError)):
-        return err
-    if isinstance(err, InstantiationException):
-        return err
-    return None
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run :func:`train`; bad input ends with one ``error: ...`` line (exit code 2) unless
     ``HYDRA_FULL_ERROR=1`` asks for the traceback."""
     try:
-        out = train(cfg)
-    except Exception as err:  # noqa: BLE001 - classified below
-        user = _user_error(err)
-        if user is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        first = str(user).strip().splitlines()[0] if str(user).strip() else type(user).__name__
-        print(f"error: {first}", file=sys.stderr)
-        sys.exit(2)
+        out = run_cli(train, cfg)
     finally:
         try:
             import wandb

@@ -1,0 +1,70 @@
+"""Rebuild a trained model from a cmexp checkpoint (for sampling, editing and evaluation).
+
+A cmexp ``.ckpt`` is self-describing: ``checkpoint["cmexp"]`` holds the kind ("edm", "cd",
+"ct"), the preconditioning constants and the resolved run config, whose ``net`` entry
+rebuilds the raw network. No Lightning module or training data is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmexp.diffusion.precond import CMPrecond, EDMPrecond
+
+
+@dataclass
+class LoadedModel:
+    """``model``: an :class:`EDMPrecond` denoiser (kind "edm") or a :class:`CMPrecond`
+    consistency function (kinds "cd"/"ct"), in eval mode, without gradients.
+    ``config``: the run's resolved config (dict). ``meta``: ``checkpoint["cmexp"]``."""
+
+    model: nn.Module
+    kind: str
+    meta: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def is_consistency(self) -> bool:
+        return self.kind in ("cd", "ct")
+
+    def model_config(self, key: str, default: Any = None) -> Any:
+        return (self.config.get("model") or {}).get(key, default)
+
+
+def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu", key: str = "ckpt") -> LoadedModel:
+    """Load the sampling-EMA (``use_ema``) or online weights of a cmexp checkpoint.
+
+    Args:
+        path: a ``.ckpt`` written by ``python -m cmexp.train``.
+        key: the config key that named ``path`` (used in error messages).
+    """
+    from hydra.utils import instantiate
+
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{key}={path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a user error here
+        raise ValueError(f"{key}={path} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
+    meta = ckpt.get("cmexp") if isinstance(ckpt, dict) else None
+    if not meta or meta.get("kind") not in ("edm", "cd", "ct"):
+        raise ValueError(f"{key}={path} is not a checkpoint written by cmexp.train (no 'cmexp' entry with a kind)")
+    record = meta.get("config") or {}
+    config = record.get("config", record) if isinstance(record, dict) else {}
+    if "net" not in config:
+        raise ValueError(f"{key}={path} does not record its net config (checkpoint['cmexp']['config']['net'])")
+    net = instantiate(config["net"])
+    wrapper = EDMPrecond if meta["kind"] == "edm" else CMPrecond
+    model = wrapper(net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
+    prefix = "ema." if use_ema else "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    model.requires_grad_(False).eval().to(device)
+    return LoadedModel(model=model, kind=str(meta["kind"]), meta=dict(meta), config=config, path=str(file))
