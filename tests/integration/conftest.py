@@ -25,11 +25,12 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
         monkeypatch.setenv(var, str(base / var.lower()))
 
 
-def compose_train(overrides: list[str], out: Path) -> DictConfig:
-    """Compose conf/train.yaml like `python -m cmexp.train` would, with outputs under ``out``."""
+def compose_train(overrides: list[str], out: Path, config_name: str = "train") -> DictConfig:
+    """Compose conf/<config_name>.yaml like `python -m cmexp.<config_name>` would, with outputs
+    under ``out``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(out)
         cfg.hydra.runtime.cwd = str(out.parent)

@@ -1,0 +1,141 @@
+"""`cmexp.sample` and `cmexp.edit` on checkpoints trained here (tiny nets, synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmexp.edit import edit
+from cmexp.sample import sample
+from cmexp.train import train
+from tests.fakes import write_fake_vgg16
+
+from .conftest import compose_train
+
+TINY = ["debug=tiny"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny CT model and a tiny EDM teacher on the synthetic 3 x 32 x 32 set."""
+    base = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for kind in ("ct", "edm"):
+        cfg = compose_train([*TINY, f"model={kind}", "trainer.max_steps=2"], base / kind)
+        train(cfg)
+        out[kind] = base / kind / "checkpoints" / "last.ckpt"
+    return out
+
+
+def run_sample(tmp_path: Path, overrides: list[str], name: str) -> dict:
+    cfg = compose_train(overrides, tmp_path / name, config_name="sample")
+    return sample(cfg)
+
+
+def test_sample_writes_npz_grid_and_protocol(ckpts, tmp_path: Path) -> None:
+    out = run_sample(tmp_path, [f"ckpt={ckpts['ct']}", "num_samples=5", "batch_size=2"], "one")
+    run = tmp_path / "one"
+    arr = np.load(run / "samples.npz")["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (5, 32, 32, 3)
+    assert (run / "samples_grid.png").is_file()
+    info = json.loads((run / "sample.json").read_text())
+    assert info["nfe"] == 1 and info["sigmas"] == [80.0] and info["kind"] == "ct"
+    assert out["images"].shape == (5, 3, 32, 32)
+    # same seeds, other batch size and count: the same images
+    run_sample(tmp_path, [f"ckpt={ckpts['ct']}", "num_samples=3", "batch_size=3"], "two")
+    assert np.array_equal(np.load(tmp_path / "two" / "samples.npz")["arr_0"], arr[:3])
+    # other seeds: other images
+    run_sample(tmp_path, [f"ckpt={ckpts['ct']}", "num_samples=3", "seed=100"], "three")
+    assert not np.array_equal(np.load(tmp_path / "three" / "samples.npz")["arr_0"], arr[:3])
+
+
+def test_multistep_taus_from_values_or_grid_indices(ckpts, tmp_path: Path) -> None:
+    out = run_sample(tmp_path, [f"ckpt={ckpts['ct']}", "num_samples=2", "steps=2", "tau_indices=[11]"], "idx")
+    assert out["info"]["nfe"] == 2 and abs(out["info"]["sigmas"][1] - 0.585) < 1e-3  # CIFAR-10 CD tau
+    out = run_sample(tmp_path, [f"ckpt={ckpts['ct']}", "num_samples=2", "steps=3", "taus=[2.0,0.5]"], "vals")
+    assert out["info"]["sigmas"] == [80.0, 2.0, 0.5]
+    with pytest.raises(ValueError, match="steps=3 needs 2 intermediate noise levels"):
+        run_sample(tmp_path, [f"ckpt={ckpts['ct']}", "steps=3", "taus=[0.5]"], "bad")
+    with pytest.raises(ValueError, match="descending"):
+        run_sample(tmp_path, [f"ckpt={ckpts['ct']}", "steps=3", "taus=[0.5,2.0]"], "bad2")
+
+
+def test_teacher_sampling_with_heun_and_euler(ckpts, tmp_path: Path) -> None:
+    heun = run_sample(tmp_path, [f"ckpt={ckpts['edm']}", "num_samples=2", "num_scales=3"], "heun")
+    euler = run_sample(tmp_path, [f"ckpt={ckpts['edm']}", "num_samples=2", "num_scales=3", "sampler=euler"], "euler")
+    assert heun["info"]["nfe"] == 5 and euler["info"]["nfe"] == 3
+    assert heun["images"].shape == euler["images"].shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="sampler must be heun or euler"):
+        run_sample(tmp_path, [f"ckpt={ckpts['edm']}", "sampler=ddim"], "bad")
+
+
+@pytest.mark.parametrize("task", ["inpaint", "colorize", "superres", "denoise", "interpolate", "stroke"])
+def test_every_edit_task_writes_grid_and_metrics(ckpts, tmp_path: Path, task: str, monkeypatch) -> None:
+    monkeypatch.setenv("CMEXP_OFFLINE", "1")
+    cfg = compose_train([f"task={task}", f"ckpt={ckpts['ct']}", "num_images=4", "task.num_scales=4"
+                         if task in ("inpaint", "colorize", "superres") else "seed=0"],
+                        tmp_path / task, config_name="edit")
+    out = edit(cfg)
+    metrics = json.loads((tmp_path / task / "metrics.json").read_text())
+    assert (tmp_path / task / f"edit_{task}.png").is_file() and metrics["task"] == task
+    if task in ("inpaint", "colorize", "superres", "denoise"):
+        assert list(out["rows"]) == ["before", "input", "result", "ground_truth"]
+        assert np.isfinite(metrics["psnr"]) and -1 <= metrics["ssim"] <= 1
+        assert metrics["lpips"] is None and "vgg16" in metrics["lpips_skipped"]
+    if task == "inpaint":  # the known pixels are the real image's, bit for bit
+        keep = ~out["rows"]["input"].eq(0).all(1, keepdim=True)
+        keep = keep.expand_as(out["rows"]["result"])
+        assert np.array_equal(out["rows"]["result"][keep].numpy(), out["rows"]["ground_truth"][keep].numpy())
+
+
+def test_edit_reports_lpips_when_weights_exist_and_reads_image_folders(ckpts, tmp_path: Path) -> None:
+    from PIL import Image
+
+    weights = write_fake_vgg16(tmp_path / "w")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = compose_train(["task=denoise", f"ckpt={ckpts['ct']}", f"images_dir={folder}",
+                         f"lpips_weights_path={weights}"], tmp_path / "run", config_name="edit")
+    metrics = edit(cfg)["metrics"]
+    assert metrics["num_images"] == 3 and isinstance(metrics["lpips"], float)
+
+
+def test_edit_rejects_teachers_and_grey_colorization(ckpts, tmp_path: Path) -> None:
+    cfg = compose_train(["task=inpaint", f"ckpt={ckpts['edm']}"], tmp_path / "a", config_name="edit")
+    with pytest.raises(ValueError, match="is an EDM teacher; editing needs a CD or CT checkpoint"):
+        edit(cfg)
+    import torch
+
+    from cmexp.diffusion.sampling import SeededNoise
+    from cmexp.edit_tasks import Colorize, EditContext
+
+    ctx = EditContext(f=lambda x, s, c=None: x, images=torch.zeros(2, 1, 8, 8), noise=SeededNoise([0, 1]),
+                      sigma_min=0.002, sigma_max=80.0)
+    with pytest.raises(ValueError, match="task=colorize needs a 3-channel model"):
+        Colorize()(ctx)
+
+
+def test_command_lines_run_and_report_bad_input_in_one_line(ckpts, tmp_path: Path) -> None:
+    env = {**os.environ, "CMEXP_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
+    ok = subprocess.run(
+        [sys.executable, "-m", "cmexp.sample", f"ckpt={ckpts['ct']}", "num_samples=2", f"hydra.run.dir={tmp_path / 's'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "s" / "samples.npz").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "cmexp.edit", "task=superres", f"ckpt={tmp_path / 'missing.ckpt'}",
+         f"hydra.run.dir={tmp_path / 'e'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == f"error: ckpt={tmp_path / 'missing.ckpt'}: no such checkpoint file"
