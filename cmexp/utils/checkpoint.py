@@ -68,3 +68,23 @@ def load_model(path: str | Path, use_ema: bool = True, device: str | torch.devic
     model.load_state_dict(state)
     model.requires_grad_(False).eval().to(device)
     return LoadedModel(model=model, kind=str(meta["kind"]), meta=dict(meta), config=config, path=str(file))
+
+
+def export_weights(src: str | Path, dst: str | Path, use_ema: bool = True) -> Path:
+    """Write a slim copy of a cmexp checkpoint holding only the sampling-EMA (or online)
+    weights and the ``cmexp`` metadata: what sampling, editing and evaluation need (a
+    fraction of the size of a full checkpoint with target net, optimizer and RNG states).
+    Refuses to overwrite an existing file."""
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists; refusing to overwrite it")
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    meta = ckpt.get("cmexp") if isinstance(ckpt, dict) else None
+    if not meta:
+        raise ValueError(f"{src} is not a checkpoint written by cmexp.train")
+    prefix = "ema." if use_ema else "model."
+    state = {"ema." + k[len(prefix):]: v.clone() for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    meta = {k: v for k, v in meta.items() if k != "rng"}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state, "cmexp": meta, "global_step": ckpt.get("global_step")}, dst)
+    return dst

@@ -41,3 +41,9 @@ def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     img.save(path)
     return path
+
+
+def to_pil(x: Tensor, nrow: int | None = None, scale: int = 2) -> Image.Image:
+    """``[B,C,H,W]`` in [-1,1] -> a PIL grid image (notebooks display it inline)."""
+    img = Image.fromarray(image_grid(x, nrow=nrow))
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
