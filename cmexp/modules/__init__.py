@@ -1,5 +1,6 @@
-"""LightningModules, one per training mode: EDM teacher, CD and CT."""
+"""LightningModules, one per training mode: EDM teacher, CD and CT (and the feature classifier)."""
 
+from cmexp.modules.classifier import ClassifierLitModule
 from cmexp.modules.base import DiffusionLitModule, NonFiniteLossError
 from cmexp.modules.consistency import CDLitModule, ConsistencyLitModule, CTLitModule, load_teacher
 from cmexp.modules.edm import EDMLitModule
@@ -7,6 +8,7 @@ from cmexp.modules.edm import EDMLitModule
 __all__ = [
     "CDLitModule",
     "CTLitModule",
+    "ClassifierLitModule",
     "ConsistencyLitModule",
     "DiffusionLitModule",
     "EDMLitModule",

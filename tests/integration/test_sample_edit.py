@@ -139,3 +139,30 @@ def test_command_lines_run_and_report_bad_input_in_one_line(ckpts, tmp_path: Pat
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == f"error: ckpt={tmp_path / 'missing.ckpt'}: no such checkpoint file"
+
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny feature classifier on the synthetic set (labels = mixture components)."""
+    out = tmp_path_factory.mktemp("clf") / "run"
+    cfg = compose_train([*TINY, "preset=none", "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
+                         "~callbacks.sample_grid", "trainer.max_steps=3"], out)
+    train(cfg)
+    assert 0 <= json.loads((out / "classifier.json").read_text())["test_acc"] <= 1
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_tau_search_picks_taus_by_feature_frechet_distance(ckpts, classifier_ckpt, tmp_path: Path) -> None:
+    from cmexp.tau_search import tau_search
+
+    cfg = compose_train([f"ckpt={ckpts['ct']}", f"features.ckpt={classifier_ckpt}", "num_samples=16",
+                         "num_real=32", "grid_num_scales=6", "steps=2"], tmp_path / "ts", config_name="tau_search")
+    res = tau_search(cfg)
+    saved = json.loads((tmp_path / "ts" / "tau_search.json").read_text())
+    assert saved["tau_indices"] == res["tau_indices"] and len(res["taus"]) == 1
+    assert 1 <= res["tau_indices"][0] <= 4 and res["metric"] == "fd_fmnist"
+    scores = {tuple(e["tau_indices"]): e["fd_fmnist"] for e in saved["evaluated"]}
+    assert res["score"] == min(scores.values())  # the chosen schedule is the best evaluated one
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        tau_search(compose_train([f"ckpt={ckpts['ct']}", f"features.ckpt={classifier_ckpt}", "steps=1"],
+                                 tmp_path / "bad", config_name="tau_search"))

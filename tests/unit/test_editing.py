@@ -190,3 +190,30 @@ def test_editors_are_deterministic_per_seed_whatever_the_batch() -> None:
             E.inpaint(f, y[1:], mask[1:], sig, noise=SeededNoise(range(11, 14)).randn_like),
         ])
     assert torch.allclose(whole, parts, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ tau search
+def test_ternary_search_finds_the_papers_two_step_index() -> None:
+    """The JAX notebook's recorded CIFAR-10 CD search (FID per grid index of N = 18): 11."""
+    from cmexp.diffusion.tau_search import greedy_tau_search, ternary_search
+
+    fid = {5: 3.649, 9: 3.319, 10: 3.051, 11: 2.928, 12: 3.049, 13: 3.277, 14: 3.460}
+    curve = lambda j: fid.get(j, 3.0 + 0.12 * abs(j - 11))  # noqa: E731 - unimodal fill-in
+    calls: list[int] = []
+    best = ternary_search(lambda j: calls.append(j) or curve(j), 1, 16)
+    assert best == 11 and len(calls) == len(set(calls)) and len(calls) < 12
+    idx, seen = greedy_tau_search(lambda ts: curve(ts[-1]), num_scales=18, num_taus=1)
+    assert idx == [11] and all(k[0] == 0 for k in seen)
+
+
+@pytest.mark.parametrize("target", [1, 2, 7, 15, 16])
+def test_ternary_search_on_unimodal_functions_and_greedy_order(target: int) -> None:
+    from cmexp.diffusion.tau_search import greedy_tau_search, ternary_search
+
+    assert ternary_search(lambda j: (j - target) ** 2, 1, 16) == target
+    assert ternary_search(lambda j: abs(j - target) // 3, 1, 16) in range(max(1, target - 2), target + 3)  # plateaus
+    # two taus: the second is searched after the first, and both stay strictly descending in sigma
+    idx, _ = greedy_tau_search(lambda ts: sum((j - t) ** 2 for j, t in zip(ts[1:], (6, 12))), 18, 2)
+    assert idx == [6, 12]
+    with pytest.raises(ValueError, match="num_taus"):
+        greedy_tau_search(lambda ts: 0.0, 18, 17)
