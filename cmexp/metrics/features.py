@@ -49,8 +49,7 @@ class ClassifierFeatures(nn.Module):
         super().train(False)  # always eval: BatchNorm statistics stay frozen
         return self
 
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
+    def _prep(self, x: Tensor) -> Tensor:
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         if x.shape[1] != self.img_channels:
             if self.img_channels == 1:
@@ -59,7 +58,17 @@ class ClassifierFeatures(nn.Module):
                 raise ValueError(f"the feature classifier expects {self.img_channels}-channel images, got {x.shape[1]}")
         if x.shape[-1] != self.img_resolution:
             x = torch.nn.functional.interpolate(x, size=(self.img_resolution,) * 2, mode="bilinear", antialias=True)
-        return self.net.features(x * 2 - 1)
+        return x * 2 - 1
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, feature_dim]`` penultimate activations."""
+        return self.net.features(self._prep(x))
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        """``[B, num_classes]`` class logits (for the Inception-style score)."""
+        return self.net(self._prep(x))
 
 
 def frechet_distance_metric(features: nn.Module):

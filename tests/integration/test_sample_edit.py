@@ -166,3 +166,22 @@ def test_tau_search_picks_taus_by_feature_frechet_distance(ckpts, classifier_ckp
     with pytest.raises(ValueError, match="steps must be >= 2"):
         tau_search(compose_train([f"ckpt={ckpts['ct']}", f"features.ckpt={classifier_ckpt}", "steps=1"],
                                  tmp_path / "bad", config_name="tau_search"))
+
+
+def test_sample_quality_callback_logs_metrics_and_keeps_the_best_checkpoint(classifier_ckpt, tmp_path: Path) -> None:
+    import csv
+
+    cfg = compose_train([*TINY, "model=ct", "quality=fmnist", f"callbacks.sample_quality.features.ckpt={classifier_ckpt}",
+                         "callbacks.sample_quality.every_n_steps=2", "callbacks.sample_quality.num_samples=8",
+                         "callbacks.sample_quality.num_real=16", "callbacks.sample_quality.batch_size=4",
+                         f"paths.root_dir={tmp_path}"], tmp_path / "run")
+    train(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    keys = {k for r in rows for k, v in r.items() if v}
+    for s in ("1step", "2step"):
+        assert {f"val/fd_fmnist_{s}", f"val/kid_fmnist_{s}", f"val/is_fmnist_{s}", f"val/precision_{s}", f"val/recall_{s}"} <= keys
+    assert any(p.name.startswith("best_fd1step") for p in (tmp_path / "run" / "checkpoints").iterdir())
+    final = json.loads((tmp_path / "run" / "sample_quality.json").read_text())
+    assert final["step"] == 4 and final["weights_sha256"] and final["seconds_total"] > 0
+    cached = list((tmp_path / ".cache" / "real_features").glob("*.pt"))
+    assert len(cached) == 1 and "16" in cached[0].name  # computed once, keyed by the count

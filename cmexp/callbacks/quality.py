@@ -1,0 +1,109 @@
+"""In-training sample quality: FD / KID / IS / precision-recall of the sampling-EMA model."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from cmexp.metrics.suite import RealFeatureCache, describe, extract, score
+
+log = logging.getLogger(__name__)
+
+
+class SampleQualityCallback(pl.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training) sample
+    ``num_samples`` images from fixed seeds with ``pl_module.sample_images`` (sampling EMA;
+    CD/CT: 1 and 2 steps with the run's tau, EDM: its Heun sampler) and log, per sample set
+    ``S``: ``val/fd_<name>_S``, ``val/kid_<name>_S``, ``val/is_<name>_S`` (extractors with
+    logits), ``val/precision_S``, ``val/recall_S``, ``<name>`` being the extractor's (``fmnist``).
+
+    Real features (``num_real`` images of ``real_split``) are computed once and cached in
+    ``cache_dir`` under (dataset, split, resolution, extractor, weights hash, count). Under DDP
+    each rank samples its share of the seeds and the features are all-gathered.
+
+    Args:
+        features: a feature extractor (``cmexp.metrics.ClassifierFeatures``, Inception...).
+        every_n_steps: cadence (0 = only at the end of training).
+    """
+
+    def __init__(self, features: nn.Module, cache_dir: str, every_n_steps: int = 1000, num_samples: int = 1000,
+                 num_real: int = 10000, real_split: str = "train", seed: int = 0, batch_size: int = 250,
+                 kid_subset_size: int = 1000) -> None:
+        if every_n_steps < 0 or num_samples < 2 or num_real < 2 or batch_size < 1:
+            raise ValueError("callbacks.sample_quality: every_n_steps >= 0, num_samples >= 2, num_real >= 2, batch_size >= 1")
+        self.features = features.eval()
+        self.cache = RealFeatureCache(cache_dir)
+        self.every_n_steps, self.num_samples, self.num_real = int(every_n_steps), int(num_samples), int(num_real)
+        self.real_split, self.seed, self.batch_size = str(real_split), int(seed), int(batch_size)
+        self.kid_subset_size = int(kid_subset_size)
+        self.name = str(getattr(features, "name", "features"))
+        self._last_step = -1
+        self._last: dict[str, float] = {}
+        self.seconds = 0.0  # total wall time spent here (BENCHMARKS.md: cost vs training)
+
+    def _real(self, trainer: pl.Trainer, device: torch.device) -> dict[str, torch.Tensor]:
+        dm = trainer.datamodule
+        proto = describe(self.features)
+        key = self.cache.key(type(dm).__name__, self.real_split, int(dm.resolution), int(dm.channels),
+                             self.name, proto["weights_sha256"] or proto["extractor"], self.num_real)
+        return self.cache.get(key, lambda: extract(self.features, dm.real_images(self.num_real, self.real_split),
+                                                  self.batch_size, device))
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        t0 = time.perf_counter()
+        device = pl_module.device
+        self.features.to(device)
+        world, rank = trainer.world_size, trainer.global_rank
+        per_rank = math.ceil(self.num_samples / world)
+        start = self.seed + rank * per_rank
+        was_training = pl_module.training
+        pl_module.eval()
+        sets: dict[str, list[torch.Tensor]] = {}
+        try:
+            for off in range(0, per_rank, self.batch_size):
+                n = min(self.batch_size, per_rank - off)
+                for name, images in pl_module.sample_images(n, seed=start + off).items():
+                    sets.setdefault(name, []).append(images)
+        finally:
+            pl_module.train(was_training)
+        real = self._real(trainer, device)
+        out: dict[str, float] = {}
+        for name, chunks in sets.items():
+            fake = extract(self.features, torch.cat(chunks), self.batch_size, device)
+            if world > 1:  # every rank gets every rank's features, in seed order
+                fake = {k: pl_module.all_gather(v.to(device)).flatten(0, 1).cpu() for k, v in fake.items()}
+            fake = {k: v[: self.num_samples] for k, v in fake.items()}
+            metrics = score(real, fake, self.name, kid_subset_size=self.kid_subset_size)
+            out.update({f"val/{k}_{name}": v for k, v in metrics.items() if not k.endswith("_std")})
+        self.seconds += time.perf_counter() - t0
+        log.info("step %d sample quality: %s", trainer.global_step, {k: round(v, 4) for k, v in out.items()})
+        return out
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self._last = self.evaluate(trainer, pl_module)
+            for key, value in self._last.items():
+                pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self._last = self.evaluate(trainer, pl_module)
+            for lg in trainer.loggers:  # self.log is not allowed in on_train_end
+                lg.log_metrics(self._last, step=trainer.global_step)
+        if trainer.is_global_zero and self._last:
+            import json
+
+            out = Path(trainer.default_root_dir or ".") / "sample_quality.json"
+            out.write_text(json.dumps({"step": trainer.global_step, **self._last, "num_samples": self.num_samples,
+                                       "num_real": self.num_real, "real_split": self.real_split, "seed": self.seed,
+                                       **describe(self.features), "seconds_total": round(self.seconds, 2)}, indent=2))

@@ -1,0 +1,119 @@
+"""The paper's sample-quality numbers from features: Frechet distance, KID, Inception-style
+score and precision/recall (Kynkaanniemi et al. 2019, k = 3), computed by torch-fidelity's
+feature-level functions so every metric shares one feature pass.
+
+Feature extractors take images ``[B,C,H,W]`` as floats in [0, 1] and return ``[B,D]``
+features; those with a ``logits`` method also give the class probabilities of IS.
+Metric names carry the extractor's ``name`` (``fd_fmnist``, not ``fid``, for the
+Fashion-MNIST classifier).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def extract(
+    features: nn.Module, images: Tensor, batch_size: int = 500, device: str | torch.device = "cpu",
+    progress: bool = False, desc: str = "features",
+) -> dict[str, Tensor]:
+    """``{"features": [N,D], "logits": [N,K] (if the extractor has logits)}`` of images in
+    [-1, 1] (``[N,C,H,W]`` float) or uint8 ``[N,H,W,C]`` (the npz convention)."""
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, total=math.ceil(len(images) / batch_size), desc=desc, unit="batch")
+    feats, logits = [], []
+    has_logits = hasattr(features, "logits")
+    for i in starts:
+        x = ((images[i : i + batch_size].to(device).float() + 1) / 2).clamp(0, 1)
+        feats.append(features(x).double().cpu())
+        if has_logits:
+            logits.append(features.logits(x).double().cpu())
+    out = {"features": torch.cat(feats)}
+    if has_logits:
+        out["logits"] = torch.cat(logits)
+    return out
+
+
+def score(
+    real: dict[str, Tensor], fake: dict[str, Tensor], name: str = "fmnist", kid_subsets: int = 100,
+    kid_subset_size: int = 1000, prc_neighborhood: int = 3, isc_splits: int = 10, seed: int = 2020,
+) -> dict[str, float]:
+    """Metrics of generated features ``fake`` against real features ``real``
+    (outputs of :func:`extract`). Keys: ``fd_<name>``, ``kid_<name>`` (+``_std``),
+    ``precision``, ``recall``, and ``is_<name>`` (+``_std``) when logits exist."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    fr, ff = real["features"], fake["features"]
+    if len(ff) < 2 or len(fr) < 2:
+        raise ValueError(f"need at least 2 real and 2 generated images, got {len(fr)} and {len(ff)}")
+    stats_r, stats_f = fid_features_to_statistics(fr), fid_features_to_statistics(ff)
+    out = {f"fd_{name}": float(fid_statistics_to_metric(stats_f, stats_r, verbose=False)["frechet_inception_distance"])}
+    size = min(kid_subset_size, len(fr), len(ff))
+    kid = kid_features_to_metric(ff, fr, kid_subsets=kid_subsets, kid_subset_size=size, kid_degree=3,
+                                 kid_gamma=None, kid_coef0=1, kid_kernel="poly", rng_seed=seed, verbose=False)
+    out[f"kid_{name}"], out[f"kid_{name}_std"] = float(kid["kernel_inception_distance_mean"]), float(kid["kernel_inception_distance_std"])
+    k = min(prc_neighborhood, len(fr) - 1, len(ff) - 1)
+    prc = prc_features_to_metric(ff.float(), fr.float(), prc_neighborhood=k, prc_batch_size=10000,
+                                 save_cpu_ram=False, verbose=False)
+    out["precision"], out["recall"] = float(prc["precision"]), float(prc["recall"])
+    if "logits" in fake:
+        isc = isc_features_to_metric(fake["logits"], splits=min(isc_splits, len(ff)), shuffle=True, rng_seed=seed)
+        out[f"is_{name}"], out[f"is_{name}_std"] = float(isc["inception_score_mean"]), float(isc["inception_score_std"])
+    return out
+
+
+def weights_hash(path: str | Path, length: int = 12) -> str:
+    """First ``length`` hex digits of the file's SHA-256 (recorded in eval protocols)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+class RealFeatureCache:
+    """Real-data features computed once and stored as ``<dir>/<key>.pt`` under a key of
+    (dataset, split, resolution, channels, extractor and its weights hash, count)."""
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dir = Path(dirpath)
+
+    @staticmethod
+    def key(dataset: str, split: str, resolution: int, channels: int, extractor: str, weights: str, count: int) -> str:
+        raw = f"{dataset}|{split}|{resolution}|{channels}|{extractor}|{weights}|{count}"
+        return f"{dataset}-{split}-{resolution}px-{extractor}-{count}-{hashlib.sha256(raw.encode()).hexdigest()[:10]}"
+
+    def get(self, key: str, compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+        file = self.dir / f"{key}.pt"
+        if file.is_file():
+            return torch.load(file, map_location="cpu", weights_only=True)
+        value = compute()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        torch.save(value, tmp)
+        tmp.replace(file)  # atomic: parallel runs never read half a file
+        return value
+
+
+def describe(features: Any) -> dict[str, str]:
+    """Protocol entries of an extractor: its name, class and weights file + hash."""
+    src = str(getattr(features, "source", ""))
+    return {"extractor": f"{type(features).__module__}.{type(features).__name__}",
+            "extractor_name": str(getattr(features, "name", "")),
+            "weights": src, "weights_sha256": weights_hash(src) if src and Path(src).is_file() else ""}
