@@ -51,7 +51,7 @@ class SampleQualityCallback(pl.Callback):
         dm = trainer.datamodule
         proto = describe(self.features)
         key = self.cache.key(type(dm).__name__, self.real_split, int(dm.resolution), int(dm.channels),
-                             self.name, proto["weights_sha256"] or proto["extractor"], self.num_real)
+                             self.name or type(self.features).__name__, proto["weights_sha256"] or proto["extractor"], self.num_real)
         return self.cache.get(key, lambda: extract(self.features, dm.real_images(self.num_real, self.real_split),
                                                   self.batch_size, device))
 

@@ -77,3 +77,69 @@ def frechet_distance_metric(features: nn.Module):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     return FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=False)
+
+
+class InceptionFeatures(nn.Module):
+    """The standard FID/IS network: torch-fidelity's Inception-v3 port of the TF graph
+    (2048-d pool features, unbiased logits for IS). Metric names are the usual ``fid``,
+    ``kid``, ``is`` (``name=""``).
+
+    Weights: ``weights_path`` (the file or a folder holding it), else the torch hub cache
+    ``$TORCH_HOME/hub/checkpoints/``; downloaded only when github.com answers within 2 s.
+    Offline without the file it fails at once naming the file and both places.
+    Input: ``[B,C,H,W]`` floats in [0, 1] (grey images are repeated to RGB).
+    """
+
+    FILE = "weights-inception-2015-12-05-6726825d.pth"
+    URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + FILE
+
+    def __init__(self, weights_path: str | None = None, name: str = "") -> None:
+        super().__init__()
+        import os
+
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        from cmexp.losses.metrics import _reachable
+
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        if weights_path:
+            p = Path(str(weights_path)).expanduser()
+            path = p / self.FILE if p.is_dir() else p
+            if not path.is_file():
+                raise FileNotFoundError(f"features.weights_path={weights_path}: no such file (expected {self.FILE})")
+        else:
+            path = cache / self.FILE
+            if not path.is_file():
+                if os.environ.get("CMEXP_OFFLINE") == "1" or not _reachable(self.URL):
+                    raise FileNotFoundError(
+                        f"Inception-v3 (FID/IS) needs the weights file {self.FILE}, which cannot be downloaded "
+                        f"here (no network): copy it (from {self.URL}) into {cache}/ or set "
+                        f"features.weights_path=/path/to/{self.FILE}"
+                    )
+                cache.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(self.URL, str(path))
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=str(path))
+        self.num_features = 2048
+        self.name, self.source = name, str(path)
+
+    def train(self, mode: bool = True) -> "InceptionFeatures":
+        super().train(False)
+        return self
+
+    def _both(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        u8 = (x.float().clamp(0, 1) * 255).round().to(torch.uint8) if x.dtype != torch.uint8 else x
+        if u8.shape[1] == 1:
+            u8 = u8.expand(-1, 3, -1, -1)
+        feats, logits = self.net(u8)
+        return feats, logits
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, 2048]`` pool features."""
+        return self._both(x)[0]
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        """``[B, 1008]`` unbiased logits (IS)."""
+        return self._both(x)[1]

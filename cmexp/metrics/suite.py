@@ -53,7 +53,8 @@ def score(
 ) -> dict[str, float]:
     """Metrics of generated features ``fake`` against real features ``real``
     (outputs of :func:`extract`). Keys: ``fd_<name>``, ``kid_<name>`` (+``_std``),
-    ``precision``, ``recall``, and ``is_<name>`` (+``_std``) when logits exist."""
+    ``precision``, ``recall``, and ``is_<name>`` (+``_std``) when logits exist; with
+    ``name=""`` (Inception) the usual ``fid``, ``kid``, ``is``."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -63,18 +64,19 @@ def score(
     if len(ff) < 2 or len(fr) < 2:
         raise ValueError(f"need at least 2 real and 2 generated images, got {len(fr)} and {len(ff)}")
     stats_r, stats_f = fid_features_to_statistics(fr), fid_features_to_statistics(ff)
-    out = {f"fd_{name}": float(fid_statistics_to_metric(stats_f, stats_r, verbose=False)["frechet_inception_distance"])}
+    fd_key, sfx = (f"fd_{name}", f"_{name}") if name else ("fid", "")
+    out = {fd_key: float(fid_statistics_to_metric(stats_f, stats_r, verbose=False)["frechet_inception_distance"])}
     size = min(kid_subset_size, len(fr), len(ff))
     kid = kid_features_to_metric(ff, fr, kid_subsets=kid_subsets, kid_subset_size=size, kid_degree=3,
                                  kid_gamma=None, kid_coef0=1, kid_kernel="poly", rng_seed=seed, verbose=False)
-    out[f"kid_{name}"], out[f"kid_{name}_std"] = float(kid["kernel_inception_distance_mean"]), float(kid["kernel_inception_distance_std"])
+    out[f"kid{sfx}"], out[f"kid{sfx}_std"] = float(kid["kernel_inception_distance_mean"]), float(kid["kernel_inception_distance_std"])
     k = min(prc_neighborhood, len(fr) - 1, len(ff) - 1)
     prc = prc_features_to_metric(ff.float(), fr.float(), prc_neighborhood=k, prc_batch_size=10000,
                                  save_cpu_ram=False, verbose=False)
     out["precision"], out["recall"] = float(prc["precision"]), float(prc["recall"])
     if "logits" in fake:
         isc = isc_features_to_metric(fake["logits"], splits=min(isc_splits, len(ff)), shuffle=True, rng_seed=seed)
-        out[f"is_{name}"], out[f"is_{name}_std"] = float(isc["inception_score_mean"]), float(isc["inception_score_std"])
+        out[f"is{sfx}"], out[f"is{sfx}_std"] = float(isc["inception_score_mean"]), float(isc["inception_score_std"])
     return out
 
 

@@ -185,3 +185,51 @@ def test_sample_quality_callback_logs_metrics_and_keeps_the_best_checkpoint(clas
     assert final["step"] == 4 and final["weights_sha256"] and final["seconds_total"] > 0
     cached = list((tmp_path / ".cache" / "real_features").glob("*.pt"))
     assert len(cached) == 1 and "16" in cached[0].name  # computed once, keyed by the count
+
+
+def test_eval_samples_a_checkpoint_and_scores_npz_files(ckpts, classifier_ckpt, tmp_path: Path) -> None:
+    from cmexp.eval import evaluate
+
+    common = [f"features.ckpt={classifier_ckpt}", "num_real=32", "batch_size=8", f"cache_dir={tmp_path / 'cache'}",
+              "dataset=gaussian_mixture"]
+    cfg = compose_train([f"ckpt={ckpts['ct']}", "num_samples=12", "steps=[1,2]", *common], tmp_path / "a", config_name="eval")
+    out = evaluate(cfg)
+    run = tmp_path / "a"
+    for s in ("1step", "2step"):
+        arr = np.load(run / f"samples_{s}.npz")["arr_0"]
+        assert arr.dtype == np.uint8 and arr.shape == (12, 32, 32, 3)
+        assert {"fd_fmnist", "kid_fmnist", "is_fmnist", "precision", "recall"} <= set(out["metrics"][s])
+    saved = json.loads((run / "metrics.json").read_text())
+    proto = saved["protocol"]
+    assert proto["weights_sha256"] and proto["reference"]["split"] == "train" and proto["seeds"] == [0, 11]
+    assert proto["sets"]["2step"]["nfe"] == 2 and proto["sets"]["1step"]["sigmas"] == [80.0]
+    # scoring the written npz again gives the same numbers
+    again = evaluate(compose_train([f"samples={run / 'samples_1step.npz'}", *common], tmp_path / "b", config_name="eval"))
+    assert again["metrics"]["samples"]["fd_fmnist"] == pytest.approx(out["metrics"]["1step"]["fd_fmnist"], rel=1e-6)
+    with pytest.raises(ValueError, match="exactly one of ckpt"):
+        evaluate(compose_train([*common], tmp_path / "c", config_name="eval"))
+
+
+def test_inception_features_fail_fast_offline_and_load_a_weights_file(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+
+    from cmexp.metrics import InceptionFeatures
+
+    monkeypatch.setenv("CMEXP_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"weights-inception-2015-12-05-6726825d.pth.*features.weights_path"):
+        InceptionFeatures()
+    assert time.perf_counter() - t0 < 5
+    # a fake weights file with the real layout (random values)
+    with monkeypatch.context() as m:
+        m.setattr(fi.torch, "load", lambda *a, **k: None)
+        m.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        state = fi.FeatureExtractorInceptionV3("x", ["2048"], feature_extractor_weights_path="unused").state_dict()
+    torch.save(state, tmp_path / InceptionFeatures.FILE)
+    feats = InceptionFeatures(weights_path=str(tmp_path))
+    x = torch.rand(2, 1, 32, 32)
+    assert feats(x).shape == (2, 2048) and feats.logits(x).shape == (2, 1008)

@@ -1,0 +1,129 @@
+"""Offline evaluator: ``python -m cmexp.eval ckpt=PATH num_samples=50000 steps=[1,2]`` or
+``python -m cmexp.eval samples=PATH``.
+
+Sample sets are written as ``samples_<set>.npz`` (``arr_0``: uint8 ``[N,H,W,C]``, the OpenAI
+evaluator convention) and scored in the features of ``conf/features/`` against the reference
+split; ``metrics.json`` records every number and the protocol (extractor and weights hash,
+reference set and split, counts, seeds, sigmas, NFE).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from cmexp.utils.cli import run_cli
+
+log = logging.getLogger("cmexp.eval")
+
+
+def read_samples(path: str) -> Any:
+    """uint8 ``[N,H,W,C]`` from an ``.npz`` (key ``arr_0``) or a folder of PNG/JPG images."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    p = Path(str(path)).expanduser()
+    if p.is_file() and p.suffix == ".npz":
+        with np.load(p) as data:
+            if "arr_0" not in data:
+                raise ValueError(f"samples={path}: the npz has no 'arr_0' array (found {list(data.keys())})")
+            arr = data["arr_0"]
+    elif p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise FileNotFoundError(f"samples={path}: no PNG/JPG images in the folder")
+        arr = np.stack([np.asarray(Image.open(f)) for f in files])
+    else:
+        raise FileNotFoundError(f"samples={path}: expected an .npz file or a folder of PNGs")
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"samples={path}: expected uint8 [N,H,W,C] with C in (1, 3), got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(arr)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Sample (``ckpt``) or read (``samples``) image sets, score them, write the results."""
+    import torch
+    from hydra.utils import instantiate
+
+    from cmexp.metrics.suite import RealFeatureCache, describe, extract, score
+    from cmexp.sample import pick_device
+    from cmexp.utils.checkpoint import load_model
+    from cmexp.utils.generate import consistency_sigmas, generate, nfe, save_samples, teacher_sigmas
+    from cmexp.utils.images import image_grid, save_png, to_uint8
+
+    if bool(cfg.ckpt) == bool(cfg.samples):
+        raise ValueError("give exactly one of ckpt=PATH (sample and score) or samples=PATH (score a file)")
+    device = pick_device(cfg.device)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    features = instantiate(cfg.features).to(device)
+    name = str(getattr(features, "name", ""))
+    t0 = time.perf_counter()
+
+    sets: dict[str, Any] = {}
+    protocol: dict[str, Any] = {**describe(features), "seed": int(cfg.seed)}
+    if cfg.ckpt:
+        loaded = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
+        dcfg = dict(loaded.config.get("dataset") or OmegaConf.to_container(cfg.dataset, resolve=True))
+        n = int(cfg.num_samples)
+        plans = []
+        if loaded.is_consistency:
+            taus = list(cfg.taus) if cfg.taus is not None else None
+            for k in cfg.steps:
+                mids = taus[: int(k) - 1] if taus is not None else None
+                plans.append((f"{k}step", consistency_sigmas(loaded, int(k), mids, None, int(cfg.grid_num_scales), float(cfg.rho)), "consistency"))
+        else:
+            sig = teacher_sigmas(loaded, int(cfg.num_scales), float(cfg.rho)).tolist()
+            plans.append((f"{cfg.sampler}{nfe(sig, str(cfg.sampler))}nfe", sig, str(cfg.sampler)))
+        protocol.update({"ckpt": str(cfg.ckpt), "kind": loaded.kind, "weights": "ema" if cfg.use_ema else "online",
+                         "num_samples": n, "seeds": [int(cfg.seed), int(cfg.seed) + n - 1], "sets": {}})
+        for set_name, sigmas, sampler in plans:
+            images = generate(loaded, n, sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device, progress=True)
+            save_samples(images, out_dir, int(cfg.grid_size), name=f"samples_{set_name}")
+            sets[set_name] = to_uint8(images)  # score exactly what samples_<set>.npz holds
+            protocol["sets"][set_name] = {"sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler), "sampler": sampler}
+    else:
+        dcfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+        u8 = read_samples(cfg.samples)
+        sets["samples"] = u8
+        save_png(image_grid(u8[: int(cfg.grid_size)].permute(0, 3, 1, 2).float() / 127.5 - 1), out_dir / "samples_grid.png", scale=2)
+        protocol.update({"samples": str(cfg.samples), "num_samples": len(u8)})
+
+    dcfg["subset"] = None
+    dm = instantiate(dcfg)
+    key = RealFeatureCache.key(type(dm).__name__, str(cfg.real_split), int(dm.resolution), int(dm.channels),
+                               name or type(features).__name__, protocol["weights_sha256"] or protocol["extractor"], int(cfg.num_real))
+    real = RealFeatureCache(cfg.cache_dir).get(key, lambda: extract(
+        features, dm.real_images(int(cfg.num_real), str(cfg.real_split)), int(cfg.batch_size), device, True, "real features"))
+    protocol.update({"reference": {"dataset": type(dm).__name__, "split": str(cfg.real_split),
+                                   "resolution": int(dm.resolution), "count": len(real["features"])}})
+    results: dict[str, Any] = {}
+    for set_name, images in sets.items():
+        fake = extract(features, images, int(cfg.batch_size), device, True, f"features {set_name}")
+        results[set_name] = score(real, fake, name, kid_subset_size=int(cfg.kid_subset_size))
+        log.info("%s: %s", set_name, {k: round(v, 4) for k, v in results[set_name].items()})
+    payload = {"metrics": results, "protocol": protocol, "seconds": round(time.perf_counter() - t0, 2)}
+    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    for set_name, m in results.items():
+        print(set_name, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+    print(f"wrote {out_dir / 'metrics.json'}")
+    return payload
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    """Run :func:`evaluate`; bad input ends with one ``error: ...`` line (exit code 2)."""
+    run_cli(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()
