@@ -70,8 +70,9 @@ def test_experiment_composes_and_instantiates(name, composer, teachers, fake_wei
     datamodule = hydra.utils.instantiate(cfg.dataset)
     assert datamodule.batch_size == cfg.dataset.batch_size
     model = hydra.utils.instantiate(cfg.model)
-    assert model.model.img_resolution == cfg.dataset.resolution
-    assert model.model.img_channels == cfg.dataset.channels
+    net = model.model if hasattr(model, "model") else model.net  # classifier: a bare net
+    assert net.img_resolution == cfg.dataset.resolution
+    assert net.img_channels == cfg.dataset.channels
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert trainer_cfg["max_steps"] > 0
     for cb in cfg.callbacks.values():
