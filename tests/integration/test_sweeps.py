@@ -1,0 +1,73 @@
+"""The Fig. 3 sweeps compose into the expected jobs; a tiny multirun runs end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from .conftest import CONF_DIR
+
+ROOT = CONF_DIR.parent
+NS = ["9", "12", "18", "36", "50", "60", "80", "120"]
+
+
+def jobs(overrides: list[str]) -> list[list[str]]:
+    """The job override lists Hydra's basic sweeper launches for this command line."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    parsed = OverridesParser.create().parse_overrides(params)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "sweep", "count", "expected"),
+    [
+        ("cifar10_cd_lpips", "fig3a", 3, [["metric=l2"], ["metric=l1"], ["metric=lpips"]]),
+        ("cifar10_cd_lpips", "fig3b", 16, [["solver=euler", "schedule.num_scales=9"], ["solver=heun", "schedule.num_scales=120"]]),
+        ("cifar10_cd_lpips", "fig3c", 8, [["solver=heun", f"schedule.num_scales={n}"] for n in NS]),
+        ("cifar10_ct_lpips", "fig3d", 4, [["schedule=adaptive"], ["schedule=fixed_n120"]]),
+        ("fmnist_cd_l2", "seeds", 3, [["seed=0"], ["seed=1"], ["seed=2"]]),
+    ],
+)
+def test_sweep_composes_into_the_expected_jobs(experiment, sweep, count, expected) -> None:
+    got = jobs([f"+experiment={experiment}", f"+sweep={sweep}"])
+    assert len(got) == count
+    for job in expected:
+        assert job in got
+
+
+def test_every_sweep_job_composes(composer) -> None:
+    import hydra
+
+    for job in jobs(["+experiment=cifar10_ct_lpips", "+sweep=fig3d"]):
+        cfg = composer(["+experiment=cifar10_ct_lpips", *job])
+        schedule = hydra.utils.instantiate(cfg.schedule)
+        n, mu = schedule(0)
+        if job == ["schedule=fixed_n120"]:
+            assert (n, mu) == (120, 0.99)  # the official code's fixed CT setting
+    cfg = composer(["+experiment=cifar10_cd_lpips", "solver=euler", "schedule.num_scales=50"])
+    assert cfg.solver._target_.endswith("euler_step") and cfg.model.schedule.num_scales == 50
+
+
+def test_tiny_multirun_runs_every_job(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    out = subprocess.run(
+        [sys.executable, "-m", "cmexp.train", "debug=tiny", "model=ct", "trainer.max_steps=2", "+sweep=seeds",
+         f"hydra.sweep.dir={tmp_path}", f"paths.root_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "checkpoints" / "last.ckpt").is_file())
+    assert [p.name for p in runs] == ["0", "1", "2"]
+    assert (runs[1] / ".hydra" / "overrides.yaml").read_text().count("seed=1") == 1
