@@ -60,10 +60,14 @@ def test_every_sweep_job_composes(composer) -> None:
     assert cfg.solver._target_.endswith("euler_step") and cfg.model.schedule.num_scales == 50
 
 
-def test_tiny_multirun_runs_every_job(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+def test_tiny_multirun_runs_every_job_and_compare_reads_it(tmp_path: Path) -> None:
+    import shutil
+
+    from cmexp.compare import compare
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     out = subprocess.run(
-        [sys.executable, "-m", "cmexp.train", "debug=tiny", "model=ct", "trainer.max_steps=2", "+sweep=seeds",
+        [sys.executable, "-m", "cmexp.train", "debug=tiny", "model=ct", "trainer.max_steps=2", "+sweep=seeds", "logger=wandb",
          f"hydra.sweep.dir={tmp_path}", f"paths.root_dir={tmp_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -71,3 +75,29 @@ def test_tiny_multirun_runs_every_job(tmp_path: Path) -> None:
     runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "checkpoints" / "last.ckpt").is_file())
     assert [p.name for p in runs] == ["0", "1", "2"]
     assert (runs[1] / ".hydra" / "overrides.yaml").read_text().count("seed=1") == 1
+    # compare: a table row and a curve per run, from the sweep folder
+    files = compare([str(tmp_path)], tmp_path / "cmp", metric="train/loss")
+    md = files["md"].read_text()
+    assert [line.split("|")[1].strip() for line in md.splitlines()[2:]] == ["seed=0", "seed=1", "seed=2"]
+    assert files["png"].stat().st_size > 1000 and "train/loss" in files["csv"].read_text()
+    # without its CSV log a run is read back from its W&B offline run (wandb leet inspect --json)
+    wb = tmp_path / "wb_only"
+    shutil.copytree(runs[0], wb)
+    shutil.rmtree(wb / "csv")
+    from cmexp.compare import find_runs
+
+    (only,) = find_runs([str(wb)])
+    assert only.final("train/loss") == pytest.approx(find_runs([str(runs[0])])[0].final("train/loss"), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fig3a", "fig3b", "fig3c", "fig3d", "seeds"])
+def test_wandb_sweep_files_match_the_hydra_sweeps(name: str) -> None:
+    import math
+
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "sweeps" / f"{name}.yaml").read_text())
+    assert spec["method"] == "grid" and "cmexp.train" in spec["command"]
+    experiment = next(a for a in spec["command"] if a.startswith("+experiment=")).split("=", 1)[1]
+    grid = math.prod(len(p.get("values", [p.get("value")])) for p in spec["parameters"].values())
+    assert grid == len(jobs([f"+experiment={experiment}", f"+sweep={name}"]))
