@@ -1,0 +1,62 @@
+"""Two-process DDP on the CPU (gloo, ddp_fork: plain `ddp` inside pytest re-runs pytest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from cmexp.train import train
+
+from .conftest import compose_train
+
+
+class RankReport(pl.Callback):
+    """Each rank writes checksums of its networks and its logged kimg at the end of training."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def vec(m: torch.nn.Module) -> list[float]:
+            return torch.cat([p.detach().flatten() for p in m.parameters()]).tolist()
+
+        qual = next((c for c in trainer.callbacks if type(c).__name__ == "SampleQualityCallback"), None)
+        report = {"online": vec(pl_module.model), "target": vec(pl_module.target), "ema": vec(pl_module.ema),
+                  "kimg": pl_module.batches_seen * pl_module.global_batch_size(trainer.datamodule.batch_size) / 1000,
+                  "quality": getattr(qual, "_last", {})}
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def test_ddp_ranks_keep_identical_target_and_ema_and_share_sample_metrics(tmp_path: Path, monkeypatch) -> None:
+    import hydra
+
+    from .test_sample_edit import TINY
+
+    clf = compose_train([*TINY, "preset=none", "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
+                         "~callbacks.sample_grid", "trainer.max_steps=2"], tmp_path / "clf")
+    train(clf)
+    cfg = compose_train([*TINY, "model=ct", "trainer.devices=2", "+trainer.strategy=ddp_fork", "trainer.max_steps=3",
+                         "quality=fmnist", f"callbacks.sample_quality.features.ckpt={tmp_path / 'clf' / 'checkpoints' / 'last.ckpt'}",
+                         "callbacks.sample_quality.every_n_steps=0", "callbacks.sample_quality.num_samples=6",
+                         "callbacks.sample_quality.num_real=16", "callbacks.sample_quality.batch_size=2",
+                         f"paths.root_dir={tmp_path}", "~callbacks.best_checkpoint"], tmp_path / "ddp")
+    report = RankReport(tmp_path)
+    orig = hydra.utils.instantiate
+
+    def with_report(node, *args, **kwargs):
+        obj = orig(node, *args, **kwargs)
+        if isinstance(obj, pl.Trainer):
+            obj.callbacks.append(report)
+        return obj
+
+    monkeypatch.setattr(hydra.utils, "instantiate", with_report)
+    train(cfg)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for key in ("online", "target", "ema"):
+        assert r0[key] == r1[key], key  # DDP keeps every copy identical on every rank
+    assert r0["target"] != r0["ema"]
+    assert r0["kimg"] == 3 * 8 * 2 / 1000  # global batch = per-device batch x 2 processes
+    assert r0["quality"] and r0["quality"] == r1["quality"]  # features all-gathered: same numbers on both ranks
