@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -28,24 +29,44 @@ class SampleQualityCallback(pl.Callback):
     each rank samples its share of the seeds and the features are all-gathered.
 
     Args:
-        features: a feature extractor (``cmexp.metrics.ClassifierFeatures``, Inception...).
+        features: a feature extractor (``cmexp.metrics.ClassifierFeatures``, Inception...), or
+            a factory that builds one when training starts.
         every_n_steps: cadence (0 = only at the end of training).
+        optional: when the factory cannot find the extractor's weights (FileNotFoundError),
+            warn once and skip the metrics instead of failing (the Fashion-MNIST experiments'
+            default: the classifier is trained separately).
     """
 
-    def __init__(self, features: nn.Module, cache_dir: str, every_n_steps: int = 1000, num_samples: int = 1000,
-                 num_real: int = 10000, real_split: str = "train", seed: int = 0, batch_size: int = 250,
-                 kid_subset_size: int = 1000) -> None:
+    def __init__(self, features: nn.Module | Callable[[], nn.Module], cache_dir: str, every_n_steps: int = 1000,
+                 num_samples: int = 1000, num_real: int = 10000, real_split: str = "train", seed: int = 0,
+                 batch_size: int = 250, kid_subset_size: int = 1000, optional: bool = False) -> None:
         if every_n_steps < 0 or num_samples < 2 or num_real < 2 or batch_size < 1:
             raise ValueError("callbacks.sample_quality: every_n_steps >= 0, num_samples >= 2, num_real >= 2, batch_size >= 1")
-        self.features = features.eval()
+        self._factory = None if isinstance(features, nn.Module) else features
+        self.features = features.eval() if isinstance(features, nn.Module) else None
+        self.optional = bool(optional)
+        self.disabled = False
         self.cache = RealFeatureCache(cache_dir)
         self.every_n_steps, self.num_samples, self.num_real = int(every_n_steps), int(num_samples), int(num_real)
         self.real_split, self.seed, self.batch_size = str(real_split), int(seed), int(batch_size)
         self.kid_subset_size = int(kid_subset_size)
-        self.name = str(getattr(features, "name", "features"))
+        self.name = str(getattr(self.features, "name", "features"))
         self._last_step = -1
         self._last: dict[str, float] = {}
         self.seconds = 0.0  # total wall time spent here (BENCHMARKS.md: cost vs training)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.features is not None or self.disabled:
+            return
+        try:
+            self.features = self._factory().eval()
+        except FileNotFoundError as err:
+            if not self.optional:
+                raise
+            self.disabled = True
+            log.warning("sample-quality metrics skipped: %s", str(err).splitlines()[0])
+            return
+        self.name = str(getattr(self.features, "name", "features"))
 
     def _real(self, trainer: pl.Trainer, device: torch.device) -> dict[str, torch.Tensor]:
         dm = trainer.datamodule
@@ -87,6 +108,8 @@ class SampleQualityCallback(pl.Callback):
         return out
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if self.disabled:
+            return
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step
@@ -95,6 +118,8 @@ class SampleQualityCallback(pl.Callback):
                 pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.disabled:
+            return
         if trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
             self._last = self.evaluate(trainer, pl_module)

@@ -22,8 +22,10 @@ class ClassifierLitModule(pl.LightningModule):
 
     kind = "classifier"
 
-    def __init__(self, net: nn.Module, optimizer: OptimizerFactory, eval_batch_size: int = 500) -> None:
+    def __init__(self, net: nn.Module, optimizer: OptimizerFactory, eval_batch_size: int = 500,
+                 export_path: str | None = None) -> None:
         super().__init__()
+        self.export_path = export_path
         self.net = net
         self.optimizer_factory = optimizer
         self.eval_batch_size = int(eval_batch_size)
@@ -63,6 +65,25 @@ class ClassifierLitModule(pl.LightningModule):
         if self.trainer.is_global_zero and self.trainer.default_root_dir:
             out = Path(self.trainer.default_root_dir) / "classifier.json"
             out.write_text(json.dumps({"test_acc": acc, "test_images": len(test), "steps": self.global_step}, indent=2))
+            self.export(acc)
+
+    def export(self, acc: float) -> None:
+        """Save the slim feature checkpoint to ``export_path`` (the Fashion-MNIST experiments'
+        default feature extractor), never replacing an existing file."""
+        if not self.export_path:
+            return
+        import logging
+
+        dst = Path(self.export_path).expanduser()
+        if dst.exists():
+            logging.getLogger(__name__).warning("%s exists and is kept; this run's classifier is in its checkpoints/", dst)
+            return
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        ckpt: dict[str, Any] = {"state_dict": {f"net.{k}": v for k, v in self.net.state_dict().items()},
+                                "global_step": self.global_step}
+        self.on_save_checkpoint(ckpt)
+        ckpt["cmexp"]["test_acc"] = acc
+        torch.save(ckpt, dst)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cmexp"] = {
