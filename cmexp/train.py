@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cmexp.utils.checks import ConfigError, check_train_config
+from cmexp.utils.checks import ConfigError, accumulation_steps, check_train_config
 from cmexp.utils.cli import run_cli
 
 log = logging.getLogger("cmexp.train")
@@ -73,7 +73,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_dict(cfg.get("callbacks"))
     _wandb_offline_if_needed(cfg)
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, accumulate_grad_batches=accumulation_steps(cfg)
+    )
     for lg in loggers:
         lg.log_hyperparams({**record["choices"], "config": record["config"]})
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

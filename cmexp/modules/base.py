@@ -121,7 +121,8 @@ class DiffusionLitModule(pl.LightningModule):
 
         def warmup(step: int) -> float:
             batch = self.trainer.datamodule.batch_size if self.trainer.datamodule else 1
-            kimg = step * self.global_batch_size(batch) / 1000
+            accum = self.trainer.accumulate_grad_batches
+            kimg = step * self.global_batch_size(batch) * accum / 1000
             return min(kimg / self.lr_warmup_kimg, 1.0)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)

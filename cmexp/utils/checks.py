@@ -49,6 +49,26 @@ def check_train_config(cfg: DictConfig) -> None:
     max_steps = _sel(cfg, "trainer.max_steps")
     if max_steps is not None and max_steps != -1 and max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {max_steps}")
+    accumulation_steps(cfg)  # global_batch_size fits the devices
     ckpt = _sel(cfg, "ckpt_path")
     if ckpt and not Path(str(ckpt)).expanduser().is_file():
         raise ConfigError(f"ckpt_path={ckpt}: no such file")
+
+
+def accumulation_steps(cfg: DictConfig) -> int:
+    """Gradient-accumulation steps that keep ``global_batch_size`` (512 for CIFAR-10, CM
+    Table 3) whatever the device count: ``global / (dataset.batch_size x trainer.devices x
+    trainer.num_nodes)``. Without ``global_batch_size``, ``trainer.accumulate_grad_batches``."""
+    total = _sel(cfg, "global_batch_size")
+    if not total:
+        return int(_sel(cfg, "trainer.accumulate_grad_batches") or 1)
+    batch, devices, nodes = _sel(cfg, "dataset.batch_size"), _sel(cfg, "trainer.devices"), _sel(cfg, "trainer.num_nodes") or 1
+    if not isinstance(devices, int):
+        raise ConfigError(f"global_batch_size={total} needs an integer trainer.devices, got {devices!r}")
+    per_step = int(batch) * devices * int(nodes)
+    if total % per_step:
+        raise ConfigError(
+            f"global_batch_size={total} must be a multiple of dataset.batch_size={batch} x trainer.devices={devices} "
+            f"x trainer.num_nodes={nodes} = {per_step}; e.g. dataset.batch_size={max(1, total // (devices * int(nodes)))}"
+        )
+    return total // per_step

@@ -60,3 +60,21 @@ def test_ddp_ranks_keep_identical_target_and_ema_and_share_sample_metrics(tmp_pa
     assert r0["target"] != r0["ema"]
     assert r0["kimg"] == 3 * 8 * 2 / 1000  # global batch = per-device batch x 2 processes
     assert r0["quality"] and r0["quality"] == r1["quality"]  # features all-gathered: same numbers on both ranks
+
+
+def test_global_batch_is_kept_by_gradient_accumulation(tmp_path: Path) -> None:
+    import pytest
+
+    from cmexp.utils.checks import ConfigError, accumulation_steps
+
+    from .test_sample_edit import TINY
+
+    cfg = compose_train(["+experiment=cifar10_cd_lpips", "trainer=ddp", "trainer.devices=8", "dataset.batch_size=32"], tmp_path / "a")
+    assert accumulation_steps(cfg) == 2  # 512 = 32 x 8 GPUs x 2 accumulation steps
+    bad = compose_train(["+experiment=cifar10_cd_lpips", "trainer=ddp", "trainer.devices=8"], tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"global_batch_size=512 must be a multiple of dataset.batch_size=512 x trainer.devices=8"):
+        accumulation_steps(bad)
+    # a tiny run: global batch 16 from per-device 8 -> 2 micro-batches per optimizer step
+    out = train(compose_train([*TINY, "model=ct", "global_batch_size=16", "trainer.max_steps=2"], tmp_path / "run"))
+    assert out["trainer"].accumulate_grad_batches == 2 and out["trainer"].global_step == 2
+    assert out["model"].batches_seen == 4
