@@ -53,6 +53,9 @@ class DiffusionLitModule(pl.LightningModule):
             network's rate ``mu``.
         lr_warmup_kimg: linear learning-rate warm-up in thousands of images (0 = none, as the
             CM paper; EDM's teacher uses 10,000).
+        compile_net: ``torch.compile`` the online raw network in place (``nn.Module.compile``:
+            checkpoint keys are unchanged). channels_last: NHWC memory format for the networks
+            and the batches (faster convolutions on recent GPUs).
     """
 
     kind: str = "base"
@@ -62,8 +65,11 @@ class DiffusionLitModule(pl.LightningModule):
         optimizer: OptimizerFactory,
         ema_decay: float = 0.9999,
         lr_warmup_kimg: float = 0.0,
+        compile_net: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.compile_net, self.channels_last = bool(compile_net), bool(channels_last)
         if not 0 <= ema_decay < 1:
             raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay!r}")
         self.optimizer_factory = optimizer
@@ -77,6 +83,14 @@ class DiffusionLitModule(pl.LightningModule):
     def _init_ema(self) -> None:
         self.ema = frozen_copy(self.model)
 
+    def configure_model(self) -> None:
+        """Apply the speed options once the module is on its device (Lightning hook)."""
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.compile_net and not getattr(self, "_compiled", False):
+            self.model.net.compile()
+            self._compiled = True
+
     # ---------------------------------------------------------------- training
     def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
@@ -86,6 +100,8 @@ class DiffusionLitModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         labels = labels if self.label_dim > 0 else None
         loss, extra = self.compute_loss(images, labels)
         if not torch.isfinite(loss):

@@ -42,6 +42,8 @@ class ConsistencyLitModule(DiffusionLitModule):
         optimizer: OptimizerFactory,
         ema_decay: float = 0.9999,
         lr_warmup_kimg: float = 0.0,
+        compile_net: bool = False,
+        channels_last: bool = False,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         sigma_data: float = 0.5,
@@ -49,7 +51,7 @@ class ConsistencyLitModule(DiffusionLitModule):
         c_noise_scale: float = 0.25,
         sample_sigmas: Sequence[float] = (0.585,),
     ) -> None:
-        super().__init__(optimizer, ema_decay, lr_warmup_kimg)
+        super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
         self.model = CMPrecond(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
         self.target = frozen_copy(self.model)
         self._init_ema()

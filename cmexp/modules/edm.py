@@ -32,6 +32,8 @@ class EDMLitModule(DiffusionLitModule):
         optimizer: OptimizerFactory,
         ema_decay: float = 0.9999,
         lr_warmup_kimg: float = 0.0,
+        compile_net: bool = False,
+        channels_last: bool = False,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         sigma_data: float = 0.5,
@@ -39,7 +41,7 @@ class EDMLitModule(DiffusionLitModule):
         c_noise_scale: float = 0.25,
         sample_num_scales: int = 18,
     ) -> None:
-        super().__init__(optimizer, ema_decay, lr_warmup_kimg)
+        super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
         self.model = EDMPrecond(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
         self._init_ema()
         self.loss = loss

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from cmexp.train import train
@@ -78,3 +79,28 @@ def test_global_batch_is_kept_by_gradient_accumulation(tmp_path: Path) -> None:
     out = train(compose_train([*TINY, "model=ct", "global_batch_size=16", "trainer.max_steps=2"], tmp_path / "run"))
     assert out["trainer"].accumulate_grad_batches == 2 and out["trainer"].global_step == 2
     assert out["model"].batches_seen == 4
+
+
+def test_channels_last_and_compile_options_train(tmp_path: Path) -> None:
+    import torch
+
+    from .test_sample_edit import TINY
+
+    out = train(compose_train([*TINY, "model=ct", "model.channels_last=true", "trainer.max_steps=2"], tmp_path / "cl"))
+    conv = next(m for m in out["model"].model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and out["trainer"].global_step == 2
+    ckpt = torch.load(tmp_path / "cl" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    plain = train(compose_train([*TINY, "model=ct", "trainer.max_steps=1"], tmp_path / "plain"))["model"].state_dict()
+    assert set(ckpt["state_dict"]) == set(plain)  # same checkpoint layout
+
+
+@pytest.mark.slow
+def test_compiled_online_net_trains_and_keeps_the_checkpoint_layout(tmp_path: Path) -> None:
+    import torch
+
+    from .test_sample_edit import TINY
+
+    out = train(compose_train([*TINY, "model=ct", "model.compile_net=true", "trainer.max_steps=2"], tmp_path / "c"))
+    assert out["trainer"].global_step == 2
+    keys = set(torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"])
+    assert not any("_orig_mod" in k for k in keys)
