@@ -101,3 +101,15 @@ def test_wandb_sweep_files_match_the_hydra_sweeps(name: str) -> None:
     experiment = next(a for a in spec["command"] if a.startswith("+experiment=")).split("=", 1)[1]
     grid = math.prod(len(p.get("values", [p.get("value")])) for p in spec["parameters"].values())
     assert grid == len(jobs([f"+experiment={experiment}", f"+sweep={name}"]))
+
+
+def test_submitit_local_launcher_runs_a_sweep(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    out = subprocess.run(
+        [sys.executable, "-m", "cmexp.train", "-m", "debug=tiny", "model=ct", "trainer.max_steps=1", "seed=0,1",
+         "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={tmp_path}", f"paths.root_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(p.parent.parent.name for p in tmp_path.glob("*/checkpoints/last.ckpt")) == ["0", "1"]
+    assert (tmp_path / ".submitit").is_dir()
