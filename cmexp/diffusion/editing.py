@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from cmexp.diffusion.sampling import NoiseFn
+from cmexp.diffusion.sampling import NoiseFn, check_sigmas
 
 ConsistencyFn = Callable[..., Tensor]
 
@@ -125,17 +125,6 @@ class PatchTransform:
 Transform = IdentityTransform | ColorTransform | PatchTransform
 
 
-def _check_sigmas(sigmas: Sequence[float] | Tensor, sigma_min: float) -> list[float]:
-    sig = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
-    if not sig:
-        raise ValueError("sigmas must hold at least one noise level")
-    if any(b >= a for a, b in zip(sig, sig[1:])):
-        raise ValueError(f"sigmas must be strictly descending, got {sig}")
-    if sig[-1] < sigma_min:
-        raise ValueError(f"every sigma must be >= sigma_min={sigma_min}, got {sig[-1]}")
-    return sig
-
-
 @torch.no_grad()
 def edit(
     consistency_fn: ConsistencyFn,
@@ -164,7 +153,7 @@ def edit(
     Returns:
         ``[B,C,H,W]`` with ``A(out) (1 - mask) == A(y) (1 - mask)`` (up to float rounding of A).
     """
-    sig = _check_sigmas(sigmas, sigma_min)
+    sig = check_sigmas(sigmas, sigma_min)
     noise = noise or torch.randn_like
     ay = transform.forward(y)
     mask = mask.to(ay)

@@ -39,6 +39,19 @@ class SeededNoise:
         return self.randn(x.shape[1:], dtype=x.dtype).to(x.device)
 
 
+def check_sigmas(sigmas: Sequence[float] | Tensor, sigma_min: float) -> list[float]:
+    """The noise levels of a multistep sampler or editor as floats: at least one, strictly
+    descending, none below ``sigma_min``; otherwise a ValueError naming ``sigmas``."""
+    sig = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+    if not sig:
+        raise ValueError("sigmas must hold at least one noise level")
+    if any(b >= a for a, b in zip(sig, sig[1:])):
+        raise ValueError(f"sigmas must be strictly descending, got {sig}")
+    if sig[-1] < sigma_min:
+        raise ValueError(f"every sigma must be >= sigma_min={sigma_min}, got {sig[-1]}")
+    return sig
+
+
 @torch.no_grad()
 def sample_onestep(
     consistency_fn: Callable[..., Tensor],
@@ -73,13 +86,7 @@ def sample_multistep(
             ``SeededNoise(...).randn_like`` for per-seed determinism).
         clip_denoised: clamp each f output to [-1, 1] before re-noising (official code).
     """
-    sig = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
-    if not sig:
-        raise ValueError("sigmas must hold at least one noise level")
-    if any(b >= a for a, b in zip(sig, sig[1:])):
-        raise ValueError(f"sigmas must be strictly descending, got {sig}")
-    if sig[-1] < sigma_min:
-        raise ValueError(f"every sigma must be >= sigma_min={sigma_min}, got {sig[-1]}")
+    sig = check_sigmas(sigmas, sigma_min)
     noise = noise or torch.randn_like
     x = consistency_fn(sig[0] * z, sig[0], class_labels)
     for tau in sig[1:]:
