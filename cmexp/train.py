@@ -78,6 +78,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     for lg in loggers:
         lg.log_hyperparams({**record["choices"], "config": record["config"]})
+    if hasattr(model, "snapshot_rng"):
+        model.snapshot_rng()  # DDP ranks continue the single-process RNG stream
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     log.info("run folder: %s", output_dir)

@@ -84,8 +84,10 @@ class StepLoader:
         for b, (images, labels) in enumerate(loader, start=first):
             self.start_batch = b + 1
             if self.random_flip:
-                gen = torch.Generator().manual_seed(_mix(self.seed, b, 2, self.rank))
-                flip = torch.rand(images.shape[0], generator=gen) < 0.5
+                # drawn for the whole global batch, then this rank's slice (= one process's flips)
+                gen = torch.Generator().manual_seed(_mix(self.seed, b, 2, 0))
+                n = images.shape[0]
+                flip = torch.rand(n * self.world_size, generator=gen)[self.rank * n : (self.rank + 1) * n] < 0.5
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
             yield images, torch.as_tensor(labels, dtype=torch.long)
         self.start_batch = last

@@ -56,6 +56,16 @@ class LognormalIndices:
         return torch.multinomial(probs.float(), batch_size, replacement=True).to(device)
 
 
+def global_draw(draw: Callable[[int], Tensor], local: int, shard: tuple[int, int] = (0, 1)) -> Tensor:
+    """``draw(local * world_size)`` sliced to this rank's ``local`` rows: with the same RNG
+    state on every rank (``seed_everything``), rank r gets rows r*local..(r+1)*local-1 of what
+    a single process with the global batch draws."""
+    rank, world = shard
+    if world == 1:
+        return draw(local)
+    return draw(local * world)[rank * local : (rank + 1) * local]
+
+
 @contextmanager
 def replay_rng(device: torch.device) -> Iterator[Callable[[], AbstractContextManager[None]]]:
     """Capture the RNG state of ``device`` now; the yielded context manager replays it.
@@ -102,18 +112,22 @@ class _ConsistencyLoss:
         images: Tensor,
         sigmas: Tensor,
         class_labels: Tensor | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> ConsistencyLossOutput:
         """Args:
             online: f_theta, called with gradients. target: f_theta^-, called under no_grad.
             images: ``[B,C,H,W]`` clean data in [-1,1]. sigmas: ``[N]`` descending grid.
+            shard: ``(rank, world_size)``: noise levels and noise are drawn for the global
+                batch and sliced, so a DDP step sees what one process with the global batch sees.
         Returns: :class:`ConsistencyLossOutput` with ``loss [B]``.
         """
         if sigmas.ndim != 1 or len(sigmas) < 2:
             raise ValueError(f"sigmas must be a 1-D grid with >= 2 levels, got {tuple(sigmas.shape)}")
         sigmas = sigmas.to(images.device)
-        idx = self.index_sampler(sigmas, images.shape[0], images.device)
+        b = images.shape[0]
+        idx = global_draw(lambda n: self.index_sampler(sigmas, n, images.device), b, shard)
         sigma, sigma_next = sigmas[idx], sigmas[idx + 1]
-        noise = torch.randn_like(images)
+        noise = global_draw(lambda n: torch.randn((n, *images.shape[1:]), device=images.device, dtype=images.dtype), b, shard)
         x_t = images + append_dims(sigma, images.ndim).to(images.dtype) * noise
         with torch.no_grad():
             x_hat = self.target_input(images, noise, x_t, sigma, sigma_next, class_labels)

@@ -24,12 +24,18 @@ class EDMLoss:
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
 
     def __call__(
-        self, denoiser: Denoiser, images: Tensor, class_labels: Tensor | None = None
+        self, denoiser: Denoiser, images: Tensor, class_labels: Tensor | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> Tensor:
-        """images ``[B,C,H,W]`` in [-1,1] -> per-sample loss ``[B]``."""
+        """images ``[B,C,H,W]`` in [-1,1] -> per-sample loss ``[B]``. ``shard``: (rank,
+        world_size) of a DDP step (randomness drawn for the global batch, then sliced)."""
+        from cmexp.losses.consistency import global_draw
+
         b = images.shape[0]
-        sigma = (torch.randn(b, device=images.device) * self.P_std + self.P_mean).exp()
+        sigma = global_draw(lambda n: torch.randn(n, device=images.device), b, shard)
+        sigma = (sigma * self.P_std + self.P_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        noisy = images + append_dims(sigma, images.ndim) * torch.randn_like(images)
+        noise = global_draw(lambda n: torch.randn((n, *images.shape[1:]), device=images.device, dtype=images.dtype), b, shard)
+        noisy = images + append_dims(sigma, images.ndim) * noise
         denoised = denoiser(noisy, sigma, class_labels)
         return weight * ((denoised - images) ** 2).flatten(1).mean(1)

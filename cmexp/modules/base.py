@@ -95,6 +95,12 @@ class DiffusionLitModule(pl.LightningModule):
     def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def shard(self) -> tuple[int, int]:
+        """``(rank, world_size)`` for the losses' global-batch randomness."""
+        if self._trainer is None:
+            return (0, 1)
+        return (self.trainer.global_rank, self.trainer.world_size)
+
     def global_batch_size(self, local: int) -> int:
         return local * (self.trainer.world_size if self._trainer is not None else 1)
 
@@ -112,7 +118,7 @@ class DiffusionLitModule(pl.LightningModule):
             )
         self.batches_seen += 1
         kimg = self.batches_seen * self.global_batch_size(images.shape[0]) / 1000
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)  # global-batch mean
         self.log("train/kimg", kimg, on_step=True, on_epoch=False)
         for key, value in extra.items():
             self.log(f"train/{key}", float(value), on_step=True, on_epoch=False)
@@ -198,6 +204,18 @@ class DiffusionLitModule(pl.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and hasattr(datamodule, "start_batch"):
             datamodule.start_batch = self.batches_seen
+
+    def snapshot_rng(self) -> None:
+        """Remember the host RNG states; :meth:`setup` puts them back in every process, so a
+        DDP rank (whose strategy re-seeds it) continues the stream a single process would."""
+        self._rng_snapshot = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+
+    def setup(self, stage: str) -> None:
+        snap = getattr(self, "_rng_snapshot", None)
+        if stage == "fit" and snap is not None:
+            torch.set_rng_state(snap[0])
+            np.random.set_state(snap[1])
+            random.setstate(snap[2])
 
     def teardown(self, stage: str) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -71,7 +71,7 @@ class ConsistencyLitModule(DiffusionLitModule):
         self._mu = mu
         m = self.model
         sigmas = karras_sigmas(num_scales, m.sigma_min, m.sigma_max, self.rho, device=images.device)
-        out = self.loss(self.model, self.target, images, sigmas, labels)
+        out = self.loss(self.model, self.target, images, sigmas, labels, shard=self.shard())
         return out.loss.mean(), {"num_scales": num_scales, "mu": mu}
 
     def after_optimizer_step(self) -> None:

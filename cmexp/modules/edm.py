@@ -49,7 +49,7 @@ class EDMLitModule(DiffusionLitModule):
         self.sample_num_scales = int(sample_num_scales)
 
     def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
-        return self.loss(self.model, images, labels).mean(), {}
+        return self.loss(self.model, images, labels, shard=self.shard()).mean(), {}
 
     @torch.no_grad()
     def sample_images(self, num: int, seed: int = 0) -> dict[str, Any]:
