@@ -147,3 +147,21 @@ def test_hydra_launcher_configs_compose(launcher: str, target: str) -> None:
                       return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == target
     GlobalHydra.instance().clear()
+
+
+def test_inception_quality_config_builds_the_callback_with_fid_names(composer, tmp_path: Path, monkeypatch) -> None:
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+
+    from cmexp.metrics import InceptionFeatures
+
+    with monkeypatch.context() as m:  # a weights file with the real layout, random values
+        m.setattr(fi.torch, "load", lambda *a, **k: None)
+        m.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        state = fi.FeatureExtractorInceptionV3("x", ["2048"], feature_extractor_weights_path="unused").state_dict()
+    torch.save(state, tmp_path / InceptionFeatures.FILE)
+    cfg = composer(["+experiment=cifar10_cd_lpips", "quality=inception",
+                    f"callbacks.sample_quality.features.weights_path={tmp_path}"])
+    assert cfg.callbacks.best_checkpoint.monitor == "val/fid_1step"
+    cb = hydra.utils.instantiate(cfg.callbacks.sample_quality)
+    assert cb.name == "" and cb.features.num_features == 2048
