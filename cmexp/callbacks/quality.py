@@ -107,6 +107,14 @@ class SampleQualityCallback(pl.Callback):
         log.info("step %d sample quality: %s", trainer.global_step, {k: round(v, 4) for k, v in out.items()})
         return out
 
+    @staticmethod
+    def _publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Log once at this step (``LightningModule.log`` from a callback would repeat the value
+        on every later step's row) and expose the values to ModelCheckpoint(monitor=...)."""
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         if self.disabled:
             return
@@ -114,8 +122,7 @@ class SampleQualityCallback(pl.Callback):
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step
             self._last = self.evaluate(trainer, pl_module)
-            for key, value in self._last.items():
-                pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
+            self._publish(trainer, self._last)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.disabled:
@@ -123,8 +130,7 @@ class SampleQualityCallback(pl.Callback):
         if trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
             self._last = self.evaluate(trainer, pl_module)
-            for lg in trainer.loggers:  # self.log is not allowed in on_train_end
-                lg.log_metrics(self._last, step=trainer.global_step)
+            self._publish(trainer, self._last)
         if trainer.is_global_zero and self._last:
             import json
 

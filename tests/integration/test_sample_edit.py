@@ -180,6 +180,8 @@ def test_sample_quality_callback_logs_metrics_and_keeps_the_best_checkpoint(clas
     keys = {k for r in rows for k, v in r.items() if v}
     for s in ("1step", "2step"):
         assert {f"val/fd_fmnist_{s}", f"val/kid_fmnist_{s}", f"val/is_fmnist_{s}", f"val/precision_{s}", f"val/recall_{s}"} <= keys
+    # logged once per evaluation (steps 2 and 4), not repeated on every later row
+    assert sorted(int(r["step"]) for r in rows if r.get("val/fd_fmnist_1step")) == [2, 4]
     assert any(p.name.startswith("best_fd1step") for p in (tmp_path / "run" / "checkpoints").iterdir())
     final = json.loads((tmp_path / "run" / "sample_quality.json").read_text())
     assert final["step"] == 4 and final["weights_sha256"] and final["seconds_total"] > 0
