@@ -14,34 +14,34 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cmexp.utils.cli import run_cli
 
 log = logging.getLogger("cmexp.edit")
 
 
-def load_images(cfg: DictConfig, loaded: Any) -> Any:
-    """``[num_images, C, H, W]`` real images in [-1, 1] at the model's size."""
+def load_images(loaded: Any, num: int, split: str, images_dir: str | None = None, data_dir: str | None = None) -> Any:
+    """``[num, C, H, W]`` real images in [-1, 1] at the model's size: from ``images_dir``, else
+    from the checkpoint's dataset (``data_dir`` overrides its folder)."""
     from hydra.utils import instantiate
 
     from cmexp.data import ImageFolderDataModule
 
     m = loaded.model
-    if cfg.images_dir:
-        dm = ImageFolderDataModule(data_dir=cfg.images_dir, resolution=m.img_resolution,
+    if images_dir:
+        dm = ImageFolderDataModule(data_dir=images_dir, resolution=m.img_resolution,
                                    channels=m.img_channels, num_classes=0)
         split = "train"
     else:
         dcfg = dict(loaded.config.get("dataset") or {})
         if not dcfg:
-            raise ValueError(f"ckpt={cfg.ckpt} records no dataset; pass images_dir=/path/to/images")
+            raise ValueError(f"ckpt={loaded.path} records no dataset; pass images_dir=/path/to/images")
         dcfg["subset"] = None
-        if cfg.data_dir:
-            dcfg["data_dir"] = str(cfg.data_dir)
+        if data_dir:
+            dcfg["data_dir"] = str(data_dir)
         dm = instantiate(dcfg)
-        split = str(cfg.split)
-    return dm.real_images(int(cfg.num_images), split)
+    return dm.real_images(int(num), str(split))
 
 
 def restoration_metrics(result: Any, truth: Any, lpips_weights_path: str | None) -> dict[str, Any]:
@@ -71,21 +71,15 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
 
     from cmexp.edit_tasks import EditContext
     from cmexp.diffusion.sampling import SeededNoise
-    from cmexp.sample import pick_device
-    from cmexp.utils.checkpoint import load_model
+    from cmexp.utils.checkpoint import load_consistency_model
     from cmexp.utils.images import image_grid, save_png
 
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        raise ValueError("ckpt is required: ckpt=/path/to/last.ckpt of a CD or CT run")
     if int(cfg.num_images) < 1:
         raise ValueError(f"num_images must be >= 1, got {cfg.num_images}")
-    device = pick_device(cfg.device)
-    loaded = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
-    if not loaded.is_consistency:
-        raise ValueError(f"ckpt={cfg.ckpt} is an EDM teacher; editing needs a CD or CT checkpoint")
+    loaded, device = load_consistency_model(cfg, "editing")
     task = instantiate(cfg.task)
     name = task_choice(cfg)
-    images = load_images(cfg, loaded).to(device)
+    images = load_images(loaded, int(cfg.num_images), str(cfg.split), cfg.images_dir, cfg.data_dir).to(device)
     m = loaded.model
     ctx = EditContext(f=m, images=images, noise=SeededNoise(range(int(cfg.seed), int(cfg.seed) + len(images)), device),
                       sigma_min=m.sigma_min, sigma_max=m.sigma_max, seed=int(cfg.seed), rho=float(cfg.rho))

@@ -55,8 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from cmexp.metrics.suite import RealFeatureCache, describe, extract, score
-    from cmexp.sample import pick_device
-    from cmexp.utils.checkpoint import load_model
+    from cmexp.utils.checkpoint import load_model, pick_device
     from cmexp.utils.generate import consistency_sigmas, generate, nfe, save_samples, teacher_sigmas
     from cmexp.utils.images import image_grid, save_png, to_uint8
 

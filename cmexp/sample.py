@@ -20,17 +20,9 @@ from cmexp.utils.cli import run_cli
 log = logging.getLogger("cmexp.sample")
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Generate ``cfg.num_samples`` images and write them to ``cfg.paths.output_dir``."""
-    from cmexp.utils.checkpoint import load_model
+    from cmexp.utils.checkpoint import load_model, pick_device
     from cmexp.utils.generate import consistency_sigmas, generate, nfe, save_samples, teacher_sigmas
 
     if OmegaConf.is_missing(cfg, "ckpt"):

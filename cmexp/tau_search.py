@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cmexp.utils.cli import run_cli
 
@@ -30,25 +30,17 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.diffusion.tau_search import greedy_tau_search
     from cmexp.edit import load_images
     from cmexp.metrics import frechet_distance_metric
-    from cmexp.sample import pick_device
-    from cmexp.utils.checkpoint import load_model
+    from cmexp.utils.checkpoint import load_consistency_model
     from cmexp.utils.generate import generate
 
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        raise ValueError("ckpt is required: ckpt=/path/to/last.ckpt of a CD or CT run")
     if int(cfg.steps) < 2:
         raise ValueError(f"steps must be >= 2 (there is no tau to search for 1 step), got {cfg.steps}")
-    device = pick_device(cfg.device)
-    loaded = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
-    if not loaded.is_consistency:
-        raise ValueError(f"ckpt={cfg.ckpt} is an EDM teacher; the tau search needs a CD or CT checkpoint")
+    loaded, device = load_consistency_model(cfg, "the tau search")
     features = instantiate(cfg.features).to(device)
     metric = frechet_distance_metric(features).to(device)
     name = f"fd_{getattr(features, 'name', 'features')}"
 
-    real_cfg = OmegaConf.create({"images_dir": None, "data_dir": cfg.data_dir, "ckpt": cfg.ckpt,
-                                 "num_images": int(cfg.num_real), "split": cfg.real_split})
-    real = load_images(real_cfg, loaded)
+    real = load_images(loaded, int(cfg.num_real), str(cfg.real_split), data_dir=cfg.data_dir)
     for i in range(0, len(real), int(cfg.batch_size)):
         metric.update(((real[i : i + int(cfg.batch_size)] + 1) / 2).to(device), real=True)
     m = loaded.model

@@ -37,6 +37,27 @@ class LoadedModel:
         return (self.config.get("model") or {}).get(key, default)
 
 
+def pick_device(name: str) -> str:
+    """``device`` config value: "auto" = cuda when available, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_consistency_model(cfg: Any, purpose: str) -> tuple[LoadedModel, str]:
+    """The CD/CT checkpoint of a command line (``cfg.ckpt``, ``cfg.use_ema``, ``cfg.device``)
+    and the device it is on; one clear error for a missing ``ckpt`` or an EDM teacher."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise ValueError("ckpt is required: ckpt=/path/to/last.ckpt of a CD or CT run")
+    device = pick_device(cfg.device)
+    loaded = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
+    if not loaded.is_consistency:
+        raise ValueError(f"ckpt={cfg.ckpt} is an EDM teacher; {purpose} needs a CD or CT checkpoint")
+    return loaded, device
+
+
 def load_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu", key: str = "ckpt") -> LoadedModel:
     """Load the sampling-EMA (``use_ema``) or online weights of a cmexp checkpoint.
 
