@@ -3,13 +3,17 @@
 
 Each run folder is read from its CSV log (``csv/metrics.csv``) or, without one, from its W&B
 offline run through ``wandb leet inspect --json``. Writes ``compare.md`` and ``compare.csv``
-(final value of every metric, one row per run, labelled by its Hydra overrides) and
-``compare.png`` (the chosen metric against images seen, one line per run, as in Fig. 3).
+(final value of every metric, one row per run, labelled by the Hydra overrides that differ
+between the runs, or by ``--label`` config keys) and ``compare.png`` (each ``--metric`` against
+images seen in its own panel, one line per run, as in Fig. 3). Runs of several sweeps can be
+compared together, e.g. Fig. 3(b) from an Euler sweep and a Heun sweep:
+``python -m cmexp.compare sweeps/euler sweeps/heun --label solver,schedule.num_scales``.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import csv
 import json
 import math
@@ -34,10 +38,22 @@ class Run:
         return values[-1][1] if values else None
 
     def curve(self, key: str, x_key: str = "train/kimg") -> tuple[list[float], list[float]]:
-        """``(x, y)`` of ``key`` against ``x_key`` (matched by step), or against steps."""
-        xs = dict(self.series.get(x_key, []))
-        pts = [(xs.get(s, float(s)) if xs else float(s), v) for s, v in self.series.get(key, [])]
-        return [p[0] for p in pts], [p[1] for p in pts]
+        """``(x, y)`` of ``key`` against ``x_key``, or against steps when ``x_key`` is not logged.
+
+        An evaluation logged at step s (after s optimizer steps) takes ``x_key`` from the last
+        training row at or before s (Lightning logs the row of step s's batch as s - 1).
+        """
+        xs = sorted(self.series.get(x_key, []))
+        steps = [s for s, _ in xs]
+        out_x, out_y = [], []
+        for s, v in self.series.get(key, []):
+            if xs:
+                i = bisect.bisect_right(steps, s) - 1
+                out_x.append(xs[max(i, 0)][1])
+            else:
+                out_x.append(float(s))
+            out_y.append(v)
+        return out_x, out_y
 
 
 def _label(run_dir: Path) -> str:
@@ -53,6 +69,25 @@ def _label(run_dir: Path) -> str:
         if exp:
             return str(exp)
     return run_dir.name
+
+
+def config_value(run_dir: Path, key: str) -> str | None:
+    """``key`` of a run: its config-group choice (``choices.yaml``, e.g. ``metric`` -> ``l2``)
+    or the dotted path in ``config_resolved.yaml`` (e.g. ``schedule.num_scales`` -> ``18``)."""
+    choices = run_dir / "choices.yaml"
+    if choices.is_file():
+        value = (yaml.safe_load(choices.read_text()) or {}).get(key)
+        if value is not None:
+            return str(value)
+    resolved = run_dir / "config_resolved.yaml"
+    if resolved.is_file():
+        node: object = yaml.safe_load(resolved.read_text())
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return str(node)
+    return None
 
 
 def _add(series: dict[str, list[tuple[int, float]]], step: int, key: str, value: object) -> None:
@@ -97,8 +132,12 @@ def read_wandb_offline(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def find_runs(paths: list[str]) -> list[Run]:
-    """Run folders among ``paths`` (a run folder, or any folder above run folders)."""
+def find_runs(paths: list[str], label_keys: list[str] | None = None) -> list[Run]:
+    """Run folders among ``paths`` (a run folder, or any folder above run folders).
+
+    Runs are labelled by ``label_keys`` (``key=value`` from each run's config, see
+    :func:`config_value`) or, without them, by the Hydra overrides that differ between runs.
+    """
     runs: list[Run] = []
     for p in paths:
         root = Path(p).expanduser()
@@ -112,6 +151,14 @@ def find_runs(paths: list[str]) -> list[Run]:
                 runs.append(Run(d, _label(d), series))
     if not runs:
         raise FileNotFoundError(f"no runs with logs (csv/metrics.csv or wandb/offline-run-*) under {', '.join(paths)}")
+    if label_keys:
+        for r in runs:
+            values = {k: config_value(r.path, k) for k in label_keys}
+            missing = [k for k, v in values.items() if v is None]
+            if missing:
+                raise KeyError(f"--label {','.join(missing)}: not a config group or key of the run {r.path}")
+            r.label = ",".join(f"{k}={v}" for k, v in values.items())
+        return runs
     # label runs by what differs between them (a sweep's parameters), not by shared overrides
     parts = [r.label.split(",") for r in runs]
     common = set.intersection(*(set(p) for p in parts)) if len(runs) > 1 else set()
@@ -128,14 +175,22 @@ def table(runs: list[Run], keys: list[str] | None = None) -> tuple[list[str], li
     return header, rows
 
 
-def compare(paths: list[str], out: str | Path, metric: str | None = None) -> dict[str, Path]:
-    """Write compare.md, compare.csv and compare.png for the runs under ``paths``."""
+def compare(
+    paths: list[str], out: str | Path, metric: str | list[str] | None = None, label_keys: list[str] | None = None,
+    title: str | None = None,
+) -> dict[str, Path]:
+    """Write compare.md, compare.csv and compare.png for the runs under ``paths``.
+
+    Args:
+        metric: metric(s) to plot, one panel each (default: the first ``val/*1step`` metric,
+            else ``train/loss``). label_keys: config keys that label the runs.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = find_runs(paths)
+    runs = find_runs(paths, label_keys)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(runs)
@@ -147,15 +202,22 @@ def compare(paths: list[str], out: str | Path, metric: str | None = None) -> dic
     if metric is None:
         fd = sorted({k for r in runs for k in r.series if k.startswith("val/") and "1step" in k})
         metric = fd[0] if fd else "train/loss"
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in runs:
-        x, y = r.curve(metric)
-        if x:
-            ax.plot(x, y, label=r.label, marker="o" if len(x) < 20 else None)
-    ax.set_xlabel("images seen (kimg)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    unknown = [m for m in metrics if not any(m in r.series for r in runs)]
+    if unknown:
+        raise KeyError(f"--metric {','.join(unknown)}: not logged by any run (logged: {', '.join(sorted({k for r in runs for k in r.series}))})")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=120, squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for r in runs:
+            x, y = r.curve(m)
+            if x:
+                ax.plot(x, y, label=r.label, marker="o" if len(x) < 20 else None)
+        ax.set_xlabel("images seen (kimg)" if any("train/kimg" in r.series for r in runs) else "step")
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out / "compare.png")
     plt.close(fig)
@@ -165,13 +227,19 @@ def compare(paths: list[str], out: str | Path, metric: str | None = None) -> dic
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cmexp.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="run folders or sweep (multirun) folders")
-    ap.add_argument("--metric", default=None, help="metric to plot (default: the first val/*1step, else train/loss)")
+    ap.add_argument("--metric", default=None,
+                    help="metric(s) to plot, comma-separated, one panel each (default: the first val/*1step, else train/loss)")
+    ap.add_argument("--label", default=None,
+                    help="config keys that label the runs, comma-separated (group choices such as metric, solver, "
+                         "schedule, or dotted keys such as schedule.num_scales); default: the differing overrides")
+    ap.add_argument("--title", default=None, help="figure title")
     ap.add_argument("--out", default="compare", help="output folder (default ./compare)")
     args = ap.parse_args(argv)
     try:
-        files = compare(args.paths, args.out, args.metric)
-    except (FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        files = compare(args.paths, args.out, args.metric.split(",") if args.metric else None,
+                        args.label.split(",") if args.label else None, args.title)
+    except (FileNotFoundError, RuntimeError, KeyError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         sys.exit(2)
     print((files["md"]).read_text())
     print(f"wrote {files['md']}, {files['csv']}, {files['png']}")
