@@ -70,6 +70,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.dataset)
     model = hydra.utils.instantiate(cfg.model)
     model.run_config = record
+    if hasattr(model, "schedule"):
+        from cmexp.diffusion.schedules import describe_curriculum
+
+        log.info("schedule: %s", describe_curriculum(model.schedule))
     callbacks = instantiate_dict(cfg.get("callbacks"))
     _wandb_offline_if_needed(cfg)
     loggers = instantiate_dict(cfg.get("logger"))

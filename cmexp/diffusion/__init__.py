@@ -19,6 +19,7 @@ from cmexp.diffusion.schedules import (
     ImprovedSchedule,
     Schedule,
     adaptive_schedule,
+    describe_curriculum,
 )
 from cmexp.diffusion.solvers import (
     Denoiser,
@@ -43,6 +44,7 @@ __all__ = [
     "append_zero",
     "boundary_scalings",
     "check_sigma_range",
+    "describe_curriculum",
     "edm_scalings",
     "ema_update_",
     "euler_step",

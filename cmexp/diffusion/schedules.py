@@ -130,3 +130,24 @@ class ImprovedSchedule:
         # log2 of the floored ratio is not itself floored (iCT; e.g. s1/s0 = 100 -> 7.64 stages).
         k_prime = max(math.floor(self.total_steps / (math.log2(self.s1 // self.s0) + 1)), 1)
         return min(self.s0 * 2 ** (step // k_prime), self.s1) + 1, float(self.mu)
+
+
+def describe_curriculum(schedule: Schedule) -> str:
+    """One line on what ``schedule`` does over a run: N(k) and mu(k) at k = 0, K/4, K/2, 3K/4, K.
+
+    Curricula that stretch over ``total_steps`` (adaptive, iCT) say so: the paper's values
+    (CIFAR-10 CT: s1 = 150 over K = 800k) change when a run is shortened or lengthened.
+    """
+    K = int(getattr(schedule, "total_steps", 0) or 0)
+    if not K:
+        n, mu = schedule(0)
+        return f"fixed N = {n}, mu = {mu:g} at every step"
+    ks = sorted({0, K // 4, K // 2, 3 * K // 4, K})
+    points = [schedule(k) for k in ks]
+    if all(p == points[0] for p in points):
+        return f"fixed N = {points[0][0]}, mu = {points[0][1]:g} at every step"
+    ns = ", ".join(str(n) for n, _ in points)
+    mus = ", ".join(f"{mu:.4g}" for _, mu in points)
+    stretch = (f"; the curriculum stretches over K = trainer.max_steps = {K}, so a shorter or longer run "
+               "changes N(k) and mu(k)")
+    return f"{type(schedule).__name__} at k = {', '.join(map(str, ks))}: N = {ns}; mu = {mus}{stretch}"

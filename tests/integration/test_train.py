@@ -115,9 +115,13 @@ def train_with_model(cfg, model):
         hydra.utils.instantiate = orig
 
 
-def test_ct_adaptive_logs_curriculum(composer) -> None:
+def test_ct_adaptive_logs_curriculum(composer, caplog) -> None:
     cfg = composer([*TINY, "model=ct", "schedule=adaptive", "schedule.s1=20", "trainer.max_steps=4"])
-    train(cfg)
+    with caplog.at_level("INFO", logger="cmexp.train"):
+        train(cfg)
+    # the run states its curriculum and that trainer.max_steps changes it (shortened sweeps)
+    assert "schedule: AdaptiveSchedule at k = 0, 1, 2, 3, 4: N = 2, " in caplog.text
+    assert "K = trainer.max_steps = 4, so a shorter or longer run changes N(k) and mu(k)" in caplog.text
     rows = [r for r in _metrics(Path(cfg.paths.output_dir)) if r.get("train/num_scales")]
     ns = [float(r["train/num_scales"]) for r in rows]
     assert ns[0] == 2 and ns == sorted(ns) and ns[-1] > 2

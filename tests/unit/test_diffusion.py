@@ -113,6 +113,18 @@ def test_schedule_objects() -> None:
         ImprovedSchedule(total_steps=0)
 
 
+def test_describe_curriculum_states_that_it_stretches_with_the_run_length() -> None:
+    from cmexp.diffusion import describe_curriculum
+
+    assert describe_curriculum(FixedSchedule(120, 0.99)) == "fixed N = 120, mu = 0.99 at every step"
+    short, full = describe_curriculum(AdaptiveSchedule(800)), describe_curriculum(AdaptiveSchedule(800_000))
+    assert "k = 0, 200, 400, 600, 800: N = 2, " in short and short.endswith(
+        "K = trainer.max_steps = 800, so a shorter or longer run changes N(k) and mu(k)")
+    n_mid = adaptive_schedule(400, 800)[0]
+    assert f", {n_mid}, " in short and "N = 2, " in full and ", 151; mu = 0.81, " in full
+    assert "N = 11, 11, 21, 41, 41; mu = 0, 0, 0, 0, 0;" in describe_curriculum(ImprovedSchedule(total_steps=800, s0=10, s1=40))
+
+
 # ------------------------------------------------------------------ scalings, boundary
 def test_scalings_match_the_formulas() -> None:
     t = torch.tensor([0.002, 0.1, 1.0, 80.0], dtype=torch.float64)
