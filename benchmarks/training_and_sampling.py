@@ -47,8 +47,13 @@ def timeit(fn, repeat: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def build(kind: str, net_name: str, batch: int, device: str):
-    """A CD (Heun, l2, N = 18) or CT module around ``net_name`` and a batch of images."""
+def build(kind: str, net_name: str, batch: int, device: str, channels: int = 1, metric: str = "l2",
+          weights_path: str | None = None):
+    """A CD (Heun, N = 18) or CT module around ``net_name`` with ``metric``, and a batch of images.
+
+    Network weights do not matter for timing: the CD teacher is a second random network of the
+    same architecture; ``metric="lpips"`` uses the VGG16 file at ``weights_path``.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
@@ -57,46 +62,78 @@ def build(kind: str, net_name: str, batch: int, device: str):
     from cmexp.modules.base import frozen_copy
 
     GlobalHydra.instance().clear()
-    over = ["preset=none", f"net={net_name}", "dataset=gaussian_mixture", "dataset.channels=1", "metric=l2",
-            "schedule=fixed", "model=ct"]
+    over = ["preset=none", f"net={net_name}", "dataset=gaussian_mixture", f"dataset.channels={channels}",
+            f"metric={metric}", "schedule=fixed", "model=ct"]
+    if metric == "lpips":
+        over.append(f"metric.weights_path={weights_path}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=over)
     module = instantiate(cfg.model).to(device)
     teacher = None
-    if kind == "cd":  # the CD loss with a teacher of the same architecture (weights do not matter for timing)
+    if kind == "cd":  # the CD loss with a teacher of the same architecture
         from cmexp.diffusion import heun_step
-        from cmexp.losses import ConsistencyDistillationLoss, L2Distance
+        from cmexp.losses import ConsistencyDistillationLoss
 
         teacher = frozen_copy(EDMPrecond(instantiate(cfg.net))).to(device).eval()
-        module.loss = ConsistencyDistillationLoss(L2Distance(), heun_step, teacher=teacher)
+        module.loss = ConsistencyDistillationLoss(module.loss.metric, heun_step, teacher=teacher)
+    if hasattr(module.loss.metric, "to"):
+        module.loss.metric.to(device)
     opt = module.optimizer_factory(params=module.model.parameters())
     x = torch.rand(batch, module.model.img_channels, module.model.img_resolution, module.model.img_resolution,
                    device=device) * 2 - 1
     return module, teacher, opt, x
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def step_overhead(kind: str, net_name: str, batch: int, device: str, repeat: int) -> dict:
+    """Full training step vs the bare passes, timed alternately (full, bare, full, ...) so both
+    see the same machine load; the full step is split into loss + backward and optimizer +
+    target/EMA updates."""
     module, teacher, opt, x = build(kind, net_name, batch, device)
     module.train()
     sigma = torch.full((batch,), 1.0, device=device)
 
-    def full() -> None:
+    def full() -> tuple[float, float]:
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss, _ = module.compute_loss(x, None)
         loss.backward()
+        _sync()
+        t1 = time.perf_counter()
         opt.step()
         module.after_optimizer_step()
+        _sync()
+        return t1 - t0, time.perf_counter() - t1
 
-    def bare() -> None:
+    def bare() -> float:
+        t0 = time.perf_counter()
         with torch.no_grad():
             if teacher is not None:
                 teacher(x, sigma)
                 teacher(x, sigma)
             module.target(x, sigma)
         module.model(x, sigma).square().mean().backward()
+        _sync()
+        return time.perf_counter() - t0
 
-    t_full, t_bare = timeit(full, repeat), timeit(bare, repeat)
-    return {"kind": kind, "full_s": t_full, "bare_s": t_bare, "ratio": t_full / t_bare}
+    for _ in range(2):
+        full(), bare()
+    lb, os_, br = [], [], []
+    for _ in range(repeat):
+        a, b = full()
+        lb.append(a)
+        os_.append(b)
+        br.append(bare())
+    full_s = statistics.median([a + b for a, b in zip(lb, os_)])
+    bare_s = statistics.median(br)
+    return {"kind": kind, "full_s": full_s, "bare_s": bare_s, "ratio": full_s / bare_s,
+            "loss_backward_s": statistics.median(lb), "optimizer_ema_s": statistics.median(os_),
+            "ratio_loss_backward": statistics.median(lb) / bare_s,
+            "pair_ratio_median": statistics.median([(a + b) / c for a, b, c in zip(lb, os_, br)])}
 
 
 def sampling_ratio(net_name: str, batch: int, device: str, repeat: int) -> dict:
@@ -174,12 +211,14 @@ def main() -> None:
         block = f"""
 ## Training, sampling, start-up, memory (issue 7) -- {time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}
 
-`benchmarks/training_and_sampling.py --net {args.net} --batch {args.batch}` (medians of {args.repeat} runs, fp32):
+`benchmarks/training_and_sampling.py --net {args.net} --batch {args.batch}` (medians of {args.repeat} runs, full and bare steps timed alternately, fp32):
 
 | benchmark | measured | target |
 |---|---|---|
 | CD step (Heun, l2) / bare passes (2 teacher fwd + target fwd + online fwd/bwd) | {res['cd_step']['full_s']:.3f} s / {res['cd_step']['bare_s']:.3f} s = **{res['cd_step']['ratio']:.3f}** | <= 1.05 |
+| of which loss + backward / bare passes; optimizer + target/EMA updates | {res['cd_step']['ratio_loss_backward']:.3f}; {1000 * res['cd_step']['optimizer_ema_s']:.1f} ms | |
 | CT step / bare passes (target fwd + online fwd/bwd) | {res['ct_step']['full_s']:.3f} s / {res['ct_step']['bare_s']:.3f} s = **{res['ct_step']['ratio']:.3f}** | <= 1.05 |
+| of which loss + backward / bare passes; optimizer + target/EMA updates | {res['ct_step']['ratio_loss_backward']:.3f}; {1000 * res['ct_step']['optimizer_ema_s']:.1f} ms | |
 | 1-step sampling vs Heun N = 18 (NFE 35), images/s | {res['sampling']['onestep_img_per_s']:.1f} vs {res['sampling']['heun35_img_per_s']:.2f} = **{res['sampling']['ratio']:.1f}x** | >= 30x |
 | start-up `+experiment=cifar10_cd_lpips --cfg job` | **{res['startup']['median_s']:.2f} s** | <= 3 s |
 | peak memory: CD step vs plain online fwd/bwd | {m['cd_step']:.0f} MB vs {m['plain_fwd_bwd']:.0f} MB = **{m['cd_step'] / m['plain_fwd_bwd']:.2f}x** | (report) |

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end on a tiny network (their figures are not asserted:
+benchmarks measure, tests do not time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_throughput_script_runs_every_variant_and_writes_its_table(tmp_path: Path) -> None:
+    out = tmp_path / "B.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_throughput.py", "--net", "tiny", "--batch", "2", "--device", "cpu",
+         "--variants", "fp32,bf16", "--metric", "lpips", "--ct-metric", "pseudo_huber", "--steps", "1",
+         "--warmup", "0", "--write", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert [(r["kind"], r["variant"]) for r in res["rows"]] == [("cd", "fp32"), ("cd", "bf16"), ("ct", "fp32"), ("ct", "bf16")]
+    assert res["rows"][0]["metric"] == "lpips" and "random" in res["vgg16"]
+    assert all(r["images_per_s"] > 0 and r["micro_batch"] * r["accumulation"] == 2 for r in res["rows"])
+    table = out.read_text()
+    assert "| CD (Heun, N=18, lpips) | bf16 | 2 x 1 |" in table and "| CT (pseudo_huber) | fp32 |" in table
+
+
+def test_gpu_throughput_rejects_an_unknown_variant() -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_throughput.py", "--variants", "fp16", "--write", ""],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--variants: unknown variant 'fp16'" in proc.stderr
