@@ -131,10 +131,14 @@ class _ConsistencyLoss:
         x_t = images + append_dims(sigma, images.ndim).to(images.dtype) * noise
         with torch.no_grad():
             x_hat = self.target_input(images, noise, x_t, sigma, sigma_next, class_labels)
+        # The target pass runs first, on a replay of the RNG state the online pass then uses
+        # (same dropout masks, same stream afterwards): run second, it would allocate its
+        # activations next to the online pass's saved ones, doubling the step's page faults
+        # on the CPU (benchmarks/training_and_sampling.py: CT step 1.11 -> 1.0x of bare passes).
         with replay_rng(images.device) as replay:
-            pred = online(x_t, sigma, class_labels)
             with torch.no_grad(), replay():
                 tgt = target(x_hat, sigma_next, class_labels)
+            pred = online(x_t, sigma, class_labels)
         loss = self.weighting(sigma, sigma_next) * self.metric(pred, tgt.detach())
         return ConsistencyLossOutput(loss=loss, sigma=sigma, sigma_next=sigma_next)
 
