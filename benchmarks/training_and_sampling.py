@@ -192,8 +192,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--skip-startup", action="store_true", help="leave out the start-up benchmark")
     ap.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = (torch.cuda.get_device_name() if args.device == "cuda" else
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     res = {
@@ -201,7 +205,7 @@ def main() -> None:
         "cd_step": step_overhead("cd", args.net, args.batch, args.device, args.repeat),
         "ct_step": step_overhead("ct", args.net, args.batch, args.device, args.repeat),
         "sampling": sampling_ratio(args.net, args.batch, args.device, args.repeat),
-        "startup": startup(),
+        "startup": {"median_s": float("nan")} if args.skip_startup else startup(),
         "memory_mb": {"cd_step": peak_memory("cd", args.net, args.batch, args.device),
                       "plain_fwd_bwd": peak_memory("plain", args.net, args.batch, args.device)},
     }
