@@ -5,15 +5,15 @@
 # curves need checkpoints/fmnist_classifier.ckpt (`+experiment=fmnist_classifier`).
 # Each panel is one `+sweep=figXX` command; the reductions (steps, N values, the metric) are
 # command-line overrides of the sweep's parameters. About 2 hours on 2 CPU cores; set
-# STEPS_CD / STEPS_CT / STEPS_A to change the run lengths. Then the comparison tables and plots:
+# STEPS_CD / STEPS_CT to change the run lengths. Then the comparison tables and plots:
 #   bash scripts/ablations_fmnist.sh --compare OUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 plots() {
   local out=$1 m="val/fd_fmnist_1step,val/fd_fmnist_2step"
-  $PY -m cmexp.compare "$out/fig3a" --label metric --metric $m --title "Fig. 3(a), Fashion-MNIST: CD metric (Heun, N=18)" --out "$out/cmp_fig3a"
-  $PY -m cmexp.compare "$out/fig3b" "$out/fig3c" --label solver,schedule.num_scales --metric $m --title "Fig. 3(b), Fashion-MNIST: CD solver x N (l2)" --out "$out/cmp_fig3b"
+  $PY -m cmexp.compare "$out/fig3a" "$out/fig3c/2" --label metric --metric $m --title "Fig. 3(a), Fashion-MNIST: CD metric (Heun, N=18)" --out "$out/cmp_fig3a"
+  $PY -m cmexp.compare "$out/fig3b" "$out/fig3c/0" "$out/fig3c/2" "$out/fig3c/4" "$out/fig3c/5" --label solver,schedule.num_scales --metric $m --title "Fig. 3(b), Fashion-MNIST: CD solver x N (l2)" --out "$out/cmp_fig3b"
   $PY -m cmexp.compare "$out/fig3c" --label schedule.num_scales --metric $m --title "Fig. 3(c), Fashion-MNIST: CD N with Heun (l2)" --out "$out/cmp_fig3c"
   $PY -m cmexp.compare "$out/fig3d" --label schedule --metric $m --title "Fig. 3(d), Fashion-MNIST: CT schedules (pseudo-Huber)" --out "$out/cmp_fig3d"
 }
@@ -22,9 +22,13 @@ TEACHER=$1
 OUT=${2:-logs/ablations_fmnist/$(date +%Y-%m-%d_%H-%M-%S)}
 [ -f "$TEACHER" ] || { echo "error: teacher checkpoint $TEACHER not found (run +experiment=fmnist_edm first)" >&2; exit 2; }
 if [ -e "$OUT" ]; then echo "error: $OUT exists; give a new output folder" >&2; exit 2; fi
-STEPS_CD=${STEPS_CD:-300}; STEPS_CT=${STEPS_CT:-800}; STEPS_A=${STEPS_A:-500}
+STEPS_CD=${STEPS_CD:-300}; STEPS_CT=${STEPS_CT:-800}
 Q="callbacks.sample_quality.every_n_steps=100 callbacks.sample_quality.num_samples=500 trainer.enable_progress_bar=false"
 CD="+experiment=fmnist_cd_l2 model.teacher_path=$TEACHER $Q"
+# (a) the metric: l1 here; its l2 arm is fig3c's N = 18 job (the same configuration). LPIPS
+#     needs the ImageNet VGG16 weights: where the file is, run 'metric=l1,lpips'
+#     metric.weights_path=<vgg16-397923af.pth> instead
+$PY -m cmexp.train $CD trainer.max_steps=$STEPS_CD +sweep=fig3a metric=l1 hydra.sweep.dir="$OUT/fig3a"
 # (c) N with Heun (6 of the paper's 8 values); also the Heun row of (b)
 $PY -m cmexp.train $CD trainer.max_steps=$STEPS_CD +sweep=fig3c 'schedule.num_scales=9,12,18,36,50,120' hydra.sweep.dir="$OUT/fig3c"
 # (d) CT: the paper's adaptive N(k)/mu(k) (s1 = 40 for a short run) against fixed (N, mu)
@@ -32,8 +36,5 @@ $PY -m cmexp.train +experiment=fmnist_ct_adaptive +sweep=fig3d 'schedule=adaptiv
   trainer.max_steps=$STEPS_CT $Q hydra.sweep.dir="$OUT/fig3d"
 # (b) the Euler row (the Heun row is fig3c)
 $PY -m cmexp.train $CD trainer.max_steps=$STEPS_CD +sweep=fig3b solver=euler 'schedule.num_scales=9,18,50,120' hydra.sweep.dir="$OUT/fig3b"
-# (a) the metric, l2 and l1, over STEPS_A steps; LPIPS needs the VGG16 weights
-#     (metric.weights_path=...) and is left out offline: add lpips to the list where the file is
-$PY -m cmexp.train $CD trainer.max_steps=$STEPS_A +sweep=fig3a 'metric=l2,l1' hydra.sweep.dir="$OUT/fig3a"
 plots "$OUT"
 echo "runs and comparisons in $OUT"
