@@ -26,8 +26,8 @@ STEPS_CD=${STEPS_CD:-300}; STEPS_CT=${STEPS_CT:-800}
 Q="callbacks.sample_quality.every_n_steps=100 callbacks.sample_quality.num_samples=500 trainer.enable_progress_bar=false"
 CD="+experiment=fmnist_cd_l2 model.teacher_path=$TEACHER $Q"
 # (a) the metric: l1 here; its l2 arm is fig3c's N = 18 job (the same configuration). LPIPS
-#     needs the ImageNet VGG16 weights: where the file is, run 'metric=l1,lpips'
-#     metric.weights_path=<vgg16-397923af.pth> instead
+#     needs the ImageNet VGG16 weights: with vgg16-397923af.pth in $TORCH_HOME/hub/checkpoints/
+#     run 'metric=l1,lpips' instead
 $PY -m cmexp.train $CD trainer.max_steps=$STEPS_CD +sweep=fig3a metric=l1 hydra.sweep.dir="$OUT/fig3a"
 # (c) N with Heun (6 of the paper's 8 values); also the Heun row of (b)
 $PY -m cmexp.train $CD trainer.max_steps=$STEPS_CD +sweep=fig3c 'schedule.num_scales=9,12,18,36,50,120' hydra.sweep.dir="$OUT/fig3c"
