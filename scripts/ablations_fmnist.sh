@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 plots() {
   local out=$1 m="val/fd_fmnist_1step,val/fd_fmnist_2step"
-  $PY -m cmexp.compare "$out/fig3a" "$out/fig3c/2" --label metric --metric $m --title "Fig. 3(a), Fashion-MNIST: CD metric (Heun, N=18)" --out "$out/cmp_fig3a"
+  $PY -m cmexp.compare "$out/fig3a" "$out/fig3c/2" "$out/fig3a_l1_lr2e-4" --label metric,model.optimizer.lr --metric $m --title "Fig. 3(a), Fashion-MNIST: CD metric (Heun, N=18)" --out "$out/cmp_fig3a"
   $PY -m cmexp.compare "$out/fig3b" "$out/fig3c/0" "$out/fig3c/2" "$out/fig3c/4" "$out/fig3c/5" --label solver,schedule.num_scales --metric $m --title "Fig. 3(b), Fashion-MNIST: CD solver x N (l2)" --out "$out/cmp_fig3b"
   $PY -m cmexp.compare "$out/fig3c" --label schedule.num_scales --metric $m --title "Fig. 3(c), Fashion-MNIST: CD N with Heun (l2)" --out "$out/cmp_fig3c"
   $PY -m cmexp.compare "$out/fig3d" --label schedule --metric $m --title "Fig. 3(d), Fashion-MNIST: CT schedules (pseudo-Huber)" --out "$out/cmp_fig3d"
@@ -29,6 +29,8 @@ CD="+experiment=fmnist_cd_l2 model.teacher_path=$TEACHER $Q"
 #     needs the ImageNet VGG16 weights: with vgg16-397923af.pth in $TORCH_HOME/hub/checkpoints/
 #     run 'metric=l1,lpips' instead
 $PY -m cmexp.train $CD trainer.max_steps=$STEPS_CD +sweep=fig3a metric=l1 hydra.sweep.dir="$OUT/fig3a"
+#     and l1 at the official code's CD-l1 learning rate, 2e-4, over 500 steps
+$PY -m cmexp.train $CD trainer.max_steps=500 +sweep=fig3a metric=l1 model.optimizer.lr=2e-4 hydra.sweep.dir="$OUT/fig3a_l1_lr2e-4"
 # (c) N with Heun (6 of the paper's 8 values); also the Heun row of (b)
 $PY -m cmexp.train $CD trainer.max_steps=$STEPS_CD +sweep=fig3c 'schedule.num_scales=9,12,18,36,50,120' hydra.sweep.dir="$OUT/fig3c"
 # (d) CT: the paper's adaptive N(k)/mu(k) (s1 = 40 for a short run) against fixed (N, mu)
