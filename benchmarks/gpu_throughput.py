@@ -25,27 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_and_sampling import ROOT, build  # noqa: E402
+from training_and_sampling import ROOT, _sync, build  # noqa: E402
 
-VGG16_CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256),
-               14: (256, 256), 17: (256, 512), 19: (512, 512), 21: (512, 512), 24: (512, 512), 26: (512, 512),
-               28: (512, 512)}
-
-
-def random_vgg16(folder: Path) -> Path:
-    """A torchvision-format VGG16 ``features.*`` file with random values (timing only)."""
-    state = {}
-    for i, (cin, cout) in VGG16_CONVS.items():
-        state[f"features.{i}.weight"] = torch.randn(cout, cin, 3, 3) * (2 / (9 * cin)) ** 0.5
-        state[f"features.{i}.bias"] = torch.zeros(cout)
-    path = folder / "vgg16-397923af.pth"
-    torch.save(state, path)
-    return path
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+sys.path.insert(0, str(ROOT))
+from tests.fakes import write_fake_vgg16  # noqa: E402  (random VGG16 in the torchvision format)
 
 
 def measure(kind: str, variant: str, args: argparse.Namespace, vgg16: str, micro: int) -> dict:
@@ -73,16 +56,16 @@ def measure(kind: str, variant: str, args: argparse.Namespace, vgg16: str, micro
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     step()  # includes compilation for variant="compiled"
-    _sync(args.device)
+    _sync()
     first = time.perf_counter() - t0
     for _ in range(args.warmup):
         step()
     times = []
     for _ in range(args.steps):
-        _sync(args.device)
+        _sync()
         t0 = time.perf_counter()
         step()
-        _sync(args.device)
+        _sync()
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else float("nan")
@@ -127,7 +110,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (as cmexp.train)
         torch.backends.cudnn.allow_tf32 = False
     with tempfile.TemporaryDirectory() as tmp:
-        vgg16 = args.vgg16 or str(random_vgg16(Path(tmp)))
+        vgg16 = args.vgg16 or str(write_fake_vgg16(Path(tmp)))
         rows = [run(k, v, args, vgg16) for k in args.kinds.split(",") for v in args.variants.split(",")]
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({args.device})"
     res = {"machine": machine, "torch": torch.__version__, "net": args.net, "batch": args.batch,

@@ -31,18 +31,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _sync() -> None:
+    """Wait for queued GPU work (no-op without CUDA), so wall times cover the kernels."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timeit(fn, repeat: int, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` over ``repeat`` runs."""
     for _ in range(warmup):
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -76,17 +80,10 @@ def build(kind: str, net_name: str, batch: int, device: str, channels: int = 1, 
 
         teacher = frozen_copy(EDMPrecond(instantiate(cfg.net))).to(device).eval()
         module.loss = ConsistencyDistillationLoss(module.loss.metric, heun_step, teacher=teacher)
-    if hasattr(module.loss.metric, "to"):
-        module.loss.metric.to(device)
     opt = module.optimizer_factory(params=module.model.parameters())
     x = torch.rand(batch, module.model.img_channels, module.model.img_resolution, module.model.img_resolution,
                    device=device) * 2 - 1
     return module, teacher, opt, x
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def step_overhead(kind: str, net_name: str, batch: int, device: str, repeat: int) -> dict:
