@@ -66,7 +66,7 @@ def build(kind: str, net_name: str, batch: int, device: str, channels: int = 1, 
     from cmexp.modules.base import frozen_copy
 
     GlobalHydra.instance().clear()
-    over = ["preset=none", f"net={net_name}", "dataset=gaussian_mixture", f"dataset.channels={channels}",
+    over = [f"net={net_name}", "dataset=gaussian_mixture", f"dataset.channels={channels}",
             f"metric={metric}", "schedule=fixed", "model=ct"]
     if metric == "lpips":
         over.append(f"metric.weights_path={weights_path}")

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cmexp.utils.cli import run_cli
+from cmexp.utils.cli import list_or_none, reject_renamed_keys, run_cli
 
 log = logging.getLogger("cmexp.eval")
 
@@ -51,12 +51,19 @@ def read_samples(path: str) -> Any:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample (``ckpt``) or read (``samples``) image sets, score them, write the results."""
-    import torch
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    from cmexp.metrics.suite import RealFeatureCache, describe, extract, score
-    from cmexp.utils.checkpoint import load_model, pick_device
-    from cmexp.utils.generate import consistency_sigmas, generate, nfe, save_samples, teacher_sigmas
+    from cmexp.inference import (
+        generate,
+        load_from_config,
+        nfe,
+        pick_device,
+        save_samples,
+        sigma_plan,
+    )
+    from cmexp.inference.data import reference_datamodule
+    from cmexp.metrics.suite import RealFeatureCache, describe, extract, reference_features, score
     from cmexp.utils.images import image_grid, save_png, to_uint8
 
     if bool(cfg.ckpt) == bool(cfg.samples):
@@ -71,19 +78,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     sets: dict[str, Any] = {}
     protocol: dict[str, Any] = {**describe(features), "seed": int(cfg.seed)}
     if cfg.ckpt:
-        loaded = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
-        dcfg = dict(loaded.config.get("dataset") or OmegaConf.to_container(cfg.dataset, resolve=True))
+        loaded, device = load_from_config(cfg)
+        dataset = loaded.dataset or OmegaConf.to_container(cfg.dataset, resolve=True)
         n = int(cfg.num_samples)
         plans = []
         if loaded.is_consistency:
-            taus = list(cfg.taus) if cfg.taus is not None else None
+            taus = list_or_none(cfg.taus, "taus")
             for k in cfg.steps:
                 mids = taus[: int(k) - 1] if taus is not None else None
-                plans.append((f"{k}step", consistency_sigmas(loaded, int(k), mids, None, int(cfg.grid_num_scales), float(cfg.rho)), "consistency"))
+                plans.append((f"{k}step", sigma_plan(loaded.spec, int(k), mids), "consistency"))
         else:
-            sig = teacher_sigmas(loaded, int(cfg.num_scales), float(cfg.rho)).tolist()
+            sig = sigma_plan(loaded.spec)
             plans.append((f"{cfg.sampler}{nfe(sig, str(cfg.sampler))}nfe", sig, str(cfg.sampler)))
         protocol.update({"ckpt": str(cfg.ckpt), "kind": loaded.kind, "weights": "ema" if cfg.use_ema else "online",
+                         "rho": loaded.spec.rho, "num_scales": loaded.spec.num_scales,
                          "num_samples": n, "seeds": [int(cfg.seed), int(cfg.seed) + n - 1], "sets": {}})
         for set_name, sigmas, sampler in plans:
             images = generate(loaded, n, sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device, progress=True)
@@ -91,18 +99,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             sets[set_name] = to_uint8(images)  # score exactly what samples_<set>.npz holds
             protocol["sets"][set_name] = {"sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler), "sampler": sampler}
     else:
-        dcfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+        dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
         u8 = read_samples(cfg.samples)
         sets["samples"] = u8
         save_png(image_grid(u8[: int(cfg.grid_size)].permute(0, 3, 1, 2).float() / 127.5 - 1), out_dir / "samples_grid.png", scale=2)
         protocol.update({"samples": str(cfg.samples), "num_samples": len(u8)})
 
-    dcfg["subset"] = None
-    dm = instantiate(dcfg)
-    key = RealFeatureCache.key(type(dm).__name__, str(cfg.real_split), int(dm.resolution), int(dm.channels),
-                               name or type(features).__name__, protocol["weights_sha256"] or protocol["extractor"], int(cfg.num_real))
-    real = RealFeatureCache(cfg.cache_dir).get(key, lambda: extract(
-        features, dm.real_images(int(cfg.num_real), str(cfg.real_split)), int(cfg.batch_size), device, True, "real features"))
+    dm = reference_datamodule(dataset)
+    real = reference_features(RealFeatureCache(cfg.cache_dir), features, dm, str(cfg.real_split), int(cfg.num_real),
+                              int(cfg.batch_size), device, progress=True)
     protocol.update({"reference": {"dataset": type(dm).__name__, "split": str(cfg.real_split),
                                    "resolution": int(dm.resolution), "count": len(real["features"])}})
     results: dict[str, Any] = {}
@@ -125,4 +130,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    reject_renamed_keys("eval")
     main()

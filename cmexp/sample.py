@@ -13,32 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cmexp.utils.cli import run_cli
+from cmexp.utils.cli import list_or_none, reject_renamed_keys, run_cli
 
 log = logging.getLogger("cmexp.sample")
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Generate ``cfg.num_samples`` images and write them to ``cfg.paths.output_dir``."""
-    from cmexp.utils.checkpoint import load_model, pick_device
-    from cmexp.utils.generate import consistency_sigmas, generate, nfe, save_samples, teacher_sigmas
+    from cmexp.inference import generate, load_from_config, nfe, save_samples, sigma_plan
 
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        raise ValueError("ckpt is required: ckpt=/path/to/last.ckpt of a cmexp.train run")
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {cfg.num_samples}, {cfg.batch_size}")
-    device = pick_device(cfg.device)
-    loaded = load_model(cfg.ckpt, use_ema=cfg.use_ema, device=device)
-    if loaded.is_consistency:
-        taus = OmegaConf.to_container(cfg.taus) if cfg.taus is not None else None
-        idx = OmegaConf.to_container(cfg.tau_indices) if cfg.tau_indices is not None else None
-        sigmas = consistency_sigmas(loaded, int(cfg.steps), taus, idx, int(cfg.grid_num_scales), float(cfg.rho))
-        sampler = "consistency"
-    else:
-        sigmas = teacher_sigmas(loaded, int(cfg.num_scales), float(cfg.rho)).tolist()
-        sampler = str(cfg.sampler)
+    loaded, device = load_from_config(cfg)
+    sigmas = sigma_plan(loaded.spec, int(cfg.steps), list_or_none(cfg.taus, "taus"),
+                        list_or_none(cfg.tau_indices, "tau_indices"))
+    sampler = "consistency" if loaded.is_consistency else str(cfg.sampler)
     t0 = time.perf_counter()
     images = generate(loaded, int(cfg.num_samples), sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device, progress=True)
     seconds = time.perf_counter() - t0
@@ -47,6 +38,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     info = {
         "ckpt": str(cfg.ckpt), "kind": loaded.kind, "weights": "ema" if cfg.use_ema else "online",
         "sampler": sampler, "sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler),
+        "rho": loaded.spec.rho, "num_scales": loaded.spec.num_scales,
         "num_samples": int(cfg.num_samples), "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.num_samples) - 1],
         "seconds": round(seconds, 3), "images_per_second": round(int(cfg.num_samples) / max(seconds, 1e-9), 2),
         "device": device, "files": files,
@@ -64,4 +56,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    reject_renamed_keys("sample")
     main()

@@ -2,7 +2,9 @@
 
 Each candidate schedule of grid indices ``(0, j_1, ..., j_k)`` is scored by the Frechet
 distance between ``num_samples`` images sampled with those taus (fixed seeds) and
-``num_real`` real images, in the feature space of ``conf/features/`` (torchmetrics).
+``num_real`` real images, in the feature space of ``conf/features/`` (the metrics suite's
+Frechet distance and real-feature cache, as ``cmexp.eval``). The grid is the checkpoint's
+(its ``num_scales`` and ``rho``; override with ``num_scales=``/``rho=``).
 """
 
 from __future__ import annotations
@@ -16,56 +18,48 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from cmexp.utils.cli import run_cli
+from cmexp.utils.cli import reject_renamed_keys, run_cli
 
 log = logging.getLogger("cmexp.tau_search")
 
 
 def tau_search(cfg: DictConfig) -> dict[str, Any]:
     """Run the search; write ``tau_search.json`` to the run folder and return its content."""
-    import torch
     from hydra.utils import instantiate
 
-    from cmexp.diffusion.karras import karras_sigmas
     from cmexp.diffusion.tau_search import greedy_tau_search
-    from cmexp.edit import load_images
-    from cmexp.metrics import frechet_distance_metric
-    from cmexp.utils.checkpoint import load_consistency_model
-    from cmexp.utils.generate import generate
+    from cmexp.inference import CONSISTENCY_KINDS, generate, load_from_config, sigma_plan
+    from cmexp.inference.data import reference_datamodule
+    from cmexp.metrics.suite import RealFeatureCache, extract, frechet_distance, reference_features
 
     if int(cfg.steps) < 2:
         raise ValueError(f"steps must be >= 2 (there is no tau to search for 1 step), got {cfg.steps}")
-    loaded, device = load_consistency_model(cfg, "the tau search")
+    loaded, device = load_from_config(cfg, kinds=CONSISTENCY_KINDS, purpose="the tau search needs a CD or CT checkpoint")
     features = instantiate(cfg.features).to(device)
-    metric = frechet_distance_metric(features).to(device)
-    name = f"fd_{getattr(features, 'name', 'features')}"
-
-    real = load_images(loaded, int(cfg.num_real), str(cfg.real_split), data_dir=cfg.data_dir)
-    for i in range(0, len(real), int(cfg.batch_size)):
-        metric.update(((real[i : i + int(cfg.batch_size)] + 1) / 2).to(device), real=True)
-    m = loaded.model
-    grid = karras_sigmas(int(cfg.grid_num_scales), m.sigma_min, m.sigma_max, float(cfg.rho), dtype=torch.float64)
+    name = f"fd_{getattr(features, 'name', '') or 'features'}"
+    dm = reference_datamodule(loaded.dataset, cfg.data_dir)
+    real = reference_features(RealFeatureCache(cfg.cache_dir), features, dm, str(cfg.real_split), int(cfg.num_real),
+                              int(cfg.batch_size), device)
+    spec = loaded.spec
+    grid = spec.grid()
 
     def score(indices: tuple[int, ...]) -> float:
-        sigmas = [float(grid[j]) for j in indices]
+        sigmas = sigma_plan(spec, len(indices), tau_indices=indices[1:])
         images = generate(loaded, int(cfg.num_samples), sigmas, int(cfg.seed), int(cfg.batch_size), device=device)
-        metric.reset()
-        for i in range(0, len(images), int(cfg.batch_size)):
-            metric.update(((images[i : i + int(cfg.batch_size)] + 1) / 2).to(device), real=False)
-        value = float(metric.compute())
+        value = frechet_distance(real, extract(features, images, int(cfg.batch_size), device))
         log.info("indices %s taus %s: %s = %.4f", indices[1:], [round(s, 4) for s in sigmas[1:]], name, value)
         return value
 
     t0 = time.perf_counter()
-    indices, evaluated = greedy_tau_search(score, int(cfg.grid_num_scales), int(cfg.steps) - 1)
+    indices, evaluated = greedy_tau_search(score, spec.num_scales, int(cfg.steps) - 1)
     taus = [float(grid[j]) for j in indices]
     result = {
         "ckpt": str(cfg.ckpt), "metric": name, "features": getattr(features, "source", ""),
-        "steps": int(cfg.steps), "grid_num_scales": int(cfg.grid_num_scales),
+        "steps": int(cfg.steps), "num_scales": spec.num_scales, "rho": spec.rho,
         "tau_indices": indices, "taus": taus, "score": evaluated[(0, *indices)],
         "evaluated": [{"tau_indices": list(k[1:]), "taus": [float(grid[j]) for j in k[1:]], name: v}
                       for k, v in sorted(evaluated.items())],
-        "num_samples": int(cfg.num_samples), "num_real": len(real), "real_split": str(cfg.real_split),
+        "num_samples": int(cfg.num_samples), "num_real": len(real["features"]), "real_split": str(cfg.real_split),
         "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.num_samples) - 1],
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -84,4 +78,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    reject_renamed_keys("tau_search")
     main()

@@ -15,9 +15,23 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cmexp.utils.checks import ConfigError, accumulation_steps, check_train_config
-from cmexp.utils.cli import run_cli
+from cmexp.utils.cli import override_key, reject_renamed_keys, run_cli
 
 log = logging.getLogger("cmexp.train")
+
+#: The README's main job: `python -m cmexp.train` with no +experiment trains this experiment.
+MAIN_EXPERIMENT = "fmnist_ct_pseudo_huber"
+
+
+def train_overrides(argv: list[str], main_experiment: bool = True) -> list[str]:
+    """The overrides of a ``cmexp.train`` command line in the order Hydra must apply them:
+    ``+experiment=MAIN_EXPERIMENT`` appended when none is selected (``main_experiment``), and
+    ``debug=X`` moved last as ``+debug=X``, so a debug config beats every experiment's values."""
+    args = [a for a in argv if a.startswith("-") or override_key(a) != "debug"]
+    debug = [a.split("=", 1)[1] for a in argv if not a.startswith("-") and override_key(a) == "debug" and "=" in a]
+    if main_experiment and not any(not a.startswith("-") and override_key(a) == "experiment" for a in args):
+        args.append(f"+experiment={MAIN_EXPERIMENT}")
+    return [*args, *(f"+debug={d}" for d in debug if d not in ("null", "none", ""))]
 
 
 def _wandb_offline_if_needed(cfg: DictConfig) -> None:
@@ -108,4 +122,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    reject_renamed_keys("train")
+    sys.argv[1:] = train_overrides(sys.argv[1:])
     main()

@@ -16,11 +16,11 @@ for pair in "ct:$CT" "cd:$CD"; do
     cp "$OUT/${name}_sample_${steps}step/samples_grid.png" "docs/img/fmnist_${name}_sample_${steps}step.png"
   done
   for task in inpaint superres denoise stroke interpolate; do
-    $PY -m cmexp.edit task=$task ckpt="$ckpt" num_images=8 hydra.run.dir="$OUT/${name}_edit_${task}"
+    $PY -m cmexp.edit task=$task ckpt="$ckpt" num_samples=8 hydra.run.dir="$OUT/${name}_edit_${task}"
     cp "$OUT/${name}_edit_${task}/edit_${task}.png" "docs/img/fmnist_${name}_edit_${task}.png"
     cp "$OUT/${name}_edit_${task}/metrics.json" "docs/img/fmnist_${name}_edit_${task}.json"
   done
-  $PY -m cmexp.edit task=inpaint task.mask=boxes ckpt="$ckpt" num_images=8 hydra.run.dir="$OUT/${name}_edit_inpaint_boxes"
+  $PY -m cmexp.edit task=inpaint task.mask=boxes ckpt="$ckpt" num_samples=8 hydra.run.dir="$OUT/${name}_edit_inpaint_boxes"
   cp "$OUT/${name}_edit_inpaint_boxes/edit_inpaint.png" "docs/img/fmnist_${name}_edit_inpaint_boxes.png"
   if [ -n "$CLF" ]; then
     $PY -m cmexp.tau_search ckpt="$ckpt" features.ckpt="$CLF" steps=2 hydra.run.dir="$OUT/${name}_tau_search"

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from cmexp.metrics.suite import RealFeatureCache, describe, extract, score
+from cmexp.metrics.suite import RealFeatureCache, describe, extract, reference_features, score
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,8 @@ class SampleQualityCallback(pl.Callback):
         self.name = str(getattr(self.features, "name", "features"))
 
     def _real(self, trainer: pl.Trainer, device: torch.device) -> dict[str, torch.Tensor]:
-        dm = trainer.datamodule
-        proto = describe(self.features)
-        key = self.cache.key(type(dm).__name__, self.real_split, int(dm.resolution), int(dm.channels),
-                             self.name or type(self.features).__name__, proto["weights_sha256"] or proto["extractor"], self.num_real)
-        return self.cache.get(key, lambda: extract(self.features, dm.real_images(self.num_real, self.real_split),
-                                                  self.batch_size, device))
+        return reference_features(self.cache, self.features, trainer.datamodule, self.real_split, self.num_real,
+                                  self.batch_size, device)
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
-import socket
 import struct
-import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,28 +20,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cmexp.data.loader import StepLoader
+from cmexp.utils.network import online
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-def online(host: str, port: int = 443, timeout: float = 2.0) -> bool:
-    """True when the download host answers within ``timeout`` seconds (guards downloads, so
-    an offline machine fails at once instead of waiting for network timeouts). The probe runs
-    in a daemon thread so that a hanging DNS lookup cannot exceed ``timeout`` either."""
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
 
 
 class TensorImageDataset(Dataset):
@@ -326,17 +306,18 @@ class ImageFolderDataModule(ImageDataModule):
 
 
 class GaussianMixtureDataModule(ImageDataModule):
-    """Synthetic images from a mixture of ``num_components`` Gaussians in pixel space (for tests):
+    """Synthetic images from a mixture of ``num_components`` Gaussians in pixel space (for tests),
+    ``length`` images per split:
     means uniform in [-0.8, 0.8] per pixel, isotropic ``std``, equal weights; quantised to uint8
     like real data. Deterministic from ``mixture_seed``; labels are component indices."""
 
-    def __init__(self, *args, num_samples: int = 256, num_components: int = 4, std: float = 0.1,
+    def __init__(self, *args, length: int = 256, num_components: int = 4, std: float = 0.1,
                  mixture_seed: int = 0, **kwargs) -> None:
         kwargs.setdefault("data_dir", "")
         super().__init__(*args, **kwargs)
-        if num_samples < 1:
-            raise ValueError(f"dataset.num_samples must be >= 1, got {num_samples}")
-        self.num_samples, self.num_components, self.std = int(num_samples), int(num_components), float(std)
+        if length < 1:
+            raise ValueError(f"dataset.length must be >= 1, got {length}")
+        self.length, self.num_components, self.std = int(length), int(num_components), float(std)
         gen = torch.Generator().manual_seed(int(mixture_seed))
         shape = (self.num_components, self.channels, self.resolution, self.resolution)
         self.means = torch.rand(shape, generator=gen) * 1.6 - 0.8
@@ -345,7 +326,7 @@ class GaussianMixtureDataModule(ImageDataModule):
 
     def load(self, split: str) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(self._gen_seed + (split != "train"))
-        labels = torch.randint(0, self.num_components, (self.num_samples,), generator=gen)
-        x = self.means[labels] + self.std * torch.randn((self.num_samples, *self.means.shape[1:]), generator=gen)
+        labels = torch.randint(0, self.num_components, (self.length,), generator=gen)
+        x = self.means[labels] + self.std * torch.randn((self.length, *self.means.shape[1:]), generator=gen)
         images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images, labels

@@ -27,7 +27,6 @@ from cmexp.diffusion.solvers import (
     heun_step,
     sample_euler,
     sample_heun,
-    to_d,
 )
 
 __all__ = [
@@ -57,5 +56,4 @@ __all__ = [
     "sample_heun",
     "sample_multistep",
     "sample_onestep",
-    "to_d",
 ]

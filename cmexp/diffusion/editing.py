@@ -132,7 +132,7 @@ def edit(
     transform: Transform,
     mask: Tensor,
     sigmas: Sequence[float] | Tensor,
-    sigma_min: float = 0.002,
+    sigma_min: float,
     noise: NoiseFn | None = None,
     class_labels: Tensor | None = None,
     clip_denoised: bool = True,
@@ -145,6 +145,7 @@ def edit(
         transform: the orthogonal map A (``forward``/``inverse``).
         mask: Omega in A's coordinates, broadcastable to ``A(y)``; 1 = generate, 0 = keep.
         sigmas: descending t_1 > ... > t_N, all >= sigma_min.
+        sigma_min: the model's eps (``LoadedModel.spec.sigma_min``; 0.002 in the paper).
         noise: draws standard normal noise like its argument (``SeededNoise(...).randn_like``
             for per-seed determinism; default ``torch.randn_like``).
         clip_denoised: clamp f's outputs to [-1, 1] before re-imposing (official code).
@@ -224,7 +225,7 @@ def mask_from_image(path: str, shape: Sequence[int]) -> Tensor:
 # ------------------------------------------------------------------------------ tasks
 def inpaint(
     consistency_fn: ConsistencyFn, y: Tensor, mask: Tensor, sigmas: Sequence[float] | Tensor,
-    sigma_min: float = 0.002, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
+    sigma_min: float, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
 ) -> Tensor:
     """Fill the pixels where ``mask`` (``[B or 1, 1 or C, H, W]``) is 1; keep the others."""
     return edit(consistency_fn, y, IdentityTransform(), mask, sigmas, sigma_min, noise, class_labels)
@@ -232,22 +233,16 @@ def inpaint(
 
 def colorize(
     consistency_fn: ConsistencyFn, y: Tensor, sigmas: Sequence[float] | Tensor,
-    sigma_min: float = 0.002, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
+    sigma_min: float, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
 ) -> Tensor:
     """Generate chroma for the luma of ``y`` ``[B,3,H,W]`` (only y's luma is read)."""
     t = ColorTransform()
     return edit(consistency_fn, y, t, t.mask(y), sigmas, sigma_min, noise, class_labels)
 
 
-def grayscale(y: Tensor) -> Tensor:
-    """The colorization input: ``y`` ``[B,3,H,W]`` with its chroma coordinates zeroed."""
-    t = ColorTransform()
-    return t.inverse(t.forward(y) * (1 - t.mask(y)))
-
-
 def superres(
     consistency_fn: ConsistencyFn, y: Tensor, factor: int, sigmas: Sequence[float] | Tensor,
-    sigma_min: float = 0.002, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
+    sigma_min: float, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
 ) -> Tensor:
     """Generate the detail of each ``factor x factor`` patch; keep every patch mean of ``y``
     (``y`` may be the low-resolution image replicated to full size, :func:`downsample`)."""
@@ -262,8 +257,8 @@ def downsample(y: Tensor, factor: int) -> Tensor:
 
 
 def stroke(
-    consistency_fn: ConsistencyFn, strokes: Tensor, sigmas: Sequence[float] | Tensor = (5.38, 2.24),
-    sigma_min: float = 0.002, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
+    consistency_fn: ConsistencyFn, strokes: Tensor, sigmas: Sequence[float] | Tensor,
+    sigma_min: float, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
 ) -> Tensor:
     """Stroke-guided generation (SDEdit-style, App. D): A = I, Omega = 1 everywhere, starting
     from ``strokes + t_1 z`` (t_1 = 5.38, t_2 = 2.24 in the paper). With Omega = 1 the first
@@ -310,7 +305,7 @@ def slerp(z1: Tensor, z2: Tensor, alpha: float | Tensor) -> Tensor:
 
 @torch.no_grad()
 def interpolate(
-    consistency_fn: ConsistencyFn, z1: Tensor, z2: Tensor, num: int = 8, sigma_max: float = 80.0,
+    consistency_fn: ConsistencyFn, z1: Tensor, z2: Tensor, num: int, sigma_max: float,
     class_labels: Tensor | None = None,
 ) -> Tensor:
     """One-step samples along the slerp between two latents. ``z1, z2``: ``[C,H,W]`` standard

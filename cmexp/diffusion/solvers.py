@@ -24,11 +24,6 @@ class Denoiser(Protocol):
     ) -> Tensor: ...
 
 
-def to_d(x: Tensor, sigma: Tensor | float, denoised: Tensor) -> Tensor:
-    """PF-ODE derivative ``dx/dsigma = (x - D)/sigma``; sigma scalar or ``[B]``."""
-    return (x - denoised) / append_dims(as_sigma_batch(sigma, x).to(x.dtype), x.ndim)
-
-
 def euler_step(
     denoiser: Denoiser,
     x: Tensor,

@@ -1,4 +1,4 @@
-"""Losses: distance metrics d(x, y) -> [B], the EDM denoising loss, and the CD/CT objectives."""
+"""Losses: distances d(x, y) -> [B], the EDM denoising loss, and the CD/CT objectives."""
 
 from cmexp.losses.consistency import (
     ConsistencyDistillationLoss,
@@ -9,7 +9,7 @@ from cmexp.losses.consistency import (
     replay_rng,
 )
 from cmexp.losses.edm import EDMLoss
-from cmexp.losses.metrics import (
+from cmexp.losses.distances import (
     L1Distance,
     L2Distance,
     LPIPSDistance,
@@ -19,8 +19,6 @@ from cmexp.losses.metrics import (
     pseudo_huber,
 )
 from cmexp.losses.weighting import ICTWeighting, UniformWeighting
-
-lpips = LPIPSDistance
 
 __all__ = [
     "ConsistencyDistillationLoss",
@@ -37,7 +35,6 @@ __all__ = [
     "UniformWeighting",
     "l1",
     "l2",
-    "lpips",
     "pseudo_huber",
     "replay_rng",
 ]

@@ -20,30 +20,32 @@ class ClassifierFeatures(nn.Module):
     uint8 in [0, 255]. ``name`` is the metric prefix (``fd_fmnist``).
 
     Args:
-        ckpt: ``last.ckpt`` of ``python -m cmexp.train +experiment=fmnist_classifier``.
+        ckpt: ``last.ckpt`` (or the export) of ``python -m cmexp.train +experiment=fmnist_classifier``,
+            or a ``zoo:NAME``.
     """
 
     def __init__(self, ckpt: str, name: str = "fmnist") -> None:
         super().__init__()
         from hydra.utils import instantiate
 
-        file = Path(str(ckpt)).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"features.ckpt={ckpt}: no such classifier checkpoint (train one with "
-                "`python -m cmexp.train +experiment=fmnist_classifier`)"
-            )
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        meta = state.get("cmexp") if isinstance(state, dict) else None
-        if not meta or meta.get("kind") != "classifier":
-            raise ValueError(f"features.ckpt={ckpt} is not a classifier checkpoint written by cmexp.train")
-        net = instantiate(meta["config"]["config"]["net"])
-        net.load_state_dict({k[len("net."):]: v for k, v in state["state_dict"].items() if k.startswith("net.")})
+        from cmexp.inference.checkpoint import read_checkpoint
+
+        try:
+            ckpt = read_checkpoint(ckpt, key="features.ckpt", kinds=("classifier",))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} (train one with `python -m cmexp.train +experiment=fmnist_classifier`)") from None
+        meta = ckpt.meta
+        net = instantiate(ckpt.net_config())
+        try:
+            net.load_state_dict(ckpt.weights("net."))
+        except RuntimeError as err:
+            raise ValueError(f"features.ckpt={ckpt.source}: its weights do not fit its recorded net config "
+                             f"({str(err).splitlines()[0]})") from None
         self.net = net.eval().requires_grad_(False)
         self.num_features = int(meta["feature_dim"])
         self.img_channels, self.img_resolution = int(meta["img_channels"]), int(meta["img_resolution"])
         self.name = name
-        self.source = str(file)
+        self.source = str(ckpt.path)
 
     def train(self, mode: bool = True) -> "ClassifierFeatures":
         super().train(False)  # always eval: BatchNorm statistics stay frozen
@@ -71,14 +73,6 @@ class ClassifierFeatures(nn.Module):
         return self.net(self._prep(x))
 
 
-def frechet_distance_metric(features: nn.Module):
-    """torchmetrics' Frechet distance over ``features`` (real statistics kept across
-    ``reset()``); feed it images in [0, 1]."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    return FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=False)
-
-
 class InceptionFeatures(nn.Module):
     """The standard FID/IS network: torch-fidelity's Inception-v3 port of the TF graph
     (2048-d pool features, unbiased logits for IS). Metric names are the usual ``fid``,
@@ -99,7 +93,7 @@ class InceptionFeatures(nn.Module):
 
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        from cmexp.losses.metrics import _reachable
+        from cmexp.utils.network import online
 
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         if weights_path:
@@ -110,7 +104,7 @@ class InceptionFeatures(nn.Module):
         else:
             path = cache / self.FILE
             if not path.is_file():
-                if os.environ.get("CMEXP_OFFLINE") == "1" or not _reachable(self.URL):
+                if os.environ.get("CMEXP_OFFLINE") == "1" or not online(self.URL):
                     raise FileNotFoundError(
                         f"Inception-v3 (FID/IS) needs the weights file {self.FILE}, which cannot be downloaded "
                         f"here (no network): copy it (from {self.URL}) into {cache}/ or set "

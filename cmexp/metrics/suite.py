@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,18 @@ def extract(
     return out
 
 
+def frechet_distance(real: dict[str, Tensor], fake: dict[str, Tensor]) -> float:
+    """Frechet distance between the Gaussians fitted to two feature sets (outputs of
+    :func:`extract`), torch-fidelity's computation (FID's when the features are Inception's)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    fr, ff = real["features"], fake["features"]
+    if len(ff) < 2 or len(fr) < 2:
+        raise ValueError(f"need at least 2 real and 2 generated images, got {len(fr)} and {len(ff)}")
+    stats_r, stats_f = fid_features_to_statistics(fr), fid_features_to_statistics(ff)
+    return float(fid_statistics_to_metric(stats_f, stats_r, verbose=False)["frechet_inception_distance"])
+
+
 def score(
     real: dict[str, Tensor], fake: dict[str, Tensor], name: str = "fmnist", kid_subsets: int = 100,
     kid_subset_size: int = 1000, prc_neighborhood: int = 3, isc_splits: int = 10, seed: int = 2020,
@@ -55,17 +68,13 @@ def score(
     (outputs of :func:`extract`). Keys: ``fd_<name>``, ``kid_<name>`` (+``_std``),
     ``precision``, ``recall``, and ``is_<name>`` (+``_std``) when logits exist; with
     ``name=""`` (Inception) the usual ``fid``, ``kid``, ``is``."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     fr, ff = real["features"], fake["features"]
-    if len(ff) < 2 or len(fr) < 2:
-        raise ValueError(f"need at least 2 real and 2 generated images, got {len(fr)} and {len(ff)}")
-    stats_r, stats_f = fid_features_to_statistics(fr), fid_features_to_statistics(ff)
     fd_key, sfx = (f"fd_{name}", f"_{name}") if name else ("fid", "")
-    out = {fd_key: float(fid_statistics_to_metric(stats_f, stats_r, verbose=False)["frechet_inception_distance"])}
+    out = {fd_key: frechet_distance(real, fake)}
     size = min(kid_subset_size, len(fr), len(ff))
     kid = kid_features_to_metric(ff, fr, kid_subsets=kid_subsets, kid_subset_size=size, kid_degree=3,
                                  kid_gamma=None, kid_coef0=1, kid_kernel="poly", rng_seed=seed, verbose=False)
@@ -107,10 +116,25 @@ class RealFeatureCache:
             return torch.load(file, map_location="cpu", weights_only=True)
         value = compute()
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")  # one temp name per process
         torch.save(value, tmp)
         tmp.replace(file)  # atomic: parallel runs never read half a file
         return value
+
+
+def reference_features(
+    cache: RealFeatureCache, features: nn.Module, datamodule: Any, split: str, count: int,
+    batch_size: int = 500, device: str | torch.device = "cpu", progress: bool = False,
+) -> dict[str, Tensor]:
+    """Features of ``count`` real images of ``split`` (the reference of every sample-quality
+    number), computed once per (dataset, split, resolution, channels, extractor and weights
+    hash, count) and then read from ``cache``."""
+    proto = describe(features)
+    name = str(getattr(features, "name", "")) or type(features).__name__
+    key = cache.key(type(datamodule).__name__, split, int(datamodule.resolution), int(datamodule.channels), name,
+                    proto["weights_sha256"] or proto["extractor"], int(count))
+    return cache.get(key, lambda: extract(features, datamodule.real_images(int(count), split), batch_size, device,
+                                          progress, "real features"))
 
 
 def describe(features: Any) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """LightningModules, one per training mode: EDM teacher, CD and CT (and the feature classifier)."""
 
-from cmexp.modules.classifier import ClassifierLitModule
 from cmexp.modules.base import DiffusionLitModule, NonFiniteLossError
+from cmexp.modules.classifier import ClassifierLitModule
 from cmexp.modules.consistency import CDLitModule, ConsistencyLitModule, CTLitModule, load_teacher
 from cmexp.modules.edm import EDMLitModule
 

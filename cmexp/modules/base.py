@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.ema import ema_update_
+from cmexp.inference.plan import SamplingSpec
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -151,6 +152,10 @@ class DiffusionLitModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---------------------------------------------------------------- sampling
+    def sampling_spec(self) -> SamplingSpec:
+        """The settings the trained model is sampled with (written into every checkpoint)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def sample_images(self, num: int, seed: int = 0) -> dict[str, Tensor]:
         """Named sample sets ``{name: [num,C,H,W] in [-1,1]}`` from the sampling EMA."""
@@ -158,7 +163,8 @@ class DiffusionLitModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def metadata(self) -> dict[str, Any]:
-        m = self.model
+        """Everything needed to use the model, read back by :func:`cmexp.inference.load_model`."""
+        m, spec = self.model, self.sampling_spec()
         return {
             "kind": self.kind,
             "img_resolution": int(m.img_resolution),
@@ -168,6 +174,9 @@ class DiffusionLitModule(pl.LightningModule):
             "sigma_max": m.sigma_max,
             "sigma_data": m.sigma_data,
             "c_noise_scale": m.c_noise_scale,
+            "rho": spec.rho,
+            "num_scales": spec.num_scales,
+            "taus": list(spec.taus),
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

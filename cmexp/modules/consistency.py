@@ -9,7 +9,6 @@ samples and metrics). The CD teacher is frozen and kept out of checkpoints.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +19,8 @@ from cmexp.diffusion.karras import karras_sigmas
 from cmexp.diffusion.precond import CMPrecond, EDMPrecond
 from cmexp.diffusion.sampling import SeededNoise, sample_multistep
 from cmexp.diffusion.schedules import Schedule, check_mu
+from cmexp.inference.checkpoint import read_checkpoint
+from cmexp.inference.plan import SamplingSpec, sigma_plan
 from cmexp.losses.consistency import ConsistencyDistillationLoss, ConsistencyTrainingLoss
 from cmexp.modules.base import DiffusionLitModule, OptimizerFactory, frozen_copy
 
@@ -30,8 +31,9 @@ class ConsistencyLitModule(DiffusionLitModule):
     Args:
         net: raw network. loss: CD or CT objective. schedule: ``step -> (N, mu)``
             (``FixedSchedule`` or ``AdaptiveSchedule``).
-        sample_sigmas: noise levels of the multistep sample grid after the first step (the
-            2-step tau; CIFAR-10 CD: 0.585 = grid index 11 of N = 18).
+        taus: noise levels of multistep sampling after the first step (the 2-step tau;
+            CIFAR-10 CD: 0.585 = grid index 11 of N = 18); stored in checkpoints as the
+            model's default taus.
     """
 
     def __init__(
@@ -49,7 +51,7 @@ class ConsistencyLitModule(DiffusionLitModule):
         sigma_data: float = 0.5,
         rho: float = 7.0,
         c_noise_scale: float = 0.25,
-        sample_sigmas: Sequence[float] = (0.585,),
+        taus: Sequence[float] = (0.585,),
     ) -> None:
         super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
         self.model = CMPrecond(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
@@ -58,10 +60,10 @@ class ConsistencyLitModule(DiffusionLitModule):
         self.loss = loss
         self.schedule = schedule
         self.rho = float(rho)
-        self.sample_sigmas = [float(s) for s in sample_sigmas]
-        for s in self.sample_sigmas:
-            if not sigma_min < s < sigma_max:
-                raise ValueError(f"model.sample_sigmas entries must lie in (sigma_min, sigma_max), got {s}")
+        self.taus = tuple(float(t) for t in taus)
+        for t in self.taus:
+            if not sigma_min < t < sigma_max:
+                raise ValueError(f"model.taus entries must lie in (sigma_min, sigma_max), got {t}")
         self._mu = schedule(0)[1]
         check_mu(self._mu)
 
@@ -78,18 +80,21 @@ class ConsistencyLitModule(DiffusionLitModule):
         ema_update_(self.target, self.model, self._mu)
         super().after_optimizer_step()
 
+    def sampling_spec(self) -> SamplingSpec:
+        """Sigma range, rho, the grid N of the current step and the default taus."""
+        m = self.model
+        return SamplingSpec(consistency=True, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=self.rho,
+                            num_scales=int(self.schedule(self.global_step)[0]), taus=self.taus)
+
     @torch.no_grad()
     def sample_images(self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)) -> dict[str, Tensor]:
-        m = self.ema
+        m, spec = self.ema, self.sampling_spec()
         shape = (m.img_channels, m.img_resolution, m.img_resolution)
         out: dict[str, Tensor] = {}
         for k in steps:
             noise = SeededNoise(range(seed, seed + num), self.device)
             z = noise.randn(shape)
-            sigmas = [m.sigma_max, *self.sample_sigmas[: k - 1]]
-            if len(sigmas) < k:
-                raise ValueError(f"{k}-step sampling needs {k - 1} entries in model.sample_sigmas")
-            out[f"{k}step"] = sample_multistep(m, z, sigmas, m.sigma_min, noise=noise.randn_like)
+            out[f"{k}step"] = sample_multistep(m, z, sigma_plan(spec, steps=k), spec.sigma_min, noise=noise.randn_like)
         return out
 
 
@@ -114,6 +119,7 @@ class CDLitModule(ConsistencyLitModule):
         if not isinstance(self.loss, ConsistencyDistillationLoss):
             raise ValueError("model.loss of a CD run must be a ConsistencyDistillationLoss")
         teacher = load_teacher(teacher_path, self.model.net)
+        check_preconditioning(self.model, teacher, teacher_path)
         self._teacher = [teacher]  # a list keeps it out of state_dict() and parameters()
         self.loss.teacher = teacher
         if init_from_teacher:
@@ -138,11 +144,27 @@ class CDLitModule(ConsistencyLitModule):
         return getattr(self.teacher, "source_path", "")
 
 
+PRECOND_KEYS = ("sigma_max", "sigma_data", "c_noise_scale")
+
+
+def check_preconditioning(student: nn.Module, teacher: nn.Module, teacher_path: str | None) -> None:
+    """A CD student starts from its teacher's weights, so it must feed them the same inputs:
+    a ValueError naming every ``model.*`` key whose value differs from the teacher's."""
+    diff = [k for k in PRECOND_KEYS if abs(float(getattr(student, k)) - float(getattr(teacher, k))) > 1e-12]
+    if diff:
+        got = ", ".join(f"model.{k}={getattr(student, k)}" for k in diff)
+        want = ", ".join(f"{k}={getattr(teacher, k)}" for k in diff)
+        raise ValueError(
+            f"model.teacher_path={teacher_path} was trained with {want} but this run sets {got}; "
+            "the student starts from the teacher's weights: use the teacher's values"
+        )
+
+
 def load_teacher(path: str | None, net: nn.Module) -> EDMPrecond:
     """Rebuild a frozen EDM teacher from a cmexp EDM checkpoint's sampling-EMA weights.
 
     Args:
-        path: ``model.teacher_path``, a ``.ckpt`` written by ``+experiment=*_edm``.
+        path: ``model.teacher_path``, a ``.ckpt`` written by ``+experiment=*_edm`` (or a zoo name).
         net: a raw network with the teacher's architecture (the run's ``net`` group); it is
             deep-copied, not modified.
     """
@@ -151,16 +173,8 @@ def load_teacher(path: str | None, net: nn.Module) -> EDMPrecond:
             "model.teacher_path is required for consistency distillation: set "
             "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm)"
         )
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"model.teacher_path={path}: no such file")
-    ckpt = torch.load(file, map_location="cpu", weights_only=False)
-    meta = ckpt.get("cmexp") if isinstance(ckpt, dict) else None
-    if not meta or meta.get("kind") != "edm":
-        raise ValueError(
-            f"model.teacher_path={path} is not an EDM teacher checkpoint written by cmexp "
-            f"(found kind={meta.get('kind') if meta else None!r}, expected 'edm')"
-        )
+    ckpt = read_checkpoint(path, key="model.teacher_path", kinds=("edm",))
+    meta = ckpt.meta
     want = (int(net.img_resolution), int(net.img_channels))
     got = (int(meta["img_resolution"]), int(meta["img_channels"]))
     if want != got:
@@ -171,15 +185,13 @@ def load_teacher(path: str | None, net: nn.Module) -> EDMPrecond:
     teacher = frozen_copy(
         EDMPrecond(net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
     )
-    prefix = "ema."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
-        teacher.load_state_dict(state)
+        teacher.load_state_dict(ckpt.weights("ema."))
     except RuntimeError as err:
         raise ValueError(
             f"model.teacher_path={path}: the teacher's weights do not fit the run's net config; "
             f"use the same net as the teacher run ({str(err).splitlines()[0]})"
         ) from None
     teacher.eval()
-    teacher.source_path = str(file)
+    teacher.source_path = str(ckpt.path)
     return teacher

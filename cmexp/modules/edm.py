@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cmexp.diffusion.karras import append_zero, karras_sigmas
 from cmexp.diffusion.precond import EDMPrecond
 from cmexp.diffusion.sampling import SeededNoise
 from cmexp.diffusion.solvers import sample_heun
+from cmexp.inference.plan import SamplingSpec, sigma_plan
 from cmexp.losses.edm import EDMLoss
 from cmexp.modules.base import DiffusionLitModule, OptimizerFactory
 
@@ -51,14 +51,17 @@ class EDMLitModule(DiffusionLitModule):
     def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         return self.loss(self.model, images, labels, shard=self.shard()).mean(), {}
 
+    def sampling_spec(self) -> SamplingSpec:
+        m = self.model
+        return SamplingSpec(consistency=False, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=self.rho,
+                            num_scales=self.sample_num_scales)
+
     @torch.no_grad()
     def sample_images(self, num: int, seed: int = 0) -> dict[str, Any]:
         m = self.ema
         z = SeededNoise(range(seed, seed + num), self.device).randn(
             (m.img_channels, m.img_resolution, m.img_resolution)
         )
-        sigmas = append_zero(
-            karras_sigmas(self.sample_num_scales, m.sigma_min, m.sigma_max, self.rho, device=self.device)
-        )
+        sigmas = torch.tensor(sigma_plan(self.sampling_spec()), dtype=torch.float32, device=self.device)
         x = sample_heun(m, z * sigmas[0], sigmas)
         return {f"heun{2 * self.sample_num_scales - 1}nfe": x.clamp(-1, 1)}

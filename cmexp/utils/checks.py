@@ -44,8 +44,12 @@ def check_train_config(cfg: DictConfig) -> None:
                 "model.teacher_path is required for consistency distillation: set "
                 "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm)"
             )
-        if not Path(str(path)).expanduser().is_file():
-            raise ConfigError(f"model.teacher_path={path}: no such file")
+        from cmexp.inference.checkpoint import resolve_source
+
+        try:
+            resolve_source(path, "model.teacher_path")
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(str(err)) from None
     max_steps = _sel(cfg, "trainer.max_steps")
     if max_steps is not None and max_steps != -1 and max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {max_steps}")

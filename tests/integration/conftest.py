@@ -28,6 +28,10 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 def compose_train(overrides: list[str], out: Path, config_name: str = "train") -> DictConfig:
     """Compose conf/<config_name>.yaml like `python -m cmexp.<config_name>` would, with outputs
     under ``out``."""
+    if config_name == "train":  # the order cmexp.train applies them in (no main-job experiment here)
+        from cmexp.train import train_overrides
+
+        overrides = train_overrides(overrides, main_experiment=False)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)

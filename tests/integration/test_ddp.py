@@ -36,7 +36,7 @@ def test_ddp_ranks_keep_identical_target_and_ema_and_share_sample_metrics(tmp_pa
 
     from .test_sample_edit import TINY
 
-    clf = compose_train([*TINY, "preset=none", "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
+    clf = compose_train([*TINY, "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
                          "~callbacks.sample_grid", "trainer.max_steps=2"], tmp_path / "clf")
     train(clf)
     cfg = compose_train([*TINY, "model=ct", "trainer.devices=2", "+trainer.strategy=ddp_fork", "trainer.max_steps=3",

@@ -89,24 +89,31 @@ def test_experiment_composes_and_instantiates(name, composer, teachers, fake_wei
 
 
 def test_main_job_is_the_quick_fashion_mnist_ct(composer) -> None:
-    plain = OmegaConf.to_container(composer([])["model"], resolve=False)
-    exp = OmegaConf.to_container(composer(["+experiment=fmnist_ct_pseudo_huber"])["model"], resolve=False)
-    assert plain == exp
-    cfg = composer([])
-    assert cfg.dataset._target_.endswith("FashionMNISTDataModule")
-    assert cfg.model._target_ == "cmexp.modules.CTLitModule"
+    from cmexp.train import MAIN_EXPERIMENT, train_overrides
+
+    assert train_overrides([]) == [f"+experiment={MAIN_EXPERIMENT}"]
+    cfg = composer(train_overrides([]))
+    assert cfg.dataset._target_.endswith("FashionMNISTDataModule") and cfg.dataset.batch_size == 64
+    assert cfg.model._target_ == "cmexp.modules.CTLitModule" and cfg.trainer.max_steps == 4000
     assert cfg.schedule._target_ == "cmexp.diffusion.ImprovedSchedule" and cfg.schedule.mu == 0.0
+    # an explicit experiment is kept as given; debug configs are applied after the experiment
+    assert train_overrides(["+experiment=fmnist_edm", "debug=tiny", "seed=1"]) == ["+experiment=fmnist_edm", "seed=1", "+debug=tiny"]
+    assert composer(train_overrides(["debug=tiny"])).dataset.batch_size == 8
 
 
-def test_presets_do_not_leak_into_cifar10(composer) -> None:
+def test_main_job_values_do_not_leak_into_other_experiments(composer) -> None:
     cfg = composer(["+experiment=cifar10_edm"])
     assert cfg.model.ema_decay == 0.99929 and cfg.dataset.batch_size == 512
     cfg = composer(["+experiment=cifar10_ct_lpips"])
     assert cfg.schedule.s1 == 150
+    plain = composer([])  # the primary config's group defaults: the CM paper's CT
+    assert plain.model.ema_decay == 0.9999 and plain.schedule._target_ == "cmexp.diffusion.AdaptiveSchedule"
 
 
-def test_command_line_group_choice_beats_the_preset(composer) -> None:
-    cfg = composer(["schedule=fixed"])
+def test_command_line_group_choice_beats_the_experiment(composer) -> None:
+    from cmexp.train import train_overrides
+
+    cfg = composer(train_overrides(["schedule=fixed"]))
     assert cfg.schedule._target_ == "cmexp.diffusion.FixedSchedule"
     hydra.utils.instantiate(cfg.schedule)
 

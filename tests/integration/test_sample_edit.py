@@ -57,7 +57,8 @@ def test_sample_writes_npz_grid_and_protocol(ckpts, tmp_path: Path) -> None:
 
 
 def test_multistep_taus_from_values_or_grid_indices(ckpts, tmp_path: Path) -> None:
-    out = run_sample(tmp_path, [f"ckpt={ckpts['ct']}", "num_samples=2", "steps=2", "tau_indices=[11]"], "idx")
+    out = run_sample(tmp_path, [f"ckpt={ckpts['ct']}", "num_samples=2", "steps=2", "tau_indices=[11]",
+                                     "num_scales=18"], "idx")
     assert out["info"]["nfe"] == 2 and abs(out["info"]["sigmas"][1] - 0.585) < 1e-3  # CIFAR-10 CD tau
     out = run_sample(tmp_path, [f"ckpt={ckpts['ct']}", "num_samples=2", "steps=3", "taus=[2.0,0.5]"], "vals")
     assert out["info"]["sigmas"] == [80.0, 2.0, 0.5]
@@ -79,7 +80,7 @@ def test_teacher_sampling_with_heun_and_euler(ckpts, tmp_path: Path) -> None:
 @pytest.mark.parametrize("task", ["inpaint", "colorize", "superres", "denoise", "interpolate", "stroke"])
 def test_every_edit_task_writes_grid_and_metrics(ckpts, tmp_path: Path, task: str, monkeypatch) -> None:
     monkeypatch.setenv("CMEXP_OFFLINE", "1")
-    cfg = compose_train([f"task={task}", f"ckpt={ckpts['ct']}", "num_images=4", "task.num_scales=4"
+    cfg = compose_train([f"task={task}", f"ckpt={ckpts['ct']}", "num_samples=4", "task.num_scales=4"
                          if task in ("inpaint", "colorize", "superres") else "seed=0"],
                         tmp_path / task, config_name="edit")
     out = edit(cfg)
@@ -105,22 +106,23 @@ def test_edit_reports_lpips_when_weights_exist_and_reads_image_folders(ckpts, tm
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     cfg = compose_train(["task=denoise", f"ckpt={ckpts['ct']}", f"images_dir={folder}",
-                         f"lpips_weights_path={weights}"], tmp_path / "run", config_name="edit")
+                         f"metric.weights_path={weights}"], tmp_path / "run", config_name="edit")
     metrics = edit(cfg)["metrics"]
-    assert metrics["num_images"] == 3 and isinstance(metrics["lpips"], float)
+    assert metrics["num_samples"] == 3 and isinstance(metrics["lpips"], float)
 
 
 def test_edit_rejects_teachers_and_grey_colorization(ckpts, tmp_path: Path) -> None:
     cfg = compose_train(["task=inpaint", f"ckpt={ckpts['edm']}"], tmp_path / "a", config_name="edit")
-    with pytest.raises(ValueError, match="is an EDM teacher; editing needs a CD or CT checkpoint"):
+    with pytest.raises(ValueError, match="holds a 'edm' model.*editing needs a CD or CT checkpoint"):
         edit(cfg)
     import torch
 
     from cmexp.diffusion.sampling import SeededNoise
-    from cmexp.edit_tasks import Colorize, EditContext
+    from cmexp.inference import SamplingSpec
+    from cmexp.inference.tasks import Colorize, EditContext
 
     ctx = EditContext(f=lambda x, s, c=None: x, images=torch.zeros(2, 1, 8, 8), noise=SeededNoise([0, 1]),
-                      sigma_min=0.002, sigma_max=80.0)
+                      spec=SamplingSpec(consistency=True))
     with pytest.raises(ValueError, match="task=colorize needs a 3-channel model"):
         Colorize()(ctx)
 
@@ -145,7 +147,7 @@ def test_command_lines_run_and_report_bad_input_in_one_line(ckpts, tmp_path: Pat
 def classifier_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny feature classifier on the synthetic set (labels = mixture components)."""
     out = tmp_path_factory.mktemp("clf") / "run"
-    cfg = compose_train([*TINY, "preset=none", "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
+    cfg = compose_train([*TINY, "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
                          "~callbacks.sample_grid", "trainer.max_steps=3"], out)
     train(cfg)
     assert 0 <= json.loads((out / "classifier.json").read_text())["test_acc"] <= 1
@@ -156,7 +158,7 @@ def test_tau_search_picks_taus_by_feature_frechet_distance(ckpts, classifier_ckp
     from cmexp.tau_search import tau_search
 
     cfg = compose_train([f"ckpt={ckpts['ct']}", f"features.ckpt={classifier_ckpt}", "num_samples=16",
-                         "num_real=32", "grid_num_scales=6", "steps=2"], tmp_path / "ts", config_name="tau_search")
+                         "num_real=32", "num_scales=6", "steps=2"], tmp_path / "ts", config_name="tau_search")
     res = tau_search(cfg)
     saved = json.loads((tmp_path / "ts" / "tau_search.json").read_text())
     assert saved["tau_indices"] == res["tau_indices"] and len(res["taus"]) == 1
@@ -243,7 +245,7 @@ def test_fmnist_default_quality_is_skipped_without_a_classifier_and_used_with_on
 
     # the classifier experiment exports its slim checkpoint to the default path, never overwriting it
     export = tmp_path / "checkpoints" / "fmnist_classifier.ckpt"
-    clf = [*TINY, "preset=none", "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
+    clf = [*TINY, "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
            "~callbacks.sample_grid", "trainer.max_steps=2", f"+model.export_path={export}"]
     quality = [*TINY, "model=ct", "quality=fmnist_auto", f"paths.root_dir={tmp_path}",
                "callbacks.sample_quality.every_n_steps=0", "callbacks.sample_quality.num_samples=4",

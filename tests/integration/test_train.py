@@ -130,7 +130,7 @@ def test_ct_adaptive_logs_curriculum(composer, caplog) -> None:
 
 def test_resume_reproduces_the_uninterrupted_losses(composer) -> None:
     common = [*TINY, "model=ct", "schedule=adaptive", "trainer.max_steps=6",
-              "callbacks.checkpoint.every_n_train_steps=3", "dataset.num_samples=40"]
+              "callbacks.checkpoint.every_n_train_steps=3", "dataset.length=40"]
     full = composer(common, name="full")
     train(full)
     full_losses = _losses(Path(full.paths.output_dir))
@@ -160,7 +160,7 @@ def test_fashion_mnist_subset_runs_all_modes(composer, teacher_ckpt: Path) -> No
     ("overrides", "message"),
     [
         (["model=cd"], "model.teacher_path is required"),
-        (["model=cd", "model.teacher_path=/nonexistent.ckpt"], "model.teacher_path=/nonexistent.ckpt: no such file"),
+        (["model=cd", "model.teacher_path=/nonexistent.ckpt"], "model.teacher_path=/nonexistent.ckpt: no such checkpoint file"),
         (["schedule=adaptive", "schedule.s1=1"], "schedule.s1=1 must be >= schedule.s0=2"),
         (["model.sigma_min=80", "model.sigma_max=80"], "model.sigma_min=80 must be < model.sigma_max=80"),
         (["schedule=fixed", "schedule.mu=1.0"], "schedule.mu must be in [0, 1)"),
@@ -182,8 +182,26 @@ def test_ct_checkpoint_is_not_a_teacher(composer, tmp_path: Path) -> None:
     ct = composer([*TINY, "model=ct", "trainer.max_steps=2"], name="ct_src")
     train(ct)
     bad = Path(ct.paths.output_dir) / "checkpoints" / "last.ckpt"
-    with pytest.raises(Exception, match="is not an EDM teacher checkpoint"):
+    with pytest.raises(Exception, match="holds a 'ct' model; expected 'edm' here"):
         train(composer([*TINY, "model=cd", f"model.teacher_path={bad}"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "keys"),
+    [
+        (["model.sigma_data=0.6"], ["model.sigma_data=0.6"]),
+        (["model.c_noise_scale=250", "model.sigma_max=60"], ["model.sigma_max=60", "model.c_noise_scale=250"]),
+    ],
+)
+def test_student_preconditioning_must_match_the_teacher(composer, teacher_ckpt: Path, overrides, keys) -> None:
+    """The student starts from the teacher's weights, so it must scale inputs and noise labels
+    the same way: every differing key is named, with the teacher's value."""
+    cfg = composer([*TINY, "model=cd", f"model.teacher_path={teacher_ckpt}", "schedule=fixed", *overrides])
+    with pytest.raises(Exception, match="was trained with") as err:  # Hydra wraps the ValueError
+        train(cfg)
+    for key in keys:
+        assert key in str(err.value)
+    assert "use the teacher's values" in str(err.value)
 
 
 def test_existing_run_folder_is_never_overwritten(composer, tmp_path: Path) -> None:

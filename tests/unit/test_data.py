@@ -147,8 +147,8 @@ def test_image_folder_with_and_without_classes(tmp_path: Path) -> None:
 
 
 def test_gaussian_mixture_is_deterministic_with_the_right_statistics() -> None:
-    a = GaussianMixtureDataModule(num_samples=400, resolution=8, channels=3, std=0.05)
-    b = GaussianMixtureDataModule(num_samples=400, resolution=8, channels=3, std=0.05)
+    a = GaussianMixtureDataModule(length=400, resolution=8, channels=3, std=0.05)
+    b = GaussianMixtureDataModule(length=400, resolution=8, channels=3, std=0.05)
     a.setup(), b.setup()
     assert torch.equal(a.train_set.images, b.train_set.images)
     x = a.train_set.images.float() / 127.5 - 1

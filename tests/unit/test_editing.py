@@ -72,17 +72,17 @@ def test_every_editor_keeps_the_known_part() -> None:
     f, sig = scrambler(), karras_sigmas(6).tolist()
     y = torch.rand(3, 3, 8, 8) * 2 - 1
     mask = E.center_square_mask(y.shape, 4)
-    out = E.inpaint(f, y, mask, sig)
+    out = E.inpaint(f, y, mask, sig, EPS)
     assert torch.equal(out[..., ~mask[0, 0].bool()], y[..., ~mask[0, 0].bool()])  # bit-exact
     assert not torch.allclose(out, y)
 
     ct = E.ColorTransform()
-    out = E.colorize(f, y, sig)
+    out = E.colorize(f, y, sig, EPS)
     assert torch.allclose(ct.forward(out)[:, 0], ct.forward(y)[:, 0], atol=1e-5)  # luma kept
 
     pt = E.PatchTransform(2)
     low = E.downsample(y, 2)
-    out = E.superres(f, low, 2, sig)
+    out = E.superres(f, low, 2, sig, EPS)
     assert torch.allclose(pt.forward(out)[:, :, 0], pt.forward(y)[:, :, 0], atol=1e-5)  # patch means kept
     assert not torch.allclose(out, low, atol=1e-3)
 
@@ -90,9 +90,9 @@ def test_every_editor_keeps_the_known_part() -> None:
 def test_edit_validates_its_inputs() -> None:
     f, y = scrambler(), torch.zeros(1, 1, 4, 4)
     with pytest.raises(ValueError, match="descending"):
-        E.inpaint(f, y, torch.ones(1, 1, 4, 4), [1.0, 2.0])
+        E.inpaint(f, y, torch.ones(1, 1, 4, 4), [1.0, 2.0], EPS)
     with pytest.raises(ValueError, match="binary"):
-        E.inpaint(f, y, torch.full((1, 1, 4, 4), 0.5), [1.0])
+        E.inpaint(f, y, torch.full((1, 1, 4, 4), 0.5), [1.0], EPS)
     with pytest.raises(ValueError, match="mask size"):
         E.center_square_mask((4, 4), 5)
 
@@ -172,7 +172,7 @@ def test_stroke_edit_starts_from_the_strokes() -> None:
     out = E.edit(f, s, E.IdentityTransform(), torch.ones(1, 1, 1, 1), [5.38, 2.24], EPS,
                  noise=lambda x: next(zs), clip_denoised=False, start=s)
     assert torch.allclose(out, c(2.24) * c(5.38) * s, atol=1e-6)
-    assert E.stroke(f, s).shape == s.shape
+    assert E.stroke(f, s, [5.38, 2.24], EPS).shape == s.shape
 
 
 def test_editors_are_deterministic_per_seed_whatever_the_batch() -> None:
@@ -184,10 +184,10 @@ def test_editors_are_deterministic_per_seed_whatever_the_batch() -> None:
     assert torch.equal(mask, E.random_boxes_mask(4, y.shape, seed=3))
     sig = [80.0, 2.0, 0.3]
     with torch.no_grad():
-        whole = E.inpaint(f, y, mask, sig, noise=SeededNoise(range(10, 14)).randn_like)
+        whole = E.inpaint(f, y, mask, sig, EPS, noise=SeededNoise(range(10, 14)).randn_like)
         parts = torch.cat([
-            E.inpaint(f, y[:1], mask[:1], sig, noise=SeededNoise(range(10, 11)).randn_like),
-            E.inpaint(f, y[1:], mask[1:], sig, noise=SeededNoise(range(11, 14)).randn_like),
+            E.inpaint(f, y[:1], mask[:1], sig, EPS, noise=SeededNoise(range(10, 11)).randn_like),
+            E.inpaint(f, y[1:], mask[1:], sig, EPS, noise=SeededNoise(range(11, 14)).randn_like),
         ])
     assert torch.allclose(whole, parts, atol=1e-6)
 

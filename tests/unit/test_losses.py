@@ -15,7 +15,7 @@ from cmexp.losses.consistency import (
     replay_rng,
 )
 from cmexp.losses.edm import EDMLoss
-from cmexp.losses.metrics import l2
+from cmexp.losses.distances import l2
 from cmexp.losses.weighting import ICTWeighting, UniformWeighting
 from cmexp.nets import TinyUNet
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cmexp.losses import metrics
-from cmexp.losses.metrics import LPIPSDistance, PseudoHuberDistance, l1, l2, pseudo_huber
+from cmexp.losses import distances
+from cmexp.losses.distances import LPIPSDistance, PseudoHuberDistance, l1, l2, pseudo_huber
 from tests.fakes import fake_vgg16_state, write_fake_vgg16
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "metric"
@@ -99,7 +99,7 @@ def test_lpips_weights_path_file_or_folder(tmp_path: Path, monkeypatch: pytest.M
 
 def test_lpips_offline_error_is_fast_and_names_file_and_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    monkeypatch.setattr(metrics, "_reachable", lambda url, timeout=2.0: False)
+    monkeypatch.setattr(distances, "online", lambda url, timeout=2.0: False)
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError) as err:
         LPIPSDistance()

@@ -8,28 +8,35 @@ algorithms themselves are the plain functions of :mod:`cmexp.diffusion.editing`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from cmexp.diffusion import editing as E
-from cmexp.diffusion.karras import karras_sigmas
 from cmexp.diffusion.sampling import SeededNoise
+from cmexp.inference.plan import SamplingSpec, check_plan, sigma_plan
 
 
 @dataclass
 class EditContext:
     """What every task gets: ``f`` (consistency function), ``images`` ``[B,C,H,W]`` in [-1,1]
-    (ground truth), per-image ``noise``, the model's sigma range and the base ``seed``."""
+    (ground truth), per-image ``noise``, the model's sampling settings ``spec`` (sigma range,
+    rho; ``LoadedModel.spec``) and the base ``seed``."""
 
     f: E.ConsistencyFn
     images: Tensor
     noise: SeededNoise
-    sigma_min: float
-    sigma_max: float
+    spec: SamplingSpec
     seed: int = 0
-    rho: float = 7.0
+
+    @property
+    def sigma_min(self) -> float:
+        return self.spec.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.spec.sigma_max
 
 
 @dataclass
@@ -42,10 +49,16 @@ class EditOutput:
     info: dict = field(default_factory=dict)
 
 
-def _grid_sigmas(ctx: EditContext, sigmas: Sequence[float] | None, num_scales: int) -> list[float]:
+def _edit_sigmas(ctx: EditContext, sigmas: Sequence[float] | None, num_scales: int) -> list[float]:
+    """``task.sigmas`` when given (checked against the model's range), else every level of a
+    ``num_scales``-level Karras grid with the model's sigma range and rho."""
     if sigmas is not None:
-        return [float(s) for s in sigmas]
-    return karras_sigmas(num_scales, ctx.sigma_min, ctx.sigma_max, ctx.rho, dtype=torch.float64).tolist()
+        return check_plan(sigmas, ctx.spec, key="task.sigmas")
+    return sigma_plan(
+        replace(ctx.spec, num_scales=num_scales),
+        steps=num_scales,
+        tau_indices=range(1, num_scales),
+    )
 
 
 def _show_mask(y: Tensor, mask: Tensor) -> Tensor:
@@ -59,8 +72,14 @@ class Inpaint:
     fill). ``sigmas``: t_1 > ... > t_N, default all ``num_scales`` Karras levels (the JX
     notebook's ``ts = 0..17`` for N = 18)."""
 
-    def __init__(self, mask: str = "center", mask_size: int | None = None, num_boxes: int = 3,
-                 sigmas: Sequence[float] | None = None, num_scales: int = 18) -> None:
+    def __init__(
+        self,
+        mask: str = "center",
+        mask_size: int | None = None,
+        num_boxes: int = 3,
+        sigmas: Sequence[float] | None = None,
+        num_scales: int = 18,
+    ) -> None:
         self.mask, self.mask_size, self.num_boxes = str(mask), mask_size, int(num_boxes)
         self.sigmas, self.num_scales = sigmas, int(num_scales)
 
@@ -74,10 +93,12 @@ class Inpaint:
     def __call__(self, ctx: EditContext) -> EditOutput:
         y = ctx.images
         mask = self.make_mask(y, ctx.seed).to(y)
-        sig = _grid_sigmas(ctx, self.sigmas, self.num_scales)
+        sig = _edit_sigmas(ctx, self.sigmas, self.num_scales)
         out = E.inpaint(ctx.f, y, mask, sig, ctx.sigma_min, ctx.noise.randn_like)
-        return EditOutput({"before": y, "input": _show_mask(y, mask), "result": out, "ground_truth": y},
-                          info={"mask": self.mask, "sigmas": sig})
+        return EditOutput(
+            {"before": y, "input": _show_mask(y, mask), "result": out, "ground_truth": y},
+            info={"mask": self.mask, "sigmas": sig},
+        )
 
 
 class Colorize:
@@ -93,26 +114,32 @@ class Colorize:
                 f"task=colorize needs a 3-channel model and dataset, got {y.shape[1]} channel(s); "
                 "Fashion-MNIST is grey: use a CIFAR-10/imagefolder checkpoint"
             )
-        sig = _grid_sigmas(ctx, self.sigmas, self.num_scales)
+        sig = _edit_sigmas(ctx, self.sigmas, self.num_scales)
         out = E.colorize(ctx.f, y, sig, ctx.sigma_min, ctx.noise.randn_like)
         luma = (torch.tensor(E.LUMA_WEIGHTS).to(y)[None, :, None, None] * y).sum(1, keepdim=True)
-        return EditOutput({"before": y, "input": luma.expand_as(y), "result": out, "ground_truth": y},
-                          info={"sigmas": sig})
+        return EditOutput(
+            {"before": y, "input": luma.expand_as(y), "result": out, "ground_truth": y},
+            info={"sigmas": sig},
+        )
 
 
 class SuperRes:
     """Generate the detail of each ``factor x factor`` patch, keeping its mean."""
 
-    def __init__(self, factor: int = 2, sigmas: Sequence[float] | None = None, num_scales: int = 18) -> None:
+    def __init__(
+        self, factor: int = 2, sigmas: Sequence[float] | None = None, num_scales: int = 18
+    ) -> None:
         self.factor, self.sigmas, self.num_scales = int(factor), sigmas, int(num_scales)
 
     def __call__(self, ctx: EditContext) -> EditOutput:
         y = ctx.images
         low = E.downsample(y, self.factor)
-        sig = _grid_sigmas(ctx, self.sigmas, self.num_scales)
+        sig = _edit_sigmas(ctx, self.sigmas, self.num_scales)
         out = E.superres(ctx.f, low, self.factor, sig, ctx.sigma_min, ctx.noise.randn_like)
-        return EditOutput({"before": y, "input": low, "result": out, "ground_truth": y},
-                          info={"factor": self.factor, "sigmas": sig})
+        return EditOutput(
+            {"before": y, "input": low, "result": out, "ground_truth": y},
+            info={"factor": self.factor, "sigmas": sig},
+        )
 
 
 class Denoise:
@@ -123,27 +150,41 @@ class Denoise:
 
     def __call__(self, ctx: EditContext) -> EditOutput:
         if not ctx.sigma_min <= self.sigma <= ctx.sigma_max:
-            raise ValueError(f"task.sigma must be in [{ctx.sigma_min}, {ctx.sigma_max}], got {self.sigma}")
+            raise ValueError(
+                f"task.sigma must be in [{ctx.sigma_min}, {ctx.sigma_max}], got {self.sigma}"
+            )
         y = ctx.images
         noisy = y + self.sigma * ctx.noise.randn_like(y)
         out = E.denoise(ctx.f, noisy, self.sigma)
-        return EditOutput({"before": y, "input": noisy.clamp(-1, 1), "result": out, "ground_truth": y},
-                          info={"sigma": self.sigma})
+        return EditOutput(
+            {"before": y, "input": noisy.clamp(-1, 1), "result": out, "ground_truth": y},
+            info={"sigma": self.sigma},
+        )
 
 
 class Stroke:
     """Stroke-guided generation (SDEdit-style) from coarse colour strokes made from the real
     images (patch means quantised to ``levels`` values), t = (5.38, 2.24) by default."""
 
-    def __init__(self, sigmas: Sequence[float] = (5.38, 2.24), factor: int = 4, levels: int = 4) -> None:
-        self.sigmas, self.factor, self.levels = [float(s) for s in sigmas], int(factor), int(levels)
+    def __init__(
+        self, sigmas: Sequence[float] = (5.38, 2.24), factor: int = 4, levels: int = 4
+    ) -> None:
+        self.sigmas, self.factor, self.levels = (
+            [float(s) for s in sigmas],
+            int(factor),
+            int(levels),
+        )
 
     def __call__(self, ctx: EditContext) -> EditOutput:
         y = ctx.images
         strokes = E.coarse_strokes(y, self.factor, self.levels)
-        out = E.stroke(ctx.f, strokes, self.sigmas, ctx.sigma_min, ctx.noise.randn_like)
-        return EditOutput({"before": y, "input": strokes, "result": out, "ground_truth": y},
-                          restoration=False, info={"sigmas": self.sigmas, "factor": self.factor})
+        sig = check_plan(self.sigmas, ctx.spec, key="task.sigmas")
+        out = E.stroke(ctx.f, strokes, sig, ctx.sigma_min, ctx.noise.randn_like)
+        return EditOutput(
+            {"before": y, "input": strokes, "result": out, "ground_truth": y},
+            restoration=False,
+            info={"sigmas": self.sigmas, "factor": self.factor},
+        )
 
 
 class Interpolate:

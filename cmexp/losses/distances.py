@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cmexp.utils.network import online
 
 # torchvision's ImageNet backbones used by LPIPS: (file name in the torch hub cache, URL).
 BACKBONES = {
@@ -67,15 +68,6 @@ class PseudoHuberDistance:
         return pseudo_huber(x, y, self.c)
 
 
-def _reachable(url: str, timeout: float = 2.0) -> bool:
-    host = url.split("/")[2]
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def backbone_weights(net: str, weights_path: str | None = None) -> dict[str, Tensor]:
     """The torchvision state dict of the LPIPS backbone ``net``.
 
@@ -98,7 +90,7 @@ def backbone_weights(net: str, weights_path: str | None = None) -> dict[str, Ten
             return torch.load(p, map_location="cpu", weights_only=True)
     if weights_path:
         raise FileNotFoundError(f"metric.weights_path={weights_path}: no such file (expected {name})")
-    if os.environ.get("CMEXP_OFFLINE") != "1" and _reachable(url):
+    if os.environ.get("CMEXP_OFFLINE") != "1" and online(url):
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True)
     raise FileNotFoundError(
         f"LPIPS needs the ImageNet {net} backbone weights {name}, which cannot be downloaded "

@@ -1,0 +1,80 @@
+"""The one sigma plan of the inference side, against the Karras grid's closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cmexp.diffusion import karras_sigmas
+from cmexp.inference import SamplingSpec, check_plan, nfe, sigma_plan
+from cmexp.utils.cli import list_or_none, override_key
+
+CD = SamplingSpec(consistency=True, num_scales=18, taus=(0.585,))
+
+
+def test_consistency_plan_precedence() -> None:
+    assert sigma_plan(CD, 1) == [80.0]
+    assert sigma_plan(CD, 2) == [80.0, 0.585]  # the model's own taus
+    assert sigma_plan(CD, 2, taus=[2.0]) == [80.0, 2.0]
+    assert sigma_plan(CD, 2, tau_indices=[11])[1] == pytest.approx(
+        0.585, abs=1e-3
+    )  # CM paper: index 11 of 18
+    grid = karras_sigmas(18, dtype=torch.float64).tolist()
+    assert sigma_plan(CD, 3) == [80.0, grid[6], grid[12]]  # not enough taus: j * (N // steps)
+    assert (
+        sigma_plan(CD, 18, tau_indices=range(1, 18)) == grid
+    )  # the editors' whole grid, eps included
+    assert nfe(sigma_plan(CD, 3), "consistency") == 3
+
+
+def test_diffusion_plan_is_the_solver_grid_ending_in_zero() -> None:
+    edm = SamplingSpec(consistency=False, num_scales=18)
+    plan = sigma_plan(edm, steps=5)  # steps do not apply to an EDM sampler
+    assert plan[:-1] == karras_sigmas(18, dtype=torch.float64).tolist() and plan[-1] == 0.0
+    assert nfe(plan, "heun") == 35 and nfe(plan, "euler") == 18
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"steps": 2, "taus": [1.0], "tau_indices": [3]}, "either taus or tau_indices"),
+        ({"steps": 2, "tau_indices": [18]}, r"tau_indices entries must be integers in \[1, 17\]"),
+        ({"steps": 3, "taus": [0.5]}, "steps=3 needs 2 intermediate noise levels"),
+        ({"steps": 3, "taus": [0.5, 2.0]}, "descending"),
+        ({"steps": 2, "taus": [100.0]}, r"taus must lie in \[sigma_min=0.002, sigma_max=80.0\)"),
+    ],
+)
+def test_bad_plans_name_the_key(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        sigma_plan(CD, **kwargs)
+
+
+def test_explicit_levels_are_checked_against_the_model_range() -> None:
+    assert check_plan([5.38, 2.24], CD, "task.sigmas") == [5.38, 2.24]
+    with pytest.raises(
+        ValueError, match=r"task.sigmas must lie in \[sigma_min=0.002, sigma_max=80.0\]"
+    ):
+        check_plan([500.0, 2.0], CD, "task.sigmas")
+    with pytest.raises(ValueError, match="task.sigmas must hold at least one"):
+        check_plan([], CD, "task.sigmas")
+
+
+def test_overrides_replace_recorded_values_and_report_conflicts() -> None:
+    said: list[str] = []
+    spec = CD.with_overrides(said.append, rho=None, num_scales=18)
+    assert spec == CD and said == []
+    spec = CD.with_overrides(said.append, rho=5, num_scales=None)
+    assert spec.rho == 5.0 and said == ["rho=5.0 overrides the checkpoint's rho=7.0"]
+
+
+def test_command_line_helpers() -> None:
+    assert (
+        override_key("+model.taus=[1]") == "model.taus"
+        and override_key("~callbacks.x") == "callbacks.x"
+    )
+    assert list_or_none(None, "taus") is None and list_or_none([0.5, 1], "taus") == [0.5, 1]
+    with pytest.raises(ValueError, match="taus must be a list of numbers"):
+        list_or_none("abc", "taus")
+    with pytest.raises(ValueError, match="tau_indices must be a list of numbers"):
+        list_or_none(["a"], "tau_indices")
