@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from cmexp.callbacks.preemption import TrainingPreempted
+from cmexp.utils.checkpoint_io import AtomicCheckpointIO
 from cmexp.utils.checks import ConfigError, accumulation_steps, check_train_config
 from cmexp.utils.cli import override_key, reject_renamed_keys, run_cli
 
@@ -71,7 +74,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     output_dir = Path(cfg.paths.output_dir)
     ckpt_dir = output_dir / "checkpoints"
-    if not cfg.get("ckpt_path") and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+    auto_resume = str(cfg.get("ckpt_path")) in ("auto", "last")
+    if not cfg.get("ckpt_path") and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
         raise ConfigError(
             f"paths.output_dir={output_dir} already holds checkpoints of an earlier run; refusing to "
             "overwrite them (pass ckpt_path=... to resume, or use a new folder)"
@@ -84,6 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.dataset)
     model = hydra.utils.instantiate(cfg.model)
     model.run_config = record
+    ckpt_path = resume_path(cfg, output_dir, getattr(model, "kind", None)) if auto_resume else cfg.get("ckpt_path")
     if hasattr(model, "schedule"):
         from cmexp.diffusion.schedules import describe_curriculum
 
@@ -92,16 +97,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _wandb_offline_if_needed(cfg)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, accumulate_grad_batches=accumulation_steps(cfg)
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, accumulate_grad_batches=accumulation_steps(cfg),
+        plugins=[AtomicCheckpointIO()],
     )
     for lg in loggers:
         lg.log_hyperparams({**record["choices"], "config": record["config"]})
     if hasattr(model, "snapshot_rng"):
         model.snapshot_rng()  # DDP ranks continue the single-process RNG stream
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    preempted = None
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except TrainingPreempted as stop:
+        preempted = stop
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     log.info("run folder: %s", output_dir)
-    return {"metrics": metrics, "model": model, "trainer": trainer, "datamodule": datamodule}
+    return {"metrics": metrics, "model": model, "trainer": trainer, "datamodule": datamodule, "preempted": preempted}
+
+
+def resume_path(cfg: DictConfig, output_dir: Path, kind: str | None) -> str | None:
+    """``ckpt_path=auto`` / ``last``: the newest readable checkpoint of this run folder, else of
+    the latest earlier run of the experiment (sibling folders, newest first). ``auto`` starts
+    afresh when there is none; ``last`` is then an error."""
+    from cmexp.utils.checkpoint_io import find_resume_checkpoint
+
+    runs = output_dir.parent
+    siblings = sorted((p for p in runs.iterdir() if p.is_dir() and p != output_dir), reverse=True) if runs.is_dir() else []
+    found = find_resume_checkpoint([output_dir, *siblings], kind)
+    if found is None:
+        if str(cfg.ckpt_path) == "last":
+            raise ConfigError(f"ckpt_path=last: no readable checkpoint in {output_dir}/checkpoints or in the runs under {runs}")
+        log.info("ckpt_path=auto: no checkpoint to resume from under %s; starting afresh", runs)
+        return None
+    log.info("ckpt_path=%s: resuming from %s", cfg.ckpt_path, found)
+    return str(found)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -118,12 +146,12 @@ def main(cfg: DictConfig) -> float | None:
                 wandb.finish()
         except ImportError:
             pass
+    if out["preempted"] is not None:  # saved at a step boundary; never report success
+        sys.exit(out["preempted"].exit_code)
     return out["metrics"].get("train/loss")
 
 
 if __name__ == "__main__":
-    import sys
-
     reject_renamed_keys("train")
     sys.argv[1:] = train_overrides(sys.argv[1:])
     main()

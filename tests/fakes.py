@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 
 # torchvision vgg16 `features` convolutions: index -> (in, out)
@@ -28,3 +30,18 @@ def write_fake_vgg16(folder: Path, seed: int = 0) -> Path:
     path = folder / "vgg16-397923af.pth"
     torch.save(fake_vgg16_state(seed), path)
     return path
+
+
+
+class SignalAtStep(pl.Callback):
+    """Sends ``signum`` to its own process at the start of optimizer step ``step`` (a stand-in
+    for a scheduler's preemption signal arriving in the middle of a step)."""
+
+    def __init__(self, step: int, signum: int = 15) -> None:
+        self.step, self.signum, self.sent = int(step), int(signum), False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

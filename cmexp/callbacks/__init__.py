@@ -1,6 +1,7 @@
 """Lightning callbacks of the suite."""
 
+from cmexp.callbacks.preemption import PreemptionCallback, TrainingPreempted
 from cmexp.callbacks.quality import SampleQualityCallback
 from cmexp.callbacks.samples import SampleGridCallback
 
-__all__ = ["SampleGridCallback", "SampleQualityCallback"]
+__all__ = ["PreemptionCallback", "SampleGridCallback", "SampleQualityCallback", "TrainingPreempted"]

@@ -55,8 +55,8 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {max_steps}")
     accumulation_steps(cfg)  # global_batch_size fits the devices
     ckpt = _sel(cfg, "ckpt_path")
-    if ckpt and not Path(str(ckpt)).expanduser().is_file():
-        raise ConfigError(f"ckpt_path={ckpt}: no such file")
+    if ckpt and str(ckpt) not in ("auto", "last") and not Path(str(ckpt)).expanduser().is_file():
+        raise ConfigError(f"ckpt_path={ckpt}: no such file (or ckpt_path=auto: the newest readable checkpoint of the run)")
 
 
 def accumulation_steps(cfg: DictConfig) -> int:

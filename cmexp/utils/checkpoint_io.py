@@ -1,0 +1,100 @@
+"""Checkpoint files that survive kills: atomic writes, stale-temp cleanup, and finding the
+newest readable checkpoint to resume from (``ckpt_path=auto``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+TEMP_MARK = ".tmp-"
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the destination folder, flush + fsync, then rename over
+    ``path``: readers see the old complete file or the new complete file, never a partial one
+    (a rename within one folder never crosses filesystems)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with :func:`atomic_torch_save` (``last.ckpt`` is replaced only
+    by a complete file; Lightning's own save stages the file in the system temp folder, which
+    becomes a copy when that folder is on another filesystem)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        atomic_torch_save(checkpoint, path)
+
+
+def clean_stale_temp(folder: str | Path) -> list[Path]:
+    """Remove the temp files a killed save left in ``folder``; returns what was removed."""
+    folder = Path(folder)
+    removed = [p for p in folder.glob(f".*{TEMP_MARK}*") if p.is_file()] if folder.is_dir() else []
+    for p in removed:
+        p.unlink(missing_ok=True)
+        log.warning("removed %s (a checkpoint write that was interrupted)", p)
+    return removed
+
+
+def readable_checkpoint(path: Path, kind: str | None = None) -> str | None:
+    """None when ``path`` is a complete cmexp training checkpoint (of ``kind``), else why not."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is skipped and named
+        return f"unreadable ({type(err).__name__})"
+    meta = ckpt.get("cmexp") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "state_dict" not in ckpt or "optimizer_states" not in ckpt:
+        return "not a full cmexp training checkpoint"
+    if kind is not None and meta.get("kind") != kind:
+        return f"holds a '{meta.get('kind')}' model, this run trains '{kind}'"
+    return None
+
+
+def find_resume_checkpoint(folders: list[Path], kind: str | None = None) -> Path | None:
+    """The newest (by modification time) readable training checkpoint in the ``checkpoints/``
+    folders of ``folders``, in order: the first folder that has one wins. Unreadable files
+    are skipped with a warning naming them."""
+    for folder in folders:
+        ckpt_dir = folder / "checkpoints"
+        clean_stale_temp(ckpt_dir)
+        files = (
+            sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+            if ckpt_dir.is_dir()
+            else []
+        )
+        for path in files:
+            why = readable_checkpoint(path, kind)
+            if why is None:
+                return path
+            log.warning("skipping %s: %s", path, why)
+    return None
