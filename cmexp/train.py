@@ -51,17 +51,21 @@ def _wandb_offline_if_needed(cfg: DictConfig) -> None:
 
 
 def _record_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Write the resolved config and the Hydra group choices into the run folder."""
+    """Write the resolved config and the Hydra group choices into the run folder; the record
+    (with the command, commit and machine) goes into every checkpoint."""
     from hydra.core.hydra_config import HydraConfig
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     choices: dict[str, Any] = {}
     if HydraConfig.initialized():
         choices = {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra/")}
+    from cmexp.utils.provenance import run_provenance
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
     OmegaConf.save(OmegaConf.create(choices), output_dir / "choices.yaml")
-    return {"config": resolved, "choices": choices}
+    return {"config": resolved, "choices": choices, "provenance": run_provenance("cmexp.train", overrides)}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

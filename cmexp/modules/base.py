@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,8 @@ class DiffusionLitModule(pl.LightningModule):
         self.ema_decay = float(ema_decay)
         self.lr_warmup_kimg = float(lr_warmup_kimg)
         self.batches_seen = 0
+        self.train_seconds = 0.0  # wall time spent training, summed over resumes
+        self._clock: float | None = None
         self.run_config: dict[str, Any] | None = None  # set by cmexp.train for self-description
         self.model: nn.Module
         self.ema: nn.Module
@@ -179,6 +182,13 @@ class DiffusionLitModule(pl.LightningModule):
             "taus": list(spec.taus),
         }
 
+    def on_train_start(self) -> None:
+        self._clock = time.perf_counter()
+
+    def _elapsed(self) -> float:
+        """Training wall time so far (this process's share plus the resumed runs')."""
+        return self.train_seconds + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng: dict[str, Any] = {
             "torch": torch.get_rng_state(),
@@ -190,6 +200,7 @@ class DiffusionLitModule(pl.LightningModule):
         checkpoint["cmexp"] = {
             **self.metadata(),
             "batches_seen": self.batches_seen,
+            "train_seconds": round(self._elapsed(), 3),
             "rng": rng,
             "config": self.run_config,
         }
@@ -204,6 +215,7 @@ class DiffusionLitModule(pl.LightningModule):
                 "resume with the same +experiment"
             )
         self.batches_seen = int(meta["batches_seen"])
+        self.train_seconds = float(meta.get("train_seconds", 0.0))
         rng = meta["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(_numpy_state_from_torch(rng["numpy"]))
