@@ -118,6 +118,7 @@ class ClassifierLitModule(pl.LightningModule):
         self.images_seen = 0
         self.train_time_s = 0.0  # training wall time, summed over resumed runs
         self._t0: float | None = None
+        self._git: dict[str, Any] = {}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
@@ -166,6 +167,7 @@ class ClassifierLitModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._t0 = time.perf_counter()
+        self._git = git_commit()  # the code this run starts from (later edits do not count)
 
     def _elapsed(self) -> float:
         return self.train_time_s + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
@@ -187,7 +189,7 @@ class ClassifierLitModule(pl.LightningModule):
                     "test_eval_s": round(eval_s, 1),
                     "parameters": sum(p.numel() for p in self.net.parameters()),
                     "seed": (self.run_config or {}).get("config", {}).get("seed"),
-                    **git_commit(), "machine": machine_info()}
+                    **self._git, "machine": machine_info()}
             out = Path(self.trainer.default_root_dir) / "classifier.json"
             out.write_text(json.dumps(info, indent=2))
             self.export(acc, info)
