@@ -192,3 +192,41 @@ def test_the_classifier_experiment_exports_outside_the_package(tmp_path: Path) -
     assert (
         cfg.seed == 42 and cfg.net.feature_dim == 128 and cfg.net._target_ == "cmexp.nets.SmallCNN"
     )
+
+
+def test_the_classifier_net_options_keep_the_original_layout_and_nhwc_changes_no_numbers() -> None:
+    from cmexp.nets import SmallCNN
+
+    torch.manual_seed(0)
+    plain = SmallCNN(width=16)  # the original three double-conv blocks: keys and count unchanged
+    assert (
+        sum(p.numel() for p in plain.parameters()) == 81_850
+        and "body.0.3.weight" in plain.state_dict()
+    )
+    a = SmallCNN(width=8, convs=[1, 2, 2]).eval()
+    b = SmallCNN(width=8, convs=[1, 2, 2], channels_last=True).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 1, 32, 32)
+    assert torch.allclose(a.features(x), b.features(x), atol=1e-5)
+    with pytest.raises(ValueError, match="net.convs"):
+        SmallCNN(convs=[])
+
+
+def test_random_translate_shifts_each_image_with_background_fill() -> None:
+    from cmexp.modules.classifier import random_translate
+
+    x = torch.rand(6, 1, 12, 12) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    y = random_translate(x, 2, gen)
+    dy, dx = torch.randint(0, 5, (2, 6), generator=torch.Generator().manual_seed(0)) - 2
+    for i in range(6):
+        sy, sx = -int(dy[i]), -int(dx[i])  # content moves by (-dy, -dx); uncovered pixels are -1
+        ref = torch.full_like(x[i], -1.0)
+        ys, yd = (
+            (slice(0, 12 - sy), slice(sy, 12)) if sy >= 0 else (slice(-sy, 12), slice(0, 12 + sy))
+        )
+        xs, xd = (
+            (slice(0, 12 - sx), slice(sx, 12)) if sx >= 0 else (slice(-sx, 12), slice(0, 12 + sx))
+        )
+        ref[:, yd, xd] = x[i][:, ys, xs]
+        assert torch.equal(y[i], ref)
