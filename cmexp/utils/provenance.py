@@ -42,7 +42,7 @@ def machine() -> dict[str, Any]:
     try:
         import torch
 
-        info["torch"] = torch.__version__
+        info["torch"] = str(torch.__version__)  # a plain str: checkpoints load with weights_only
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:

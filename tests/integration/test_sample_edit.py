@@ -239,27 +239,28 @@ def test_inception_features_fail_fast_offline_and_load_a_weights_file(tmp_path: 
     assert feats(x).shape == (2, 2048) and feats.logits(x).shape == (2, 1008)
 
 
-def test_fmnist_default_quality_is_skipped_without_a_classifier_and_used_with_one(tmp_path: Path, caplog) -> None:
+def test_fmnist_quality_uses_the_shipped_classifier_and_a_trained_one_never_replaces_it(tmp_path: Path) -> None:
     import csv
-    import logging
 
-    # the classifier experiment exports its slim checkpoint to the default path, never overwriting it
+    from cmexp import zoo
+
+    shipped = zoo.info("fmnist_classifier")
+    # the classifier experiment exports its slim checkpoint to <root>/checkpoints, never overwriting
+    # it and never touching the shipped file
     export = tmp_path / "checkpoints" / "fmnist_classifier.ckpt"
     clf = [*TINY, "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
            "~callbacks.sample_grid", "trainer.max_steps=2", f"+model.export_path={export}"]
-    quality = [*TINY, "model=ct", "quality=fmnist_auto", f"paths.root_dir={tmp_path}",
-               "callbacks.sample_quality.every_n_steps=0", "callbacks.sample_quality.num_samples=4",
-               "callbacks.sample_quality.num_real=8", "callbacks.sample_quality.batch_size=4"]
-    with caplog.at_level(logging.WARNING):
-        train(compose_train(quality, tmp_path / "without"))
-    assert "sample-quality metrics skipped" in caplog.text and "fmnist_classifier.ckpt" in caplog.text
-    assert not (tmp_path / "without" / "sample_quality.json").exists()
     train(compose_train(clf, tmp_path / "clf1"))
     first = export.read_bytes()
     train(compose_train(clf, tmp_path / "clf2"))
     assert export.read_bytes() == first
+    assert zoo.sha256(shipped["path"]) == shipped["sha256"]
+    quality = [*TINY, "model=ct", "quality=fmnist", f"paths.root_dir={tmp_path}",
+               "callbacks.sample_quality.every_n_steps=0", "callbacks.sample_quality.num_samples=4",
+               "callbacks.sample_quality.num_real=8", "callbacks.sample_quality.batch_size=4"]
     train(compose_train(quality, tmp_path / "with"))
     metrics = json.loads((tmp_path / "with" / "sample_quality.json").read_text())
-    assert "val/fd_fmnist_1step" in metrics and metrics["weights"] == str(export)
+    assert "val/fd_fmnist_1step" in metrics and metrics["weights"] == shipped["path"]
+    assert shipped["sha256"].startswith(metrics["weights_sha256"])
     rows = list(csv.DictReader(open(tmp_path / "with" / "csv" / "metrics.csv")))
     assert any(r.get("val/fd_fmnist_2step") for r in rows)
