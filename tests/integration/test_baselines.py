@@ -408,3 +408,19 @@ def test_vp_teacher_at_zero_terminal_snr_trains_and_samples_from_pure_noise(
         )
     with pytest.raises(Exception, match="'vp'-preconditioned teacher"):
         train(composer([*TINY, "model=pd", f"model.teacher_path={ckpt}", *ROUNDS], name="pd_vp"))
+
+
+def test_a_schedule_that_does_not_decrease_is_one_error_naming_alpha_bars(composer) -> None:
+    from cmexp.utils.cli import user_error
+
+    cfg = composer(
+        [
+            *TINY,
+            "model=edm_vp",
+            "~vp_schedule.alpha_bars",
+            "+vp_schedule.alpha_bars=[0.9,0.95,0.1]",
+        ]
+    )
+    with pytest.raises(Exception) as err:  # Hydra wraps the ValueError; the CLI unwraps it
+        train(cfg)
+    assert str(user_error(err.value)).startswith("alpha_bars must be strictly decreasing")
