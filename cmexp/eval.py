@@ -55,12 +55,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from cmexp.inference import (
+        check_sampler,
         generate,
         load_from_config,
         nfe,
         pick_device,
+        sampler_options,
         save_samples,
         sigma_plan,
+        solver_plan,
     )
     from cmexp.inference.data import reference_datamodule
     from cmexp.metrics.suite import RealFeatureCache, describe, extract, reference_features, score
@@ -82,22 +85,28 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         dataset = loaded.dataset or OmegaConf.to_container(cfg.dataset, resolve=True)
         n = int(cfg.num_samples)
         plans = []
+        options: dict[str, float] = {}
         if loaded.is_consistency:
             taus = list_or_none(cfg.taus, "taus")
             for k in cfg.steps:
                 mids = taus[: int(k) - 1] if taus is not None else None
                 plans.append((f"{k}step", sigma_plan(loaded.spec, int(k), mids), "consistency"))
         else:
-            sig = sigma_plan(loaded.spec)
-            plans.append((f"{cfg.sampler}{nfe(sig, str(cfg.sampler))}nfe", sig, str(cfg.sampler)))
+            sampler = check_sampler(str(cfg.sampler or loaded.spec.sampler), loaded.spec)
+            options = sampler_options(sampler, cfg)
+            solver_steps = list_or_none(cfg.get("solver_steps"), "solver_steps")
+            sigs = [sigma_plan(loaded.spec)] if solver_steps is None else [solver_plan(loaded.spec, k) for k in solver_steps]
+            plans += [(f"{sampler}{nfe(sig, sampler)}nfe", sig, sampler) for sig in sigs]
         protocol.update({"ckpt": str(cfg.ckpt), "kind": loaded.kind, "weights": "ema" if cfg.use_ema else "online",
                          "rho": loaded.spec.rho, "num_scales": loaded.spec.num_scales,
                          "num_samples": n, "seeds": [int(cfg.seed), int(cfg.seed) + n - 1], "sets": {}})
         for set_name, sigmas, sampler in plans:
-            images = generate(loaded, n, sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device, progress=True)
+            images = generate(loaded, n, sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device, progress=True,
+                              options=options)
             save_samples(images, out_dir, int(cfg.grid_size), name=f"samples_{set_name}")
             sets[set_name] = to_uint8(images)  # score exactly what samples_<set>.npz holds
-            protocol["sets"][set_name] = {"sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler), "sampler": sampler}
+            protocol["sets"][set_name] = {"sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler), "sampler": sampler,
+                                          "options": options}
     else:
         dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
         u8 = read_samples(cfg.samples)

@@ -1,7 +1,9 @@
 """Sampling entry point: ``python -m cmexp.sample ckpt=PATH num_samples=... steps=1``.
 
 Consistency models sample in one step or with explicit taus (CM paper Alg. 1,
-``steps=2 taus=[0.585]`` or ``tau_indices=[11]``); EDM teachers with Heun or Euler.
+``steps=2 taus=[0.585]`` or ``tau_indices=[11]``); diffusion models (EDM teachers, PD
+students, VP teachers) with ``sampler=heun|euler|ddim|ddpm|edm_sde`` (default: the
+checkpoint's own) on their own plan or ``solver_steps=k``.
 """
 
 from __future__ import annotations
@@ -22,22 +24,38 @@ log = logging.getLogger("cmexp.sample")
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Generate ``cfg.num_samples`` images and write them to ``cfg.paths.output_dir``."""
-    from cmexp.inference import generate, load_from_config, nfe, save_samples, sigma_plan
+    from cmexp.inference import (
+        check_sampler,
+        generate,
+        load_from_config,
+        nfe,
+        sampler_options,
+        save_samples,
+        sigma_plan,
+        solver_plan,
+    )
 
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {cfg.num_samples}, {cfg.batch_size}")
     loaded, device = load_from_config(cfg)
-    sigmas = sigma_plan(loaded.spec, int(cfg.steps), list_or_none(cfg.taus, "taus"),
-                        list_or_none(cfg.tau_indices, "tau_indices"))
-    sampler = "consistency" if loaded.is_consistency else str(cfg.sampler)
+    if loaded.is_consistency:
+        sampler, options = "consistency", {}
+        sigmas = sigma_plan(loaded.spec, int(cfg.steps), list_or_none(cfg.taus, "taus"),
+                            list_or_none(cfg.tau_indices, "tau_indices"))
+    else:
+        sampler = check_sampler(str(cfg.sampler or loaded.spec.sampler), loaded.spec)
+        options = sampler_options(sampler, cfg)
+        steps = cfg.get("solver_steps")
+        sigmas = sigma_plan(loaded.spec) if steps is None else solver_plan(loaded.spec, steps)
     t0 = time.perf_counter()
-    images = generate(loaded, int(cfg.num_samples), sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device, progress=True)
+    images = generate(loaded, int(cfg.num_samples), sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device,
+                      progress=True, options=options)
     seconds = time.perf_counter() - t0
     out_dir = Path(cfg.paths.output_dir)
     files = save_samples(images, out_dir, int(cfg.grid_size))
     info = {
         "ckpt": str(cfg.ckpt), "kind": loaded.kind, "weights": "ema" if cfg.use_ema else "online",
-        "sampler": sampler, "sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler),
+        "sampler": sampler, "options": options, "sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler),
         "rho": loaded.spec.rho, "num_scales": loaded.spec.num_scales,
         "num_samples": int(cfg.num_samples), "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.num_samples) - 1],
         "seconds": round(seconds, 3), "images_per_second": round(int(cfg.num_samples) / max(seconds, 1e-9), 2),

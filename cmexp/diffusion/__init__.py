@@ -1,5 +1,6 @@
-"""The consistency-model engine: sigma grids, preconditioning, ODE solvers, curricula, EMA,
-samplers. Pure PyTorch, no Lightning."""
+"""The consistency-model engine: sigma grids, preconditioning (EDM, CM, VP), ODE solvers,
+DDIM/DDPM/EDM-SDE samplers, VP noise schedules, curricula, EMA, consistency samplers. Pure
+PyTorch, no Lightning."""
 
 from cmexp.diffusion.ema import ema_update_
 from cmexp.diffusion.karras import append_dims, append_zero, check_sigma_range, karras_sigmas
@@ -12,6 +13,7 @@ from cmexp.diffusion.precond import (
     gaussian_denoiser,
     gaussian_mixture_denoiser,
 )
+from cmexp.diffusion.samplers import ddim_step, sample_ddim, sample_ddpm, sample_edm_sde
 from cmexp.diffusion.sampling import SeededNoise, sample_multistep, sample_onestep
 from cmexp.diffusion.schedules import (
     AdaptiveSchedule,
@@ -28,6 +30,18 @@ from cmexp.diffusion.solvers import (
     sample_euler,
     sample_heun,
 )
+from cmexp.diffusion.vp import (
+    VPrecond,
+    VPSchedule,
+    alpha_bar_to_sigma,
+    cosine_alpha_bars,
+    linear_alpha_bars,
+    rescale_zero_terminal_snr,
+    sigma_to_alpha_bar,
+    ve_to_vp,
+    vp_scalings,
+    vp_to_ve,
+)
 
 __all__ = [
     "AdaptiveSchedule",
@@ -38,11 +52,16 @@ __all__ = [
     "ImprovedSchedule",
     "Schedule",
     "SeededNoise",
+    "VPSchedule",
+    "VPrecond",
     "adaptive_schedule",
+    "alpha_bar_to_sigma",
     "append_dims",
     "append_zero",
     "boundary_scalings",
     "check_sigma_range",
+    "cosine_alpha_bars",
+    "ddim_step",
     "describe_curriculum",
     "edm_scalings",
     "ema_update_",
@@ -52,8 +71,17 @@ __all__ = [
     "gaussian_mixture_denoiser",
     "heun_step",
     "karras_sigmas",
+    "linear_alpha_bars",
+    "rescale_zero_terminal_snr",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_edm_sde",
     "sample_euler",
     "sample_heun",
     "sample_multistep",
     "sample_onestep",
+    "sigma_to_alpha_bar",
+    "ve_to_vp",
+    "vp_scalings",
+    "vp_to_ve",
 ]

@@ -111,6 +111,10 @@ class EDMPrecond(_Precond):
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return edm_scalings(sigma, self.sigma_data)
 
+    def describe(self) -> dict[str, str]:
+        """What a checkpoint records to rebuild the wrapper (``cmexp.inference.loader``)."""
+        return {"name": "edm"}
+
 
 class CMPrecond(_Precond):
     """Consistency function ``f(x, sigma)`` with the boundary scalings (CM paper Eq. 5,

@@ -90,7 +90,10 @@ def sample_euler(
         denoised = denoiser(x, s, class_labels)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": s, "denoised": denoised})
-        x = x + (s_next - s) * (x - denoised) / s
+        if torch.isinf(s):  # zero terminal SNR: x is the VP state z (cmexp.diffusion.samplers)
+            x = denoised + s_next * x
+        else:
+            x = x + (s_next - s) * (x - denoised) / s
     return x
 
 
@@ -106,6 +109,7 @@ def sample_heun(
     positive sigmas, an Euler step into ``sigma = 0``. With ``append_zero(karras_sigmas(18))``
     this is the CIFAR-10 teacher sampler with NFE = 2*18 - 1 = 35 (CM paper Table 1)."""
     _check_descending(sigmas)
+    _check_finite_start(sigmas, "sample_heun")
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, s, class_labels)
@@ -118,6 +122,14 @@ def sample_heun(
             x_next = x + (s_next - s) * (d + d_next) / 2
         x = x_next
     return x
+
+
+def _check_finite_start(sigmas: Tensor, name: str) -> None:
+    if bool(torch.isinf(sigmas[0])):
+        raise ValueError(
+            f"{name} needs a finite sigmas[0]; start a zero-terminal-SNR model (sigma_max = inf) "
+            "with sampler=ddim, ddpm or euler"
+        )
 
 
 def _check_descending(sigmas: Tensor) -> None:

@@ -11,7 +11,7 @@ from cmexp.inference.checkpoint import (
     read_checkpoint,
     resolve_source,
 )
-from cmexp.inference.generate import generate, save_samples
+from cmexp.inference.generate import generate, sampler_options, save_samples
 from cmexp.inference.loader import (
     LoadedModel,
     load_from_config,
@@ -19,16 +19,26 @@ from cmexp.inference.loader import (
     pick_device,
     sampling_spec,
 )
-from cmexp.inference.plan import SamplingSpec, check_plan, nfe, sigma_plan
+from cmexp.inference.plan import (
+    DIFFUSION_SAMPLERS,
+    SamplingSpec,
+    check_plan,
+    check_sampler,
+    nfe,
+    sigma_plan,
+    solver_plan,
+)
 
 __all__ = [
     "CONSISTENCY_KINDS",
     "DIFFUSION_KINDS",
+    "DIFFUSION_SAMPLERS",
     "MODEL_KINDS",
     "CheckpointFile",
     "LoadedModel",
     "SamplingSpec",
     "check_plan",
+    "check_sampler",
     "export_weights",
     "generate",
     "load_from_config",
@@ -37,7 +47,9 @@ __all__ = [
     "pick_device",
     "read_checkpoint",
     "resolve_source",
+    "sampler_options",
     "sampling_spec",
     "save_samples",
     "sigma_plan",
+    "solver_plan",
 ]

@@ -1,7 +1,7 @@
 """Reading the files that hold a trained model: one reader for every kind of checkpoint.
 
 A cmexp checkpoint (full Lightning ``.ckpt``, or the slim copy of :func:`export_weights`) is
-self-describing: ``checkpoint["cmexp"]`` holds the kind ("edm", "cd", "ct", "classifier"),
+self-describing: ``checkpoint["cmexp"]`` holds the kind ("edm", "pd", "cd", "ct", "classifier"),
 the settings needed to use the model (preconditioning constants, ``rho``, grid ``num_scales``,
 default ``taus``, resolution, channels, labels) and the resolved run config, whose ``net``
 entry rebuilds the raw network. ``zoo:NAME`` sources name files shipped in ``cmexp/zoo``.
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-DIFFUSION_KINDS = ("edm",)
+DIFFUSION_KINDS = ("edm", "pd")
 CONSISTENCY_KINDS = ("cd", "ct")
 MODEL_KINDS = DIFFUSION_KINDS + CONSISTENCY_KINDS
 

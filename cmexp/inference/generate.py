@@ -9,14 +9,33 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from cmexp.diffusion.samplers import sample_ddim, sample_ddpm, sample_edm_sde
 from cmexp.diffusion.sampling import SeededNoise, sample_multistep
 from cmexp.diffusion.solvers import sample_euler, sample_heun
 from cmexp.inference.loader import LoadedModel
+from cmexp.inference.plan import check_sampler
+
+#: Options of the stochastic samplers (command-line keys of cmexp.sample / cmexp.eval).
+SAMPLER_OPTIONS = {"ddim": ("eta",), "edm_sde": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
+
+
+def sampler_options(sampler: str, values: Any) -> dict[str, float]:
+    """The options of ``sampler`` among the command line's ``values`` (null entries dropped),
+    as floats. Every option given is checked, used or not: a ValueError names the key."""
+    for key in ("eta", "s_churn", "s_tmin", "s_noise"):
+        value = values.get(key)
+        if value is not None and not float(value) >= 0:
+            raise ValueError(f"{key} must be >= 0, got {value}")
+    tmin, tmax = values.get("s_tmin"), values.get("s_tmax")
+    if tmin is not None and tmax is not None and not float(tmax) >= float(tmin):
+        raise ValueError(f"s_tmax must be >= s_tmin, got s_tmax={tmax} < s_tmin={tmin}")
+    return {k: float(values[k]) for k in SAMPLER_OPTIONS.get(sampler, ()) if values.get(k) is not None}
 from cmexp.utils.images import image_grid, save_png, to_uint8
 
 
@@ -30,23 +49,30 @@ def generate(
     sampler: str = "consistency",
     device: str | torch.device = "cpu",
     progress: bool = False,
+    options: dict[str, float] | None = None,
 ) -> Tensor:
     """``[num_samples,C,H,W]`` images in [-1,1].
 
     Args:
-        sigmas: the plan of :func:`cmexp.inference.plan.sigma_plan`: consistency models
-            ``[T, tau_1, ...]``; EDM the solver grid ending in 0.
-        sampler: "consistency" (Alg. 1), or "heun"/"euler" for an EDM denoiser.
+        sigmas: the plan of :func:`cmexp.inference.plan.sigma_plan` / ``solver_plan``:
+            consistency models ``[T, tau_1, ...]``; diffusion models the solver grid (ending in
+            0, or at sigma_min for a PD plan; ``sigmas[0]`` = inf for a zero-SNR VP model).
+        sampler: "consistency" (Alg. 1), or for a denoiser one of
+            :data:`cmexp.inference.plan.DIFFUSION_SAMPLERS`.
+        options: the sampler's options (DDIM ``eta``; EDM-SDE ``s_churn``, ``s_tmin``,
+            ``s_tmax``, ``s_noise``). Fresh noise of stochastic samplers comes from image i's
+            own generator, like its initial noise.
     """
     m = loaded.model.to(device)
     if loaded.is_consistency != (sampler == "consistency"):
         raise ValueError(
             f"sampler={sampler} does not fit a '{loaded.kind}' checkpoint "
-            f"(use {'consistency' if loaded.is_consistency else 'heun or euler'})"
+            f"(use {'consistency' if loaded.is_consistency else 'a diffusion sampler'})"
         )
-    solvers = {"heun": sample_heun, "euler": sample_euler}
-    if sampler != "consistency" and sampler not in solvers:
-        raise ValueError(f"sampler must be heun or euler for an EDM checkpoint, got {sampler!r}")
+    sampler = check_sampler(sampler, loaded.spec)
+    options = dict(options or {})
+    solvers = {"heun": sample_heun, "euler": sample_euler, "ddim": sample_ddim, "ddpm": sample_ddpm,
+               "edm_sde": sample_edm_sde}
     shape = (m.img_channels, m.img_resolution, m.img_resolution)
     out = []
     starts = range(0, num_samples, batch_size)
@@ -64,7 +90,11 @@ def generate(
             x = sample_multistep(m, z, sigmas, loaded.spec.sigma_min, noise=noise.randn_like)
         else:
             sig = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
-            x = solvers[sampler](m, z * sig[0], sig).clamp(-1, 1)
+            x0 = z if torch.isinf(sig[0]) else z * sig[0]  # zero terminal SNR: the VP state z
+            kwargs = dict(options)
+            if sampler in ("ddim", "ddpm", "edm_sde"):
+                kwargs["noise"] = noise.randn_like
+            x = solvers[sampler](m, x0, sig, **kwargs).clamp(-1, 1)
         out.append(x.cpu())
     return torch.cat(out)
 

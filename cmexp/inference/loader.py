@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cmexp.diffusion.precond import CMPrecond, EDMPrecond
+from cmexp.diffusion.vp import VPrecond
 from cmexp.inference.checkpoint import (
     CONSISTENCY_KINDS,
     MODEL_KINDS,
@@ -38,6 +39,7 @@ def sampling_spec(meta: dict[str, Any], config: dict[str, Any] | None = None) ->
         or 18
     )
     taus = meta.get("taus", model_cfg.get("taus", model_cfg.get("sample_sigmas", ())))
+    alpha_bars = meta.get("alpha_bars")
     return SamplingSpec(
         consistency=meta["kind"] in CONSISTENCY_KINDS,
         sigma_min=float(meta["sigma_min"]),
@@ -45,6 +47,9 @@ def sampling_spec(meta: dict[str, Any], config: dict[str, Any] | None = None) ->
         rho=float(rho),
         num_scales=int(num_scales),
         taus=tuple(float(t) for t in taus or ()),
+        sampler=str(meta.get("sampler") or ("ddim" if meta["kind"] == "pd" else "heun")),
+        final_zero=bool(meta.get("final_zero", meta["kind"] != "pd")),
+        alpha_bars=tuple(float(a) for a in alpha_bars) if alpha_bars is not None else (),
     )
 
 
@@ -52,8 +57,9 @@ def sampling_spec(meta: dict[str, Any], config: dict[str, Any] | None = None) ->
 class LoadedModel:
     """A trained model ready to use.
 
-    ``model``: an :class:`EDMPrecond` denoiser D(x, sigma) (kind "edm") or a :class:`CMPrecond`
-    consistency function f(x, sigma) (kinds "cd"/"ct"), in eval mode, without gradients.
+    ``model``: a denoiser D(x, sigma) (kinds "edm", "pd": :class:`EDMPrecond`, or
+    :class:`VPrecond` for a VP-parameterised teacher) or a :class:`CMPrecond` consistency
+    function f(x, sigma) (kinds "cd"/"ct"), in eval mode, without gradients.
     ``spec``: its sampling settings (sigma range, rho, grid N, default taus).
     ``config``: the run's resolved config (dict). ``meta``: ``checkpoint["cmexp"]``.
     """
@@ -108,15 +114,28 @@ def pick_device(name: str) -> str:
     return str(name)
 
 
+def build_wrapper(net: nn.Module, meta: dict[str, Any], source: str = "ckpt") -> nn.Module:
+    """The preconditioning wrapper a checkpoint's metadata describes around ``net``: CMPrecond
+    for CD/CT, EDMPrecond for EDM/PD, VPrecond where ``meta["precond"]`` says "vp"."""
+    args = (net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
+    if meta["kind"] in CONSISTENCY_KINDS:
+        return CMPrecond(*args)
+    precond = meta.get("precond") or {"name": "edm"}
+    if precond.get("name") == "vp":
+        return VPrecond(*args, prediction=str(precond.get("prediction", "v")))
+    if precond.get("name") != "edm":
+        raise ValueError(f"{source}: unknown preconditioning {precond!r}")
+    return EDMPrecond(*args)
+
+
 def build_model(ckpt: CheckpointFile, prefix: str = "ema.") -> nn.Module:
     """The preconditioned network of an EDM/CD/CT checkpoint with the weights under ``prefix``
     ("ema." = sampling EMA, "model." = online)."""
     from hydra.utils import instantiate
 
     net = instantiate(ckpt.net_config())
-    wrapper = EDMPrecond if ckpt.kind == "edm" else CMPrecond
     m = ckpt.meta
-    model = wrapper(net, m["sigma_min"], m["sigma_max"], m["sigma_data"], m["c_noise_scale"])
+    model = build_wrapper(net, m, f"{ckpt.key}={ckpt.source}")
     try:
         model.load_state_dict(ckpt.weights(prefix))
     except RuntimeError as err:

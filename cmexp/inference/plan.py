@@ -10,6 +10,7 @@ levels after T of the CM paper's Alg. 1 (``[80, 0.585]`` has ``taus = [0.585]``)
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -17,6 +18,10 @@ import torch
 from torch import Tensor
 
 from cmexp.diffusion.karras import karras_sigmas
+
+#: Samplers of a diffusion model (a denoiser D): EDM's Heun (Alg. 1) and stochastic sampler
+#: (Alg. 2), Euler, DDIM (eta = 0 equals Euler in sigma) and DDPM ancestral sampling.
+DIFFUSION_SAMPLERS = ("heun", "euler", "ddim", "ddpm", "edm_sde")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,13 @@ class SamplingSpec:
         num_scales: N of the model's grid: the CD/CT discretisation at the end of training
             (``tau_indices`` index it; CIFAR-10 CD: 18) or the EDM sampler's (18 -> Heun NFE 35).
         taus: default levels after T for multistep sampling (CIFAR-10 CD 2-step: 0.585).
+        sampler: a diffusion model's own sampler (EDM: heun; a PD student: ddim).
+        final_zero: the diffusion plan ends with a step into sigma = 0 (EDM's convention:
+            N levels and 0); False: it ends at sigma_min (a PD student's N steps on N + 1
+            Karras levels, the CM paper's PD sampler).
+        alpha_bars: a discrete VP schedule's ``alpha_bar_t`` (t = 1..T) when the model was
+            trained on one (``cmexp.diffusion.VPSchedule``): its grid is then the schedule's
+            trailing timesteps instead of the Karras levels (``sigma_max`` may be inf).
     """
 
     consistency: bool
@@ -38,12 +50,19 @@ class SamplingSpec:
     rho: float = 7.0
     num_scales: int = 18
     taus: tuple[float, ...] = ()
+    sampler: str = "heun"
+    final_zero: bool = True
+    alpha_bars: tuple[float, ...] = ()
 
-    def grid(self) -> Tensor:
-        """``[num_scales]`` descending Karras levels (float64), index 0 = T, index N-1 = eps."""
-        return karras_sigmas(
-            self.num_scales, self.sigma_min, self.sigma_max, self.rho, dtype=torch.float64
-        )
+    def grid(self, num_scales: int | None = None) -> Tensor:
+        """``[num_scales]`` descending levels (float64), index 0 = T: the Karras grid (index
+        N-1 = eps), or the VP schedule's trailing timesteps."""
+        n = self.num_scales if num_scales is None else int(num_scales)
+        if self.alpha_bars:
+            from cmexp.diffusion.vp import VPSchedule
+
+            return torch.tensor(VPSchedule(self.alpha_bars).plan(n), dtype=torch.float64)
+        return karras_sigmas(n, self.sigma_min, self.sigma_max, self.rho, dtype=torch.float64)
 
     def with_overrides(
         self, warn: Callable[[str], None] | None = None, **values: object
@@ -97,11 +116,14 @@ def sigma_plan(
     it has enough; else evenly spaced grid indices ``j * (N // steps)`` (diffusers' spacing).
     ``tau_indices = 1..N-1`` gives the whole grid (the editors' default).
 
-    EDM denoisers: the solver grid, ``num_scales`` Karras levels and a final 0 (Heun NFE
-    2N - 1, Euler N); ``steps``/``taus`` do not apply.
+    Diffusion models (EDM, PD, VP teachers): the solver grid, ``num_scales`` levels and a
+    final 0 (Heun NFE 2N - 1, Euler/DDIM/DDPM N), or for a PD student its ``num_scales``
+    = N + 1 levels ending at sigma_min (DDIM NFE N); ``steps``/``taus`` do not apply. Use
+    :func:`solver_plan` for an explicit step count.
     """
     if not spec.consistency:
-        return [*spec.grid().tolist(), 0.0]
+        grid = spec.grid().tolist()
+        return [*grid, 0.0] if spec.final_zero or spec.alpha_bars else grid
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     steps = int(steps)
@@ -134,7 +156,45 @@ def sigma_plan(
     return check_plan([spec.sigma_max, *mids], spec, key=src)
 
 
+def solver_plan(spec: SamplingSpec, solver_steps: int) -> list[float]:
+    """A diffusion model's plan with an explicit number of solver steps ``k``: the ``k + 1``
+    Karras levels from sigma_max to sigma_min (the grid of a k-step PD student, so the
+    teacher and the student are compared on the same levels; Euler/DDIM/DDPM NFE k, Heun and
+    EDM-SDE 2k), or, for a VP schedule, its ``k`` trailing timesteps and a final 0."""
+    if spec.consistency:
+        raise ValueError("solver_steps applies to diffusion models; consistency models take steps=")
+    if int(solver_steps) != solver_steps or solver_steps < 1:
+        raise ValueError(f"solver_steps must be an integer >= 1, got {solver_steps!r}")
+    k = int(solver_steps)
+    if spec.alpha_bars:
+        return [*spec.grid(k).tolist(), 0.0]
+    return spec.grid(k + 1).tolist()
+
+
+def check_sampler(sampler: str, spec: SamplingSpec) -> str:
+    """``sampler`` as given when it fits the model, else a ValueError naming ``sampler``."""
+    if spec.consistency:
+        if sampler not in ("consistency", None):
+            raise ValueError(f"sampler={sampler} does not fit a consistency model (it samples with Alg. 1)")
+        return "consistency"
+    if sampler not in DIFFUSION_SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(DIFFUSION_SAMPLERS)}, got {sampler!r}")
+    if sampler in ("heun", "edm_sde") and math.isinf(spec.sigma_max):
+        raise ValueError(
+            f"sampler={sampler} cannot start at sigma_max = inf (a zero-terminal-SNR model); use ddim, ddpm or euler"
+        )
+    return str(sampler)
+
+
 def nfe(sigmas: Sequence[float] | Tensor, sampler: str) -> int:
-    """Network evaluations: one per level for Alg. 1; Heun 2N - 1, Euler N on an N + 1 grid."""
-    n = len(sigmas)
-    return {"consistency": n, "heun": 2 * (n - 1) - 1, "euler": n - 1}[sampler]
+    """Network evaluations of a plan: one per level for Alg. 1; Euler/DDIM/DDPM one per step;
+    Heun and EDM-SDE two per step, one for a final step into 0 (N levels + 0: 2N - 1)."""
+    sig = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+    n = len(sig)
+    if sampler == "consistency":
+        return n
+    if sampler in ("euler", "ddim", "ddpm"):
+        return n - 1
+    if sampler in ("heun", "edm_sde"):
+        return 2 * (n - 1) - (1 if sig[-1] == 0 else 0)
+    raise ValueError(f"sampler must be one of consistency, {', '.join(DIFFUSION_SAMPLERS)}, got {sampler!r}")

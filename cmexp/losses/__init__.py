@@ -1,4 +1,5 @@
-"""Losses: distances d(x, y) -> [B], the EDM denoising loss, and the CD/CT objectives."""
+"""Losses: distances d(x, y) -> [B], the EDM denoising loss, the CD/CT objectives and
+progressive distillation."""
 
 from cmexp.losses.consistency import (
     ConsistencyDistillationLoss,
@@ -8,7 +9,6 @@ from cmexp.losses.consistency import (
     UniformIndices,
     replay_rng,
 )
-from cmexp.losses.edm import EDMLoss
 from cmexp.losses.distances import (
     L1Distance,
     L2Distance,
@@ -18,7 +18,18 @@ from cmexp.losses.distances import (
     l2,
     pseudo_huber,
 )
-from cmexp.losses.weighting import ICTWeighting, UniformWeighting
+from cmexp.losses.edm import EDMLoss
+from cmexp.losses.progressive import (
+    ProgressiveDistillationLoss,
+    ProgressiveLossOutput,
+    progressive_target,
+)
+from cmexp.losses.weighting import (
+    ICTWeighting,
+    SNRPlusOneWeighting,
+    TruncatedSNRWeighting,
+    UniformWeighting,
+)
 
 __all__ = [
     "ConsistencyDistillationLoss",
@@ -30,11 +41,16 @@ __all__ = [
     "L2Distance",
     "LPIPSDistance",
     "LognormalIndices",
+    "ProgressiveDistillationLoss",
+    "ProgressiveLossOutput",
     "PseudoHuberDistance",
+    "SNRPlusOneWeighting",
+    "TruncatedSNRWeighting",
     "UniformIndices",
     "UniformWeighting",
     "l1",
     "l2",
+    "progressive_target",
     "pseudo_huber",
     "replay_rng",
 ]

@@ -1,9 +1,11 @@
-"""LightningModules, one per training mode: EDM teacher, CD and CT (and the feature classifier)."""
+"""LightningModules, one per training mode: EDM teacher, CD, CT, progressive distillation (and
+the feature classifier)."""
 
 from cmexp.modules.base import DiffusionLitModule, NonFiniteLossError
 from cmexp.modules.classifier import ClassifierLitModule
 from cmexp.modules.consistency import CDLitModule, ConsistencyLitModule, CTLitModule, load_teacher
 from cmexp.modules.edm import EDMLitModule
+from cmexp.modules.pd import PDLitModule
 
 __all__ = [
     "CDLitModule",
@@ -13,5 +15,6 @@ __all__ = [
     "DiffusionLitModule",
     "EDMLitModule",
     "NonFiniteLossError",
+    "PDLitModule",
     "load_teacher",
 ]

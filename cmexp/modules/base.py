@@ -180,6 +180,10 @@ class DiffusionLitModule(pl.LightningModule):
             "rho": spec.rho,
             "num_scales": spec.num_scales,
             "taus": list(spec.taus),
+            "sampler": spec.sampler,
+            "final_zero": spec.final_zero,
+            **({"precond": m.describe()} if hasattr(m, "describe") else {}),
+            **({"alpha_bars": torch.tensor(spec.alpha_bars, dtype=torch.float64)} if spec.alpha_bars else {}),
         }
 
     def on_train_start(self) -> None:

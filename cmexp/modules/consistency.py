@@ -175,6 +175,12 @@ def load_teacher(path: str | None, net: nn.Module) -> EDMPrecond:
         )
     ckpt = read_checkpoint(path, key="model.teacher_path", kinds=("edm",))
     meta = ckpt.meta
+    precond = (meta.get("precond") or {"name": "edm"}).get("name")
+    if precond != "edm":
+        raise ValueError(
+            f"model.teacher_path={path} is a '{precond}'-preconditioned teacher (model=edm_vp); distillation "
+            "here needs an EDM-preconditioned one (model=edm)"
+        )
     want = (int(net.img_resolution), int(net.img_channels))
     got = (int(meta["img_resolution"]), int(meta["img_channels"]))
     if want != got:

@@ -37,11 +37,12 @@ def check_train_config(cfg: DictConfig) -> None:
     if ema is not None and not 0 <= ema < 1:
         raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema}")
     target = str(_sel(cfg, "model._target_") or "")
-    if target.endswith("CDLitModule"):
+    if target.endswith(("CDLitModule", "PDLitModule")):
         path = _sel(cfg, "model.teacher_path")
         if not path:
+            what = "consistency distillation" if target.endswith("CDLitModule") else "progressive distillation"
             raise ConfigError(
-                "model.teacher_path is required for consistency distillation: set "
+                f"model.teacher_path is required for {what}: set "
                 "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm)"
             )
         from cmexp.inference.checkpoint import resolve_source
@@ -53,10 +54,29 @@ def check_train_config(cfg: DictConfig) -> None:
     max_steps = _sel(cfg, "trainer.max_steps")
     if max_steps is not None and max_steps != -1 and max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {max_steps}")
+    if target.endswith("PDLitModule"):
+        _check_pd_rounds(cfg, max_steps)
     accumulation_steps(cfg)  # global_batch_size fits the devices
     ckpt = _sel(cfg, "ckpt_path")
     if ckpt and str(ckpt) not in ("auto", "last") and not Path(str(ckpt)).expanduser().is_file():
         raise ConfigError(f"ckpt_path={ckpt}: no such file (or ckpt_path=auto: the newest readable checkpoint of the run)")
+
+
+def _check_pd_rounds(cfg: DictConfig, max_steps: int | None) -> None:
+    """The rounds of progressive distillation fit their teacher and the run's length."""
+    from cmexp.modules.pd import check_rounds
+
+    try:
+        _, _, lengths = check_rounds(
+            _sel(cfg, "model.teacher_steps"), _sel(cfg, "model.num_rounds"), _sel(cfg, "model.steps_per_round")
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if max_steps is not None and max_steps != -1 and max_steps > sum(lengths):
+        raise ConfigError(
+            f"trainer.max_steps={max_steps} exceeds the rounds' total sum(model.steps_per_round) = {sum(lengths)}; "
+            "lengthen the rounds or shorten the run"
+        )
 
 
 def accumulation_steps(cfg: DictConfig) -> int:

@@ -65,7 +65,7 @@ def test_experiment_composes_and_instantiates(name, composer, teachers, fake_wei
     monkeypatch.setenv("TORCH_HOME", str(fake_weights))
     cfg = composer([f"+experiment={name}"])
     assert cfg.model._target_.startswith("cmexp.modules.")
-    if cfg.model._target_.endswith("CDLitModule"):
+    if cfg.model._target_.endswith(("CDLitModule", "PDLitModule")):
         OmegaConf.update(cfg, "model.teacher_path", str(_fake_teacher(cfg, teachers)))
     datamodule = hydra.utils.instantiate(cfg.dataset)
     assert datamodule.batch_size == cfg.dataset.batch_size
@@ -78,14 +78,17 @@ def test_experiment_composes_and_instantiates(name, composer, teachers, fake_wei
     for cb in cfg.callbacks.values():
         hydra.utils.instantiate(cb)
     if name.startswith("cifar10"):
-        # the paper's Table 3 values
-        assert cfg.dataset.batch_size == 512 and cfg.net.model_channels == 128
+        # the paper's Table 3 values (PD: the PD paper's batch 128; the CM paper's PD: 512)
+        assert cfg.dataset.batch_size == (128 if name == "cifar10_pd" else 512) and cfg.net.model_channels == 128
         if "_cd_" in name or "_ct_" in name:
             assert cfg.model.ema_decay == 0.9999
             assert cfg.model.optimizer._target_ == "torch.optim.RAdam"
     if "_cd_" in name:
         assert cfg.schedule.num_scales == 18 and cfg.schedule.mu == 0.0
         assert cfg.solver._target_ == "cmexp.diffusion.heun_step"
+    if name.endswith(("_pd", "_pd_cm")):  # rounds that reach 1 step and fill the run
+        assert model.student_steps(model.num_rounds - 1) == 1 and model.total_steps == cfg.trainer.max_steps
+        assert cfg.trainer.gradient_clip_val == 1.0 and cfg.model.ema_decay == 0.0
 
 
 def test_main_job_is_the_quick_fashion_mnist_ct(composer) -> None:

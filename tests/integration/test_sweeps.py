@@ -38,6 +38,9 @@ def jobs(overrides: list[str]) -> list[list[str]]:
         ("cifar10_cd_lpips", "fig3c", 8, [["solver=heun", f"schedule.num_scales={n}"] for n in NS]),
         ("cifar10_ct_lpips", "fig3d", 4, [["schedule=adaptive"], ["schedule=fixed_n120"]]),
         ("fmnist_cd_l2", "seeds", 3, [["seed=0"], ["seed=1"], ["seed=2"]]),
+        ("cifar10_cd_lpips", "fig4", 2, [["metric=l2"], ["metric=lpips"]]),
+        ("cifar10_pd_cm", "fig4", 2, [["metric=l2"], ["metric=lpips"]]),
+        ("fmnist_pd", "fig4", 2, [["metric=l2"], ["metric=lpips"]]),
     ],
 )
 def test_sweep_composes_into_the_expected_jobs(experiment, sweep, count, expected) -> None:
@@ -113,3 +116,68 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(p.parent.parent.name for p in tmp_path.glob("*/checkpoints/last.ckpt")) == ["0", "1"]
     assert (tmp_path / ".submitit").is_dir()
+
+
+def test_fig4_jobs_train_cd_and_pd_at_equal_images_seen(composer) -> None:
+    """Fig. 4 compares CD and PD from the same teacher at the same training budget: every job
+    of the sweep composes, the CIFAR-10 pair sees the same images (800k x 512), and the PD
+    rounds fill the run down to a 1-step student."""
+    import hydra
+
+    budgets = {}
+    for experiment in ("cifar10_cd_lpips", "cifar10_pd_cm"):
+        for job in jobs([f"+experiment={experiment}", "+sweep=fig4"]):
+            cfg = composer([f"+experiment={experiment}", *job])
+            assert cfg.metric._target_.split(".")[-1] in ("L2Distance", "LPIPSDistance")
+            budgets[experiment] = cfg.trainer.max_steps * cfg.global_batch_size
+    assert budgets["cifar10_cd_lpips"] == budgets["cifar10_pd_cm"] == 800_000 * 512
+    pd = composer(["+experiment=cifar10_pd_cm", "metric=l2"])
+    assert sum(pd.model.steps_per_round) == pd.trainer.max_steps and pd.model.teacher_steps == 2**13
+    assert hydra.utils.instantiate(pd.model.loss.weighting).__class__.__name__ == "TruncatedSNRWeighting"
+
+
+def test_fig4_script_commands_compose_with_equal_budgets_and_the_table_reads_eval_output(tmp_path: Path) -> None:
+    """scripts/fig4_fmnist.sh with DRY_RUN=1 prints its commands: the CD and PD trainings
+    compose with the same steps x batch, and --table turns cmexp.eval outputs into fig4.md/png."""
+    import json
+    import shlex
+
+    teacher, clf = tmp_path / "teacher.ckpt", tmp_path / "clf.ckpt"
+    teacher.touch()
+    clf.touch()
+    env = {**os.environ, "DRY_RUN": "1", "CLASSIFIER": str(clf), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", "scripts/fig4_fmnist.sh", str(teacher), str(tmp_path / "out")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(line) for line in out.stdout.splitlines() if " -m cmexp." in line]
+    trains = [a[3:] for a in lines if a[2] == "cmexp.train"]
+    evals = [a[3:] for a in lines if a[2] == "cmexp.eval"]
+    assert len(trains) == 2 and len(evals) == 8
+    budgets = []
+    for args in trains:
+        keep = [a for a in args if not a.startswith(("+sweep", "hydra.", "model.teacher_path", "callbacks.sample_quality"))]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=keep)
+        budgets.append(cfg.trainer.max_steps * cfg.dataset.batch_size)
+        if cfg.model._target_.endswith("PDLitModule"):
+            assert cfg.model.steps_per_round * cfg.model.num_rounds == cfg.trainer.max_steps
+            assert cfg.model.teacher_steps // 2**cfg.model.num_rounds == 1
+    assert budgets[0] == budgets[1] == 1200 * 64
+    assert any("solver_steps=[1,2,4,8]" in a and "sampler=ddim" in a for a in evals)
+    assert sum(any(a.startswith("ckpt=") and "/pd/0/checkpoints/step" in a for a in e) for e in evals) == 4
+    # --table: fd_fmnist against NFE from the eval folders
+    for name, sets in {"cd": {"1step": (1, "consistency", 30.0), "2step": (2, "consistency", 20.0)},
+                       "pd_round6": {"ddim1nfe": (1, "ddim", 40.0)},
+                       "teacher_ddim": {"ddim1nfe": (1, "ddim", 90.0), "ddim2nfe": (2, "ddim", 60.0)}}.items():
+        folder = tmp_path / "out" / "eval" / name
+        folder.mkdir(parents=True)
+        payload = {"metrics": {k: {"fd_fmnist": v[2]} for k, v in sets.items()},
+                   "protocol": {"ckpt": name, "sets": {k: {"nfe": v[0], "sampler": v[1]} for k, v in sets.items()}}}
+        (folder / "metrics.json").write_text(json.dumps(payload))
+    table = subprocess.run(["bash", "scripts/fig4_fmnist.sh", "--table", str(tmp_path / "out")], cwd=ROOT,
+                           env={**env, "DRY_RUN": "0"}, capture_output=True, text=True, timeout=120, check=False)
+    assert table.returncode == 0, table.stderr
+    md = (tmp_path / "out" / "fig4.md").read_text()
+    assert "| cd | 30.00 | 20.00 |" in md and "| pd | 40.00 | - |" in md and "| teacher_ddim | 90.00 | 60.00 |" in md
+    assert (tmp_path / "out" / "fig4.png").stat().st_size > 1000

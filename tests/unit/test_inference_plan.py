@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from cmexp.diffusion import karras_sigmas
-from cmexp.inference import SamplingSpec, check_plan, nfe, sigma_plan
+from cmexp.inference import (
+    SamplingSpec,
+    check_plan,
+    check_sampler,
+    nfe,
+    sampler_options,
+    sigma_plan,
+    solver_plan,
+)
 from cmexp.utils.cli import list_or_none, override_key
 
 CD = SamplingSpec(consistency=True, num_scales=18, taus=(0.585,))
@@ -32,6 +40,57 @@ def test_diffusion_plan_is_the_solver_grid_ending_in_zero() -> None:
     plan = sigma_plan(edm, steps=5)  # steps do not apply to an EDM sampler
     assert plan[:-1] == karras_sigmas(18, dtype=torch.float64).tolist() and plan[-1] == 0.0
     assert nfe(plan, "heun") == 35 and nfe(plan, "euler") == 18
+    assert nfe(plan, "ddim") == nfe(plan, "ddpm") == 18 and nfe(plan, "edm_sde") == 35
+
+
+def test_pd_and_explicit_solver_step_plans_end_at_sigma_min() -> None:
+    """A k-step PD student samples on k + 1 Karras levels T ... eps (no step into 0, NFE k);
+    solver_plan puts a teacher on the same levels, so NFE k compares like with like."""
+    pd = SamplingSpec(consistency=False, num_scales=5, sampler="ddim", final_zero=False)
+    plan = sigma_plan(pd)
+    assert plan == karras_sigmas(5, dtype=torch.float64).tolist() and plan[-1] == 0.002
+    assert nfe(plan, "ddim") == 4 and nfe(plan, "heun") == 8
+    edm = SamplingSpec(consistency=False, num_scales=18)
+    assert solver_plan(edm, 4) == plan and solver_plan(edm, 1) == [80.0, 0.002]
+    # Karras grids nest: the teacher's 2k-step levels hold the student's k-step ones
+    assert solver_plan(edm, 8)[::2] == pytest.approx(solver_plan(edm, 4), rel=1e-12)
+    with pytest.raises(ValueError, match="^solver_steps must be an integer >= 1"):
+        solver_plan(edm, 0)
+    with pytest.raises(ValueError, match="solver_steps applies to diffusion models"):
+        solver_plan(CD, 2)
+
+
+def test_vp_schedule_plans_use_the_trailing_timesteps() -> None:
+    from cmexp.diffusion import VPSchedule, cosine_alpha_bars
+
+    sched = VPSchedule(cosine_alpha_bars(100), zero_terminal_snr=True)
+    vp = SamplingSpec(consistency=False, sigma_min=sched.sigma_min, sigma_max=sched.sigma_max, num_scales=4,
+                      sampler="ddim", alpha_bars=tuple(sched.alpha_bars.tolist()))
+    plan = sigma_plan(vp)
+    assert plan[0] == float("inf") and plan[-1] == 0.0 and len(plan) == 5
+    assert plan[:-1] == sched.plan(4) and solver_plan(vp, 2) == [*sched.plan(2), 0.0]
+    assert nfe(plan, "ddim") == 4
+    with pytest.raises(ValueError, match="^sampler=heun cannot start at sigma_max = inf"):
+        check_sampler("heun", vp)
+
+
+def test_sampler_names_and_options_are_checked_naming_the_key() -> None:
+    edm = SamplingSpec(consistency=False)
+    assert check_sampler("edm_sde", edm) == "edm_sde" and check_sampler("consistency", CD) == "consistency"
+    with pytest.raises(ValueError, match="^sampler must be one of heun, euler, ddim, ddpm, edm_sde, got 'plms'"):
+        check_sampler("plms", edm)
+    with pytest.raises(ValueError, match="^sampler=heun does not fit a consistency model"):
+        check_sampler("heun", CD)
+    with pytest.raises(ValueError, match="^sampler must be one of consistency"):
+        nfe([80.0, 0.0], "plms")
+    opts = {"eta": 0.5, "s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+    assert sampler_options("ddim", opts) == {"eta": 0.5}
+    assert sampler_options("edm_sde", opts) == {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+    assert sampler_options("heun", opts) == {}
+    for key, value, message in [("eta", -0.5, "^eta must be >= 0"), ("s_churn", -1.0, "^s_churn must be >= 0"),
+                                ("s_tmax", 0.01, "^s_tmax must be >= s_tmin")]:
+        with pytest.raises(ValueError, match=message):
+            sampler_options("heun", {**opts, key: value})
 
 
 @pytest.mark.parametrize(
