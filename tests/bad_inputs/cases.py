@@ -21,14 +21,15 @@ class Case:
     fragment: str  # part of the error line; names the key or the file
     stage: str = "config"  # config | load
     code: int = 2
+    cpu_only: bool = False  # needs a machine without a CUDA device (skipped on a GPU machine)
 
     @property
     def id(self) -> str:
         return f"{self.entry}:{' '.join(a for a in self.args if a != 'debug=tiny')}"[:90]
 
 
-def C(entry: str, args: str, fragment: str, stage: str = "config") -> Case:
-    return Case(entry, tuple(shlex.split(args)), fragment, stage)
+def C(entry: str, args: str, fragment: str, stage: str = "config", cpu_only: bool = False) -> Case:
+    return Case(entry, tuple(shlex.split(args)), fragment, stage, cpu_only=cpu_only)
 
 
 T = "debug=tiny"  # training cases: the tiny net on the synthetic set (cheap to load)
@@ -126,6 +127,7 @@ CASES: list[Case] = [
     C("train", f"{T} metric=lpips metric.resize=8", "metric.resize must be an integer >= 16 or null, got 8"),
     C("train", f"{T} metric.c=-1", "metric.c must be a number > 0 or null, got -1"),
     # ------------------------------------------------------------------ train: trainer, callbacks
+    C("train", f"{T} trainer=gpu", "trainer.accelerator=gpu but no CUDA device is available here", "load", cpu_only=True),
     C("train", f"{T} trainer.devices=0", "trainer.devices must be an integer >= 1, -1, auto"),
     C("train", f"{T} trainer.num_nodes=0", "trainer.num_nodes must be an integer >= 1, got 0"),
     C("train", f"{T} trainer.precision=17", "trainer.precision must be one of"),
@@ -176,6 +178,7 @@ CASES: list[Case] = [
     C("sample", "ckpt={ct} grid_size=0", "grid_size must be an integer >= 1, got 0"),
     C("sample", "ckpt={ct} seed=-1", "seed must be an integer in [0, 4294967295], got -1"),
     C("sample", "ckpt={ct} use_ema=maybe", "use_ema must be true or false, got 'maybe'"),
+    C("sample", "ckpt={ct} device=cuda", "device=cuda but no CUDA device is available here", "load", cpu_only=True),
     C("sample", "ckpt={ct} device=tpu", "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
     C("sample", "ckpt={edm} sampler=ddim", "sampler must be one of heun, euler, got 'ddim'"),
     C("sample", "ckpt={ct} num_scales=1", "num_scales must be an integer >= 2 or null, got 1"),
@@ -253,6 +256,8 @@ CASES: list[Case] = [
     C("eval", "ckpt={ct} features.ckpt={clf} grid_size=0", "grid_size must be an integer >= 1, got 0"),
     C("eval", "ckpt={ct} features.ckpt={clf} batch_size=0", "batch_size must be an integer >= 1, got 0"),
     C("eval", "ckpt={ct} features.ckpt={clf} taus=abc", "taus must be a list of numbers > 0"),
+    C("eval", "ckpt={ct} features.ckpt={clf} device=cuda", "device=cuda but no CUDA device is available here", "load", cpu_only=True),
+    C("edit", "task=denoise ckpt={ct} device=cuda", "device=cuda but no CUDA device is available here", "load", cpu_only=True),
     C("eval", "ckpt={edm} features.ckpt={clf} sampler=ddim", "sampler must be one of heun, euler, got 'ddim'"),
     C("eval", "ckpt={ct} features.ckpt={clf} hydra.run.dir={ct_run}", "hydra.run.dir={ct_run} already holds a train run"),
     # ------------------------------------------------------------------ tau_search

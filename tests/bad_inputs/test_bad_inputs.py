@@ -94,6 +94,8 @@ def _run_job(case: Case, cfg: DictConfig, out: Path) -> None:
 def test_bad_input_ends_with_one_line_and_writes_nothing(
     case: Case, bad_files, tmp_path: Path, capsys, monkeypatch
 ) -> None:
+    if case.cpu_only and __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present")
     monkeypatch.setenv("CMEXP_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     args = [a.format(**bad_files) for a in case.args]
