@@ -100,13 +100,23 @@ def _add(series: dict[str, list[tuple[int, float]]], step: int, key: str, value:
 
 
 def read_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{metric: [(step, value), ...]}`` of a Lightning ``metrics.csv``; a ValueError naming
+    the file when it is not a readable UTF-8 CSV log."""
     series: dict[str, list[tuple[int, float]]] = {}
-    with open(path) as fh:
-        for row in csv.DictReader(fh):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value not in (None, ""):
-                    _add(series, step, key, value)
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            for line, row in enumerate(csv.DictReader(fh), start=2):
+                try:
+                    step = int(float(row.get("step") or 0))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}: line {line} has step={row.get('step')!r}; expected a number") from None
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and value not in (None, ""):
+                        _add(series, step, key, value)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a UTF-8 CSV file (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+    except csv.Error as err:
+        raise ValueError(f"{path} is not a readable CSV file ({err})") from None
     return series
 
 
@@ -185,20 +195,9 @@ def compare(
         metric: metric(s) to plot, one panel each (default: the first ``val/*1step`` metric,
             else ``train/loss``). label_keys: config keys that label the runs.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    out = Path(out).expanduser()
+    check_out_folder(out)
     runs = find_runs(paths, label_keys)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    header, rows = table(runs)
-    with open(out / "compare.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([header, *rows])
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
-    (out / "compare.md").write_text("\n".join(md) + "\n")
     if metric is None:
         fd = sorted({k for r in runs for k in r.series if k.startswith("val/") and "1step" in k})
         metric = fd[0] if fd else "train/loss"
@@ -206,6 +205,18 @@ def compare(
     unknown = [m for m in metrics if not any(m in r.series for r in runs)]
     if unknown:
         raise KeyError(f"--metric {','.join(unknown)}: not logged by any run (logged: {', '.join(sorted({k for r in runs for k in r.series}))})")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = table(runs)
+    with open(out / "compare.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    (out / "compare.md").write_text("\n".join(md) + "\n")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=120, squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for r in runs:
@@ -224,8 +235,25 @@ def compare(
     return {"md": out / "compare.md", "csv": out / "compare.csv", "png": out / "compare.png"}
 
 
+def check_out_folder(out: Path) -> None:
+    """``--out`` is a new folder or one that holds only earlier comparisons, never a file or
+    another command's run folder."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; expected a folder for compare.md, compare.csv and compare.png")
+    if out.is_dir() and any((out / name).exists() for name in (".hydra", "config_resolved.yaml", "checkpoints")):
+        raise FileExistsError(f"--out {out} is a run folder; refusing to write into it: use another folder")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end with one ``error: ...`` line and exit code 2, like the other commands."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see python -m cmexp.compare --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m cmexp.compare", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="python -m cmexp.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="run folders or sweep (multirun) folders")
     ap.add_argument("--metric", default=None,
                     help="metric(s) to plot, comma-separated, one panel each (default: the first val/*1step, else train/loss)")
@@ -238,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         files = compare(args.paths, args.out, args.metric.split(",") if args.metric else None,
                         args.label.split(",") if args.label else None, args.title)
-    except (FileNotFoundError, RuntimeError, KeyError) as err:
+    except (FileNotFoundError, FileExistsError, RuntimeError, KeyError, ValueError, yaml.YAMLError) as err:
         print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         sys.exit(2)
     print((files["md"]).read_text())

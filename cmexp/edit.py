@@ -17,13 +17,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from cmexp.utils.cli import reject_renamed_keys, run_cli
+from cmexp.utils.checks import check_config
+from cmexp.utils.cli import precheck, run_cli
 
 log = logging.getLogger("cmexp.edit")
 
 
 def edit(cfg: DictConfig) -> dict[str, Any]:
     """Run one editing task on real images; write the grid and metrics to the run folder."""
+    check_config("edit", cfg)
     import torch
     from hydra.utils import instantiate
 
@@ -33,8 +35,6 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.inference.tasks import EditContext
     from cmexp.utils.images import image_grid, save_png
 
-    if int(cfg.num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {cfg.num_samples}")
     loaded, device = load_from_config(cfg, kinds=CONSISTENCY_KINDS, purpose="editing needs a CD or CT checkpoint")
     task = instantiate(cfg.task)
     name = task_choice(cfg)
@@ -84,5 +84,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    reject_renamed_keys("edit")
+    run_cli(precheck, "edit")  # bad input: one line, exit 2, before Hydra makes the run folder
     main()

@@ -12,45 +12,67 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from cmexp.utils.cli import list_or_none, reject_renamed_keys, run_cli
+from cmexp.utils.checks import check_config
+from cmexp.utils.cli import list_or_none, precheck, run_cli
 
 log = logging.getLogger("cmexp.eval")
 
 
 def read_samples(path: str) -> Any:
     """uint8 ``[N,H,W,C]`` from an ``.npz`` (key ``arr_0``) or a folder of PNG/JPG images."""
+    import zipfile
+
     import numpy as np
     import torch
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     p = Path(str(path)).expanduser()
     if p.is_file() and p.suffix == ".npz":
-        with np.load(p) as data:
-            if "arr_0" not in data:
-                raise ValueError(f"samples={path}: the npz has no 'arr_0' array (found {list(data.keys())})")
-            arr = data["arr_0"]
+        try:
+            with np.load(p) as data:
+                if "arr_0" not in data:
+                    raise ValueError(f"samples={path}: the npz has no 'arr_0' array (found {list(data.keys())})")
+                arr = data["arr_0"]
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise ValueError(f"samples={path} is not a readable .npz file ({type(err).__name__}: truncated or "
+                             "corrupt?)") from None
     elif p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if not files:
             raise FileNotFoundError(f"samples={path}: no PNG/JPG images in the folder")
-        arr = np.stack([np.asarray(Image.open(f)) for f in files])
+        images = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    images.append(np.asarray(im))
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+                raise ValueError(f"samples={path}: {f} is not a readable image ({type(err).__name__})") from None
+        if len({a.shape for a in images}) > 1:
+            raise ValueError(f"samples={path}: the images differ in size or channels ({sorted({a.shape for a in images})})")
+        arr = np.stack(images)
     else:
         raise FileNotFoundError(f"samples={path}: expected an .npz file or a folder of PNGs")
     if arr.ndim == 3:
         arr = arr[..., None]
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
         raise ValueError(f"samples={path}: expected uint8 [N,H,W,C] with C in (1, 3), got {arr.dtype} {arr.shape}")
+    if len(arr) < 2:
+        raise ValueError(f"samples={path} holds {len(arr)} image(s); the metrics need at least 2")
     return torch.from_numpy(arr)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Sample (``ckpt``) or read (``samples``) image sets, score them, write the results."""
+    """Sample (``ckpt``) or read (``samples``) image sets, score them, write the results.
+    Everything that can fail on bad input (extractor, checkpoint, samples, reference data) is
+    loaded before the run folder is written."""
+    check_config("eval", cfg)
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -69,26 +91,23 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.metrics.suite import RealFeatureCache, describe, extract, reference_features, score
     from cmexp.utils.images import image_grid, save_png, to_uint8
 
-    if bool(cfg.ckpt) == bool(cfg.samples):
-        raise ValueError("give exactly one of ckpt=PATH (sample and score) or samples=PATH (score a file)")
     device = pick_device(cfg.device)
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     features = instantiate(cfg.features).to(device)
     name = str(getattr(features, "name", ""))
     t0 = time.perf_counter()
 
-    sets: dict[str, Any] = {}
     protocol: dict[str, Any] = {**describe(features), "seed": int(cfg.seed)}
+    plans = []
     if cfg.ckpt:
         loaded, device = load_from_config(cfg)
         dataset = loaded.dataset or OmegaConf.to_container(cfg.dataset, resolve=True)
         n = int(cfg.num_samples)
-        plans = []
         options: dict[str, float] = {}
         if loaded.is_consistency:
             taus = list_or_none(cfg.taus, "taus")
-            for k in cfg.steps:
+            steps = cfg.steps if isinstance(cfg.steps, Sequence) else [cfg.steps]
+            for k in steps:
                 mids = taus[: int(k) - 1] if taus is not None else None
                 plans.append((f"{k}step", sigma_plan(loaded.spec, int(k), mids), "consistency"))
         else:
@@ -100,6 +119,23 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         protocol.update({"ckpt": str(cfg.ckpt), "kind": loaded.kind, "weights": "ema" if cfg.use_ema else "online",
                          "rho": loaded.spec.rho, "num_scales": loaded.spec.num_scales,
                          "num_samples": n, "seeds": [int(cfg.seed), int(cfg.seed) + n - 1], "sets": {}})
+    else:
+        dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+        u8 = read_samples(cfg.samples)
+        protocol.update({"samples": str(cfg.samples), "num_samples": len(u8)})
+
+    dm = reference_datamodule(dataset)
+    real = reference_features(RealFeatureCache(cfg.cache_dir), features, dm, str(cfg.real_split), int(cfg.num_real),
+                              int(cfg.batch_size), device, progress=True)
+    if len(real["features"]) < 2:
+        raise ValueError(f"real_split={cfg.real_split} of the reference data holds {len(real['features'])} image(s); "
+                         "the metrics need at least 2")
+    protocol.update({"reference": {"dataset": type(dm).__name__, "split": str(cfg.real_split),
+                                   "resolution": int(dm.resolution), "count": len(real["features"])}})
+
+    sets: dict[str, Any] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.ckpt:
         for set_name, sigmas, sampler in plans:
             images = generate(loaded, n, sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device, progress=True,
                               options=options)
@@ -108,17 +144,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             protocol["sets"][set_name] = {"sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler), "sampler": sampler,
                                           "options": options}
     else:
-        dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-        u8 = read_samples(cfg.samples)
         sets["samples"] = u8
         save_png(image_grid(u8[: int(cfg.grid_size)].permute(0, 3, 1, 2).float() / 127.5 - 1), out_dir / "samples_grid.png", scale=2)
-        protocol.update({"samples": str(cfg.samples), "num_samples": len(u8)})
-
-    dm = reference_datamodule(dataset)
-    real = reference_features(RealFeatureCache(cfg.cache_dir), features, dm, str(cfg.real_split), int(cfg.num_real),
-                              int(cfg.batch_size), device, progress=True)
-    protocol.update({"reference": {"dataset": type(dm).__name__, "split": str(cfg.real_split),
-                                   "resolution": int(dm.resolution), "count": len(real["features"])}})
     results: dict[str, Any] = {}
     for set_name, images in sets.items():
         fake = extract(features, images, int(cfg.batch_size), device, True, f"features {set_name}")
@@ -139,5 +166,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    reject_renamed_keys("eval")
+    run_cli(precheck, "eval")  # bad input: one line, exit 2, before Hydra makes the run folder
     main()

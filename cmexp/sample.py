@@ -17,13 +17,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from cmexp.utils.cli import list_or_none, reject_renamed_keys, run_cli
+from cmexp.utils.checks import check_config
+from cmexp.utils.cli import list_or_none, precheck, run_cli
 
 log = logging.getLogger("cmexp.sample")
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Generate ``cfg.num_samples`` images and write them to ``cfg.paths.output_dir``."""
+    check_config("sample", cfg)
     from cmexp.inference import (
         check_sampler,
         generate,
@@ -35,8 +37,6 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         solver_plan,
     )
 
-    if cfg.num_samples < 1 or cfg.batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1, got {cfg.num_samples}, {cfg.batch_size}")
     loaded, device = load_from_config(cfg)
     if loaded.is_consistency:
         sampler, options = "consistency", {}
@@ -74,5 +74,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    reject_renamed_keys("sample")
+    run_cli(precheck, "sample")  # bad input: one line, exit 2, before Hydra makes the run folder
     main()

@@ -18,13 +18,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from cmexp.utils.cli import reject_renamed_keys, run_cli
+from cmexp.utils.checks import check_config
+from cmexp.utils.cli import precheck, run_cli
 
 log = logging.getLogger("cmexp.tau_search")
 
 
 def tau_search(cfg: DictConfig) -> dict[str, Any]:
     """Run the search; write ``tau_search.json`` to the run folder and return its content."""
+    check_config("tau_search", cfg)
     from hydra.utils import instantiate
 
     from cmexp.diffusion.tau_search import greedy_tau_search
@@ -32,8 +34,6 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.inference.data import reference_datamodule
     from cmexp.metrics.suite import RealFeatureCache, extract, frechet_distance, reference_features
 
-    if int(cfg.steps) < 2:
-        raise ValueError(f"steps must be >= 2 (there is no tau to search for 1 step), got {cfg.steps}")
     loaded, device = load_from_config(cfg, kinds=CONSISTENCY_KINDS, purpose="the tau search needs a CD or CT checkpoint")
     features = instantiate(cfg.features).to(device)
     name = f"fd_{getattr(features, 'name', '') or 'features'}"
@@ -78,5 +78,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    reject_renamed_keys("tau_search")
+    run_cli(precheck, "tau_search")  # bad input: one line, exit 2, before Hydra makes the run folder
     main()

@@ -15,10 +15,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cmexp.callbacks.preemption import TrainingPreempted
-from cmexp.utils.checkpoint_io import AtomicCheckpointIO
+from cmexp.utils import runs
 from cmexp.utils.checks import ConfigError, accumulation_steps, check_train_config
-from cmexp.utils.cli import override_key, reject_renamed_keys, run_cli
+from cmexp.utils.cli import override_key, precheck, reject_renamed_keys, run_cli
 
 log = logging.getLogger("cmexp.train")
 
@@ -50,9 +49,9 @@ def _wandb_offline_if_needed(cfg: DictConfig) -> None:
         log.info("W&B: no API key found, logging offline (upload later with `wandb sync`)")
 
 
-def _record_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Write the resolved config and the Hydra group choices into the run folder; the record
-    (with the command, commit and machine) goes into every checkpoint."""
+def _run_record(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config, the Hydra group choices and the provenance (command, commit,
+    machine), written into the run folder and into every checkpoint."""
     from hydra.core.hydra_config import HydraConfig
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -62,18 +61,37 @@ def _record_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from cmexp.utils.provenance import run_provenance
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(resolved), output_dir / "config_resolved.yaml")
-    OmegaConf.save(OmegaConf.create(choices), output_dir / "choices.yaml")
     return {"config": resolved, "choices": choices, "provenance": run_provenance("cmexp.train", overrides)}
 
 
+def _write_record(record: dict[str, Any], output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(record["config"]), output_dir / "config_resolved.yaml")
+    OmegaConf.save(OmegaConf.create(record["choices"]), output_dir / "choices.yaml")
+
+
+def _check_accelerator(cfg: DictConfig) -> None:
+    import torch
+
+    acc = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
+    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={acc} but no CUDA device is available here; use trainer=cpu")
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    if acc in ("gpu", "cuda") and isinstance(devices, int) and devices > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one run from a composed config. Returns the final logged metrics and objects."""
+    """Train one run from a composed config. Returns the final logged metrics and objects.
+
+    Everything that can fail on bad input (the config, the data, the model and its teacher,
+    the checkpoint to resume) is checked before the run folder is locked and written."""
     check_train_config(cfg)
     import lightning.pytorch as pl
     import torch
 
+    from cmexp.callbacks.preemption import TrainingPreempted
+    from cmexp.utils.checkpoint_io import AtomicCheckpointIO, check_resume_checkpoint
     from cmexp.utils.instantiate import instantiate_dict
 
     output_dir = Path(cfg.paths.output_dir)
@@ -84,15 +102,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"paths.output_dir={output_dir} already holds checkpoints of an earlier run; refusing to "
             "overwrite them (pass ckpt_path=... to resume, or use a new folder)"
         )
-    record = _record_run(cfg, output_dir)
+    rank_zero = runs.global_rank_from_env() == 0
+    if rank_zero and runs.is_locked(output_dir):
+        runs.lock_run_folder(output_dir)  # raises: in use by another training
+    _check_accelerator(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.backends.cuda.matmul.allow_tf32 = False  # numerics are a stated choice (EDM)
     torch.backends.cudnn.allow_tf32 = False
 
     datamodule = hydra.utils.instantiate(cfg.dataset)
     model = hydra.utils.instantiate(cfg.model)
+    record = _run_record(cfg)
     model.run_config = record
+    if hasattr(datamodule, "setup"):
+        datamodule.setup("fit")  # read the data now: a bad file stops the run before its folder is written
     ckpt_path = resume_path(cfg, output_dir, getattr(model, "kind", None)) if auto_resume else cfg.get("ckpt_path")
+    if ckpt_path:
+        check_resume_checkpoint(ckpt_path, model, "ckpt_path")
     if hasattr(model, "schedule"):
         from cmexp.diffusion.schedules import describe_curriculum
 
@@ -104,15 +130,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer, callbacks=callbacks, logger=loggers or False, accumulate_grad_batches=accumulation_steps(cfg),
         plugins=[AtomicCheckpointIO()],
     )
-    for lg in loggers:
-        lg.log_hyperparams({**record["choices"], "config": record["config"]})
-    if hasattr(model, "snapshot_rng"):
-        model.snapshot_rng()  # DDP ranks continue the single-process RNG stream
-    preempted = None
+    locked_here = runs.lock_run_folder(output_dir) if rank_zero else False  # held until the run ends
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    except TrainingPreempted as stop:
-        preempted = stop
+        _write_record(record, output_dir)
+        for lg in loggers:
+            lg.log_hyperparams({**record["choices"], "config": record["config"]})
+        if hasattr(model, "snapshot_rng"):
+            model.snapshot_rng()  # DDP ranks continue the single-process RNG stream
+        preempted = None
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except TrainingPreempted as stop:
+            preempted = stop
+    finally:
+        if locked_here:
+            runs.release_run_folder(output_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     log.info("run folder: %s", output_dir)
     return {"metrics": metrics, "model": model, "trainer": trainer, "datamodule": datamodule, "preempted": preempted}
@@ -158,4 +190,5 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     reject_renamed_keys("train")
     sys.argv[1:] = train_overrides(sys.argv[1:])
+    run_cli(precheck, "train")  # bad input: one line, exit 2, before Hydra writes the run folder; locks it
     main()

@@ -20,10 +20,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cmexp.data.loader import StepLoader
+from cmexp.utils.checks import IMAGE_SUFFIXES
 from cmexp.utils.network import online
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 class TensorImageDataset(Dataset):
@@ -273,17 +273,22 @@ class CIFAR10DataModule(ImageDataModule):
 class ImageFolderDataModule(ImageDataModule):
     """Any folder of images (recursive; png/jpg/jpeg/webp/bmp), e.g. LSUN or ImageNet-64
     exports: centre-cropped and resized to ``resolution``. With ``num_classes > 0`` the labels
-    are the sorted first-level subfolder names, else all 0."""
+    are the sorted first-level subfolder names, else all 0. ``key`` is the config key that
+    named the folder (errors name it and the offending file)."""
+
+    def __init__(self, *args, key: str = "dataset.data_dir", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.key = key
 
     def load(self, split: str) -> tuple[Tensor, Tensor]:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
         if not self.data_dir.is_dir():
-            raise FileNotFoundError(f"dataset.data_dir={self.data_dir}: no such folder of images")
+            raise FileNotFoundError(f"{self.key}={self.data_dir}: no such folder of images")
         files = sorted(p for p in self.data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(
-                f"dataset.data_dir={self.data_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found"
+                f"{self.key}={self.data_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found"
             )
         classes = sorted({p.relative_to(self.data_dir).parts[0] for p in files if p.parent != self.data_dir})
         if self.num_classes > 0 and len(classes) != self.num_classes:
@@ -293,13 +298,19 @@ class ImageFolderDataModule(ImageDataModule):
         mode = "L" if self.channels == 1 else "RGB"
         out, labels = [], []
         for p in files:
-            with Image.open(p) as im:
-                im = im.convert(mode)
-                w, h = im.size
-                s = min(w, h)
-                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-                im = im.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
-                arr = np.asarray(im, dtype=np.uint8)
+            try:
+                with Image.open(p) as im:
+                    im = im.convert(mode)
+                    w, h = im.size
+                    s = min(w, h)
+                    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                    im = im.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+                raise ValueError(
+                    f"{self.key}={self.data_dir}: {p} is not a readable image ({type(err).__name__}); "
+                    "remove it from the folder or replace it"
+                ) from None
             out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
             labels.append(classes.index(p.relative_to(self.data_dir).parts[0]) if self.num_classes > 0 else 0)
         return torch.from_numpy(np.stack(out)), torch.tensor(labels, dtype=torch.long)

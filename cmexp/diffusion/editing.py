@@ -208,16 +208,26 @@ def random_boxes_mask(
     return m
 
 
-def mask_from_image(path: str, shape: Sequence[int]) -> Tensor:
-    """Omega ``[1,1,H,W]`` from an image file: white (> 127 after greyscale) = generate."""
+def mask_from_image(path: str, shape: Sequence[int], key: str = "task.mask") -> Tensor:
+    """Omega ``[1,1,H,W]`` from an image file of the images' size ``H x W``: white (> 127
+    after greyscale) = generate. Errors name ``key``."""
     from pathlib import Path
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"mask={path}: no such mask image")
-    img = Image.open(file).convert("L").resize((int(shape[-1]), int(shape[-2])), Image.NEAREST)
+        raise FileNotFoundError(f"{key}={path}: no such mask image")
+    try:
+        with Image.open(file) as im:
+            img = im.convert("L")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"{key}={path} is not a readable image ({type(err).__name__})") from None
+    h, w = int(shape[-2]), int(shape[-1])
+    if img.size != (w, h):
+        raise ValueError(
+            f"{key}={path} is {img.width}x{img.height} pixels; expected {w}x{h} (the model's image size; white = fill)"
+        )
     arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width)
     return (arr > 127).float()[None, None]
 

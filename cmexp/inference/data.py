@@ -36,7 +36,7 @@ def real_images(
 
     if images_dir:
         dm = ImageFolderDataModule(
-            data_dir=images_dir, resolution=resolution, channels=channels, num_classes=0
+            data_dir=images_dir, resolution=resolution, channels=channels, num_classes=0, key="images_dir"
         )
         split = "train"
     else:

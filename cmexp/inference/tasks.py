@@ -61,6 +61,12 @@ def _edit_sigmas(ctx: EditContext, sigmas: Sequence[float] | None, num_scales: i
     )
 
 
+def _check_factor(factor: int, images: Tensor) -> None:
+    h, w = images.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"task.factor={factor} must divide the image size {h}x{w}")
+
+
 def _show_mask(y: Tensor, mask: Tensor) -> Tensor:
     """The masked input as shown in grids: unknown pixels grey (0)."""
     return torch.where(mask.bool().expand_as(y), torch.zeros_like(y), y)
@@ -85,6 +91,9 @@ class Inpaint:
 
     def make_mask(self, images: Tensor, seed: int) -> Tensor:
         if self.mask == "center":
+            side = min(images.shape[-2:])
+            if self.mask_size is not None and not 0 < self.mask_size <= side:
+                raise ValueError(f"task.mask_size must be in [1, {side}] (the image side), got {self.mask_size}")
             return E.center_square_mask(images.shape, self.mask_size)
         if self.mask == "boxes":
             return E.random_boxes_mask(images.shape[0], images.shape, self.num_boxes, seed=seed)
@@ -133,6 +142,7 @@ class SuperRes:
 
     def __call__(self, ctx: EditContext) -> EditOutput:
         y = ctx.images
+        _check_factor(self.factor, y)
         low = E.downsample(y, self.factor)
         sig = _edit_sigmas(ctx, self.sigmas, self.num_scales)
         out = E.superres(ctx.f, low, self.factor, sig, ctx.sigma_min, ctx.noise.randn_like)
@@ -177,6 +187,7 @@ class Stroke:
 
     def __call__(self, ctx: EditContext) -> EditOutput:
         y = ctx.images
+        _check_factor(self.factor, y)
         strokes = E.coarse_strokes(y, self.factor, self.levels)
         sig = check_plan(self.sigmas, ctx.spec, key="task.sigmas")
         out = E.stroke(ctx.f, strokes, sig, ctx.sigma_min, ctx.noise.randn_like)

@@ -1,25 +1,582 @@
-"""Up-front validation of a composed training config: one clear message per mistake, naming
-the config key and what is expected, before anything heavy is built."""
+"""Up-front validation of a composed config: one clear message per mistake, naming the config
+key (or file) and what is expected, before anything heavy is built or any folder is written.
+
+Nothing here imports torch: :func:`check_config` runs on the command line before Hydra starts
+the job (``cmexp.utils.cli.precheck``), so a bad value fails in well under a second. The
+value rules are one table per entry point (:data:`SCHEMAS`: key -> type, range or choices,
+applied to the keys present in the composed config); the checks between keys and the file
+checks follow the tables. Checks that need a model or data (a checkpoint's kind or
+architecture, an image's size) stay with the code that loads them.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key and the expected value."""
 
 
-def _sel(cfg: DictConfig, key: str):  # noqa: ANN202
-    from omegaconf import OmegaConf
+#: Image files read from folders (``dataset=imagefolder``, edit's ``images_dir``).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
-    return OmegaConf.select(cfg, key, default=None)
+
+# ------------------------------------------------------------------------------ value rules
+class Rule:
+    """One key's expected value: ``test(value)`` and the words for it ("an integer >= 1")."""
+
+    def __init__(self, expected: str, test: Callable[[Any], bool], null: bool = False, bad: tuple = ()) -> None:
+        self.expected, self.test, self.null = expected, test, null
+        self.bad = bad  # values this rule rejects (the schema tests try each one on every key)
+
+    def check(self, key: str, value: Any) -> None:
+        if value is None and self.null:
+            return
+        if not self.test(value):
+            raise ConfigError(f"{key} must be {self.describe()}, got {_show(value)}")
+
+    def describe(self) -> str:
+        return self.expected + (" or null" if self.null else "")
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def Int(lo: int | None = None, hi: int | None = None, null: bool = False, also: tuple = (), note: str = "") -> Rule:
+    """An integer in ``[lo, hi]`` (bools and 2.0 are not integers), or one of ``also``."""
+    words = "an integer" + (f" >= {lo}" if lo is not None and hi is None else "")
+    words += f" in [{lo}, {hi}]" if lo is not None and hi is not None else ""
+    words += f" <= {hi}" if hi is not None and lo is None else ""
+    words += "".join(f", or {a}" for a in also) + note
+
+    def test(v: Any) -> bool:
+        if _is_int(v) and v in also:
+            return True
+        return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+
+    bad = ("abc", 2.5, *((lo - 1,) if lo is not None and lo - 1 not in also else ()), *((hi + 1,) if hi is not None else ()))
+    return Rule(words, test, null, bad)
+
+
+def Num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+        null: bool = False) -> Rule:
+    """A finite number (int or float) in the interval given."""
+    if lo is not None and hi is not None:
+        words = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        words = f"a number {'>' if lo_open else '>='} {lo}"
+    elif hi is not None:
+        words = f"a number {'<' if hi_open else '<='} {hi}"
+    else:
+        words = "a number"
+
+    def test(v: Any) -> bool:
+        if not _is_num(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return not (hi is not None and (v >= hi if hi_open else v > hi))
+
+    bad = ("abc", *((lo if lo_open else lo - 1,) if lo is not None else ()),
+           *((hi if hi_open else hi + 1,) if hi is not None else ()))
+    return Rule(words, test, null, bad)
+
+
+def Bool(null: bool = False) -> Rule:
+    return Rule("true or false", lambda v: isinstance(v, bool), null, ("maybe", 1))
+
+
+def OneOf(*choices: Any, null: bool = False) -> Rule:
+    return Rule("one of " + ", ".join(str(c) for c in choices),
+                lambda v: not isinstance(v, bool) and v in choices, null, ("not-a-choice",))
+
+
+def Str(null: bool = False, empty: bool = False) -> Rule:
+    return Rule("a string" if empty else "a non-empty string",
+                lambda v: isinstance(v, str) and (empty or bool(v.strip())), null, (5,))
+
+
+def Numbers(lo: float | None = None, lo_open: bool = False, min_len: int = 0, ints: bool = False,
+            null: bool = False, example: str = "") -> Rule:
+    """A list of numbers (integers with ``ints``), each ``> lo`` / ``>= lo``, at least ``min_len``."""
+    item = "integers" if ints else "numbers"
+    words = f"a list of {'at least ' + str(min_len) + ' ' if min_len > 1 else ''}{item}"
+    if min_len == 1:
+        words = f"a non-empty list of {item}"
+    if lo is not None:
+        words += f" {'>' if lo_open else '>='} {lo}"
+    words += f" such as {example}" if example else ""
+
+    def test(v: Any) -> bool:
+        if not isinstance(v, (list, tuple)) or len(v) < min_len:
+            return False
+        ok = _is_int if ints else _is_num
+        return all(ok(x) and (lo is None or (x > lo if lo_open else x >= lo)) for x in v)
+
+    bad = ("abc", ["abc"], *(([lo if lo_open else lo - 1],) if lo is not None else ()), *(([],) if min_len else ()))
+    return Rule(words, test, null, bad)
+
+
+DEVICE = Rule("auto, cpu, cuda, cuda:N or mps",
+              lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+              bad=("tpu", "cuda:x", 0))
+SPLIT = OneOf("train", "test")
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine",
+              "transformer-engine-float16", "64", "32", "16", "bf16", 64, 32, 16)
+SEED = Int(0, 2**32 - 1)
+FRACTION = Num(0, 1, hi_open=True)  # [0, 1): dropout, EMA rates (ranges of mu/ema_decay: check_train_config)
+POSITIVE = Num(0, lo_open=True)
+
+
+def _devices(v: Any) -> bool:
+    if _is_int(v):
+        return v >= 1 or v == -1
+    if isinstance(v, str):
+        return v == "auto" or re.fullmatch(r"-?\d+(,\d+)*,?", v) is not None
+    return isinstance(v, (list, tuple)) and bool(v) and all(_is_int(x) and x >= 0 for x in v)
+
+
+DATASET: dict[str, Rule] = {
+    "dataset.batch_size": Int(1),
+    "dataset.num_workers": Int(0),
+    "dataset.random_flip": Bool(),
+    "dataset.subset": Int(1, null=True),
+    "dataset.resolution": Int(4),
+    "dataset.channels": OneOf(1, 3),
+    "dataset.num_classes": Int(0),
+    "dataset.length": Int(1),
+    "dataset.num_components": Int(1),
+    "dataset.std": POSITIVE,
+    "dataset.mixture_seed": SEED,
+}
+
+TRAIN: dict[str, Rule] = {
+    "seed": SEED,
+    "global_batch_size": Int(1, null=True),
+    "tags": Rule("a list of strings", lambda v: isinstance(v, (list, tuple)), null=True, bad=(5,)),
+    **DATASET,
+    # net (SongUNet, TinyUNet, SmallCNN)
+    "net.model_channels": Int(1),
+    "net.channel_mult": Numbers(lo=1, min_len=1, ints=True, example="[1, 2, 4]"),
+    "net.num_blocks": Int(1),
+    "net.attn_resolutions": Numbers(lo=1, ints=True, example="[16]"),
+    "net.dropout": FRACTION,
+    "net.embedding_type": OneOf("fourier", "positional"),
+    "net.fourier_scale": POSITIVE,
+    "net.noise_channels_mult": Int(1),
+    "net.emb_channels_mult": Int(1),
+    "net.resample_filter": Numbers(lo=0, lo_open=True, min_len=1, example="[1, 3, 3, 1]"),
+    "net.progressive_input": OneOf("none", "residual"),
+    "net.skip_rescale": Bool(),
+    "net.init_scale": Num(0),
+    "net.num_heads": Int(1),
+    "net.label_dim": Int(0),
+    "net.width": Int(1),
+    "net.feature_dim": Int(1),
+    # model (ranges of sigma_min/max, ema_decay: check_train_config)
+    "model.optimizer.lr": POSITIVE,
+    "model.optimizer.weight_decay": Num(0),
+    "model.ema_decay": Num(),
+    "model.lr_warmup_kimg": Num(0),
+    "model.sigma_min": Num(),
+    "model.sigma_max": Num(),
+    "model.sigma_data": POSITIVE,
+    "model.rho": POSITIVE,
+    "model.c_noise_scale": POSITIVE,
+    "model.taus": Numbers(lo=0, lo_open=True, example="[0.585]"),
+    "model.sample_num_scales": Int(2),
+    "model.loss.P_mean": Num(),
+    "model.loss.P_std": POSITIVE,
+    "model.loss.index_sampler.P_mean": Num(),
+    "model.loss.index_sampler.P_std": POSITIVE,
+    "model.teacher_path": Str(null=True),
+    "model.init_from_teacher": Bool(),
+    "model.compile_net": Bool(),
+    "model.channels_last": Bool(),
+    "model.eval_batch_size": Int(1),
+    "model.export_path": Str(null=True),
+    # schedule (s1 >= s0, mu ranges: check_train_config)
+    "schedule.s0": Int(1),
+    "schedule.s1": Int(1),
+    "schedule.mu": Num(),
+    "schedule.mu0": Num(),
+    "schedule.num_scales": Int(2),
+    "schedule.variant": OneOf("code", "paper"),
+    # metric
+    "metric.net": OneOf("vgg", "alex", "squeeze"),
+    "metric.resize": Int(16, null=True),
+    "metric.c": Num(0, lo_open=True, null=True),
+    # trainer (max_steps range: check_train_config)
+    "trainer.accelerator": OneOf("cpu", "gpu", "cuda", "mps", "tpu", "auto"),
+    "trainer.devices": Rule("an integer >= 1, -1, auto, or a list of device indices", _devices, bad=(0, "abc", [])),
+    "trainer.num_nodes": Int(1),
+    "trainer.precision": OneOf(*PRECISIONS),
+    "trainer.max_steps": Int(),
+    "trainer.max_epochs": Int(-1),
+    "trainer.log_every_n_steps": Int(1),
+    "trainer.accumulate_grad_batches": Int(1),
+    "trainer.gradient_clip_val": Num(0, null=True),
+    "trainer.enable_progress_bar": Bool(),
+    "trainer.enable_model_summary": Bool(),
+    "trainer.num_sanity_val_steps": Int(-1),
+    "trainer.limit_val_batches": Num(0),
+    "trainer.benchmark": Bool(null=True),
+    "trainer.sync_batchnorm": Bool(),
+    "trainer.fast_dev_run": Rule("true, false or an integer >= 0",
+                                 lambda v: isinstance(v, bool) or (_is_int(v) and v >= 0), bad=(-1, "abc")),
+    "trainer.strategy": Str(),
+    # callbacks
+    "callbacks.checkpoint.every_n_train_steps": Int(0),
+    "callbacks.checkpoint.save_top_k": Int(-1),
+    "callbacks.checkpoint.save_last": Bool(),
+    "callbacks.best_checkpoint.save_top_k": Int(-1),
+    "callbacks.best_checkpoint.every_n_train_steps": Int(0),
+    "callbacks.best_checkpoint.mode": OneOf("min", "max"),
+    "callbacks.lr_monitor.logging_interval": OneOf("step", "epoch", null=True),
+    "callbacks.sample_grid.every_n_steps": Int(0),
+    "callbacks.sample_grid.num_samples": Int(1),
+    "callbacks.sample_grid.seed": SEED,
+    "callbacks.preemption.signals": Rule("a list of signal names such as [SIGTERM, SIGUSR1]",
+                                         lambda v: isinstance(v, (list, tuple)) and all(
+                                             isinstance(s, str) and s in _signal_names() for s in v),
+                                         bad=("SIGTERM", ["SIGFOO"])),
+    "callbacks.preemption.requeue": Bool(),
+    "callbacks.sample_quality.every_n_steps": Int(0),
+    "callbacks.sample_quality.num_samples": Int(2),
+    "callbacks.sample_quality.num_real": Int(2),
+    "callbacks.sample_quality.batch_size": Int(1),
+    "callbacks.sample_quality.kid_subset_size": Int(2),
+    "callbacks.sample_quality.real_split": SPLIT,
+    "callbacks.sample_quality.seed": SEED,
+    "callbacks.sample_quality.optional": Bool(),
+}
+
+_INFERENCE: dict[str, Rule] = {
+    "num_samples": Int(1),
+    "batch_size": Int(1),
+    "seed": SEED,
+    "use_ema": Bool(),
+    "device": DEVICE,
+    "rho": Num(0, lo_open=True, null=True),
+    "num_scales": Int(2, null=True),
+}
+_TAUS = {
+    "taus": Numbers(lo=0, lo_open=True, example="[0.585]", null=True),
+    "sampler": OneOf("heun", "euler", "ddim", "ddpm", "edm_sde", null=True),
+    "eta": Num(0),
+    "s_churn": Num(0),
+    "s_tmin": Num(0),
+    "s_tmax": Rule("a number >= 0 (.inf: no upper bound)",
+                   lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, bad=("abc", -1)),
+    "s_noise": Num(0, lo_open=True),
+}
+_FEATURES = {"features.name": Str(empty=True), "features.weights_path": Str(null=True)}
+
+SCHEMAS: dict[str, dict[str, Rule]] = {
+    "train": TRAIN,
+    "sample": {
+        **_INFERENCE, **_TAUS,
+        "grid_size": Int(1),
+        "steps": Int(1),
+        "tau_indices": Numbers(lo=1, ints=True, example="[11]", null=True),
+        "solver_steps": Int(1, null=True),
+    },
+    "eval": {
+        **_INFERENCE, **_TAUS, **_FEATURES, **DATASET,
+        "num_samples": Int(2),
+        "steps": Rule("an integer >= 1 or a non-empty list of them such as [1, 2]",
+                      lambda v: (_is_int(v) and v >= 1) or (isinstance(v, (list, tuple)) and bool(v)
+                                                             and all(_is_int(k) and k >= 1 for k in v)),
+                      bad=("abc", 0, [], [0], [1.5])),
+        "num_real": Int(2),
+        "real_split": SPLIT,
+        "grid_size": Int(1),
+        "kid_subset_size": Int(2),
+        "cache_dir": Str(),
+        "solver_steps": Numbers(lo=1, ints=True, min_len=1, example="[1, 2, 4]", null=True),
+    },
+    "edit": {
+        **_INFERENCE,
+        "real_split": SPLIT,
+        "images_dir": Str(null=True),
+        "data_dir": Str(null=True),
+        "metric.weights_path": Str(null=True),
+        "task.mask": Str(),
+        "task.sigmas": Numbers(lo=0, lo_open=True, min_len=1, example="[5.38, 2.24]", null=True),
+        "task.mask_size": Int(1, null=True),
+        "task.num_boxes": Int(1),
+        "task.num_scales": Int(2),
+        "task.factor": Int(1),
+        "task.levels": Int(2),
+        "task.sigma": POSITIVE,
+        "task.num": Int(2),
+    },
+    "tau_search": {
+        **_INFERENCE, **_FEATURES,
+        "steps": Int(2, note=" (there is no tau to search for 1 step)"),
+        "num_samples": Int(2),
+        "num_real": Int(2),
+        "num_scales": Int(3, null=True),
+        "real_split": SPLIT,
+        "data_dir": Str(null=True),
+        "cache_dir": Str(),
+    },
+}
+
+#: Keys of the composed configs that hold numbers or booleans but are not user settings (the
+#: schema coverage test skips them).
+NOT_SETTINGS = {"_partial_", "auto_insert_metric_name", "save_last", "log_model"}
+
+
+def _signal_names() -> set[str]:
+    import signal
+
+    return {s.name for s in signal.Signals}
+
+
+# ------------------------------------------------------------------------------ config access
+_ABSENT = object()
+
+
+def _node(cfg: DictConfig, key: str) -> tuple[Any, bool]:
+    """``(value, is_interpolation)`` of ``key``, ``_ABSENT`` when not in the config, None for
+    a missing (``???``) value. Interpolations are resolved (None when they cannot be)."""
+    parent_key, _, leaf = key.rpartition(".")
+    try:
+        parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    except Exception:  # noqa: BLE001 - an unresolvable parent: nothing to check here
+        return _ABSENT, False
+    if not isinstance(parent, DictConfig) or leaf not in parent.keys():  # noqa: SIM118 - keys() lists ??? values too
+        return _ABSENT, False
+    if OmegaConf.is_missing(parent, leaf):
+        return None, False
+    interp = OmegaConf.is_interpolation(parent, leaf)
+    try:
+        value = parent[leaf]
+    except Exception:  # noqa: BLE001 - e.g. ${hydra:...} outside a Hydra run
+        return None, interp
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value, interp
+
+
+def _sel(cfg: DictConfig, key: str):
+    value, _ = _node(cfg, key)
+    return None if value is _ABSENT else value
+
+
+def _present(cfg: DictConfig, key: str) -> bool:
+    return _node(cfg, key)[0] is not _ABSENT
+
+
+def _target(cfg: DictConfig, group: str) -> str:
+    return str(_sel(cfg, f"{group}._target_") or "")
+
+
+def apply_schema(cfg: DictConfig, schema: dict[str, Rule]) -> None:
+    """Check every key of ``schema`` present in ``cfg`` (interpolated values are checked where
+    they are set)."""
+    for key, rule in schema.items():
+        value, interp = _node(cfg, key)
+        if value is _ABSENT or interp:
+            continue
+        rule.check(key, value)
+
+
+# ------------------------------------------------------------------------------ files
+CHECKPOINT_HINT = "a .ckpt written by cmexp.train"
+
+
+def check_checkpoint_file(value: Any, key: str, what: str = CHECKPOINT_HINT) -> None:
+    """A checkpoint named by ``key``: the file exists and is a complete PyTorch archive (empty,
+    truncated and non-PyTorch files are named here, without loading torch). ``zoo:NAME``
+    sources are checked by the loader."""
+    text = str(value)
+    if text.startswith("zoo:"):
+        return
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{key}={value} is a folder; expected {what}")
+    if not path.is_file():
+        raise ConfigError(f"{key}={value}: no such checkpoint file")
+    sniff_archive(path, key, value, what, "checkpoint")
+
+
+def sniff_archive(path: Path, key: str, value: Any, what: str, noun: str) -> None:
+    """Empty, truncated or foreign files named by ``key`` (PyTorch checkpoints and ``.npz``
+    files are zip archives; legacy PyTorch files are pickles)."""
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{key}={value} is an empty file; expected {what}")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            raise ConfigError(f"{key}={value} is a truncated or corrupt {noun} (an incomplete zip archive); "
+                              f"expected {what}") from None
+        return
+    if noun == "checkpoint" and head[:1] == b"\x80":  # a legacy (pickle) torch.save file
+        return
+    raise ConfigError(f"{key}={value} is not a {'PyTorch checkpoint' if noun == 'checkpoint' else noun} "
+                      f"(not a zip archive); expected {what}")
+
+
+def check_folder(value: Any, key: str, images: bool = False) -> Path:
+    """A folder named by ``key`` exists (and holds images, with ``images``)."""
+    path = Path(str(value)).expanduser()
+    if path.is_file():
+        raise ConfigError(f"{key}={value} is a file; expected a folder{' of images' if images else ''}")
+    if not path.is_dir():
+        raise ConfigError(f"{key}={value}: no such folder{' of images' if images else ''}")
+    if images and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+        raise ConfigError(f"{key}={value}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder")
+    return path
+
+
+def check_file_or_folder(value: Any, key: str, what: str) -> None:
+    if value is not None and not Path(str(value)).expanduser().exists():
+        raise ConfigError(f"{key}={value}: no such file or folder (expected {what})")
+
+
+# ------------------------------------------------------------------------------ per entry point
+def check_config(entry: str, cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first bad value of a composed ``cmexp.<entry>`` config:
+    the schema, the checks between keys, and the files it names."""
+    if entry == "train":
+        check_train_config(cfg)
+        return
+    apply_schema(cfg, SCHEMAS[entry])
+    if entry in ("sample", "edit", "tau_search"):
+        _required_checkpoint(cfg, "ckpt")
+    if entry == "eval":
+        ckpt, samples = _sel(cfg, "ckpt"), _sel(cfg, "samples")
+        if bool(ckpt) == bool(samples):
+            raise ConfigError("give exactly one of ckpt=PATH (sample and score) or samples=PATH (score a file)")
+        if ckpt:
+            check_checkpoint_file(ckpt, "ckpt")
+        else:
+            _check_samples(samples)
+            _check_dataset(cfg)
+    if entry in ("eval", "tau_search"):
+        _check_features(cfg, "features")
+    if entry == "edit":
+        if _sel(cfg, "images_dir"):
+            check_folder(_sel(cfg, "images_dir"), "images_dir", images=True)
+        if _sel(cfg, "data_dir"):
+            check_folder(_sel(cfg, "data_dir"), "data_dir")
+        check_file_or_folder(_sel(cfg, "metric.weights_path"), "metric.weights_path", "the VGG16 file vgg16-397923af.pth or its folder")
+        _check_task(cfg)
+    if entry == "tau_search" and _sel(cfg, "data_dir"):
+        check_folder(_sel(cfg, "data_dir"), "data_dir")
+
+
+def _required_checkpoint(cfg: DictConfig, key: str) -> None:
+    value = _sel(cfg, key)
+    if not value:
+        raise ConfigError(f"{key} is required: {key}=/path/to/last.ckpt of a cmexp.train run (or zoo:NAME)")
+    check_checkpoint_file(value, key)
+
+
+def _check_samples(value: Any) -> None:
+    path = Path(str(value)).expanduser()
+    what = "an .npz file (arr_0: uint8 [N,H,W,C]) or a folder of PNG/JPG images"
+    if path.is_dir():
+        if not any(p.suffix.lower() in (".png", ".jpg", ".jpeg") for p in path.iterdir()):
+            raise ConfigError(f"samples={value}: no PNG/JPG images in the folder")
+        return
+    if not path.is_file():
+        raise ConfigError(f"samples={value}: no such file or folder (expected {what})")
+    if path.suffix != ".npz":
+        raise ConfigError(f"samples={value} is not an .npz file; expected {what}")
+    sniff_archive(path, "samples", value, what, ".npz file")
+
+
+def _check_features(cfg: DictConfig, prefix: str, optional: bool = False) -> None:
+    """The feature extractor of eval / tau_search / in-training quality: a classifier needs its
+    checkpoint, Inception's weights file must exist when given."""
+    target = _target(cfg, prefix)
+    if target.endswith("ClassifierFeatures"):
+        value, interp = _node(cfg, f"{prefix}.ckpt")
+        value = None if value is _ABSENT else value
+        if optional and (interp or value):  # quality=fmnist_auto: skipped with a warning when absent
+            return
+        if not value:
+            raise ConfigError(
+                f"{prefix}.ckpt is required by the feature classifier: {prefix}.ckpt=<run>/checkpoints/last.ckpt "
+                "of `python -m cmexp.train +experiment=fmnist_classifier` (or features=inception for RGB data)"
+            )
+        check_checkpoint_file(value, f"{prefix}.ckpt", "a .ckpt of +experiment=fmnist_classifier")
+    elif target.endswith("InceptionFeatures"):
+        check_file_or_folder(_sel(cfg, f"{prefix}.weights_path"), f"{prefix}.weights_path",
+                             "weights-inception-2015-12-05-6726825d.pth or its folder")
+
+
+def _check_dataset(cfg: DictConfig) -> None:
+    """An image folder dataset needs an existing folder with images."""
+    if not _present(cfg, "dataset._target_"):
+        return
+    if _target(cfg, "dataset").endswith("ImageFolderDataModule"):
+        value = _sel(cfg, "dataset.data_dir")
+        if not value:
+            raise ConfigError("dataset.data_dir is required for dataset=imagefolder: dataset.data_dir=/path/to/images")
+        check_folder(value, "dataset.data_dir", images=True)
+    res, channel_mult = _sel(cfg, "dataset.resolution"), _sel(cfg, "net.channel_mult")
+    net = _target(cfg, "net")
+    if net.endswith("SongUNet") and _is_int(res) and channel_mult:
+        step = 2 ** (len(channel_mult) - 1)
+        if res % step:
+            raise ConfigError(f"dataset.resolution={res} must be divisible by {step} for net.channel_mult={channel_mult} "
+                              f"(the net halves it {len(channel_mult) - 1} times)")
+    if net.endswith("TinyUNet") and _is_int(res) and res % 2:
+        raise ConfigError(f"dataset.resolution={res} must be even for net=tiny")
+
+
+def _check_net(cfg: DictConfig) -> None:
+    if not _target(cfg, "net").endswith("SongUNet"):
+        return
+    nf, mults = _sel(cfg, "net.model_channels"), _sel(cfg, "net.channel_mult") or []
+    noise, heads = _sel(cfg, "net.noise_channels_mult"), _sel(cfg, "net.num_heads")
+    if _is_int(nf) and _is_int(noise) and (nf * noise) % 2:
+        raise ConfigError(f"net.model_channels x net.noise_channels_mult = {nf} x {noise} must be even "
+                          f"(the width of the {_sel(cfg, 'net.embedding_type')} noise embedding)")
+    if _is_int(nf) and _is_int(heads) and any((nf * m) % heads for m in mults):
+        raise ConfigError(f"net.num_heads={heads} must divide every attention width net.model_channels x "
+                          f"net.channel_mult = {[nf * m for m in mults]}")
+
+
+def _check_task(cfg: DictConfig) -> None:
+    target = _target(cfg, "task")
+    if target.endswith("Stroke") and _sel(cfg, "task.sigmas") is None:
+        raise ConfigError("task.sigmas must be a non-empty list of numbers > 0 such as [5.38, 2.24] for task=stroke, got null")
+    mask = _sel(cfg, "task.mask")
+    if target.endswith("Inpaint") and mask not in (None, "center", "boxes"):
+        path = Path(str(mask)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"task.mask={mask}: no such mask image (expected center, boxes or a PNG, white = fill)")
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the mistakes users make most often."""
+    """Raise :class:`ConfigError` for the first bad value of a training config."""
+    apply_schema(cfg, TRAIN)
     smin, smax = _sel(cfg, "model.sigma_min"), _sel(cfg, "model.sigma_max")
     if smin is not None and smax is not None:
         if not smin > 0:
@@ -36,7 +593,7 @@ def check_train_config(cfg: DictConfig) -> None:
     ema = _sel(cfg, "model.ema_decay")
     if ema is not None and not 0 <= ema < 1:
         raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema}")
-    target = str(_sel(cfg, "model._target_") or "")
+    target = _target(cfg, "model")
     if target.endswith(("CDLitModule", "PDLitModule")):
         path = _sel(cfg, "model.teacher_path")
         if not path:
@@ -45,21 +602,28 @@ def check_train_config(cfg: DictConfig) -> None:
                 f"model.teacher_path is required for {what}: set "
                 "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm)"
             )
-        from cmexp.inference.checkpoint import resolve_source
-
-        try:
-            resolve_source(path, "model.teacher_path")
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(str(err)) from None
+        check_checkpoint_file(path, "model.teacher_path", "the last.ckpt of an EDM run (+experiment=fmnist_edm)")
+    if target.endswith("ClassifierLitModule") and _sel(cfg, "dataset.num_classes") == 0:
+        raise ConfigError("model=classifier needs labelled data: dataset.num_classes must be >= 1, got 0")
     max_steps = _sel(cfg, "trainer.max_steps")
     if max_steps is not None and max_steps != -1 and max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {max_steps}")
     if target.endswith("PDLitModule"):
         _check_pd_rounds(cfg, max_steps)
+    _check_dataset(cfg)
+    _check_net(cfg)
+    if _present(cfg, "metric.weights_path"):
+        check_file_or_folder(_sel(cfg, "metric.weights_path"), "metric.weights_path",
+                             "the backbone file, e.g. vgg16-397923af.pth, or its folder")
+    if _present(cfg, "callbacks.sample_quality._target_"):
+        _check_features(cfg, "callbacks.sample_quality.features", optional=bool(_sel(cfg, "callbacks.sample_quality.optional")))
     accumulation_steps(cfg)  # global_batch_size fits the devices
     ckpt = _sel(cfg, "ckpt_path")
-    if ckpt and str(ckpt) not in ("auto", "last") and not Path(str(ckpt)).expanduser().is_file():
-        raise ConfigError(f"ckpt_path={ckpt}: no such file (or ckpt_path=auto: the newest readable checkpoint of the run)")
+    if ckpt and str(ckpt) not in ("auto", "last"):
+        path = Path(str(ckpt)).expanduser()
+        if not path.exists():
+            raise ConfigError(f"ckpt_path={ckpt}: no such file (or ckpt_path=auto: the newest readable checkpoint of the run)")
+        check_checkpoint_file(ckpt, "ckpt_path", "a checkpoint of this experiment's runs (<run>/checkpoints/last.ckpt)")
 
 
 def _check_pd_rounds(cfg: DictConfig, max_steps: int | None) -> None:

@@ -1,14 +1,24 @@
 """Shared command-line behaviour of the ``cmexp.*`` entry points: bad input ends with one
-``error: ...`` line and exit code 2 (``HYDRA_FULL_ERROR=1`` shows the traceback instead)."""
+``error: ...`` line and exit code 2 (``HYDRA_FULL_ERROR=1`` shows the traceback instead),
+before any run folder is made or touched (:func:`precheck`)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+#: Hydra flags that print or change the config instead of running the job: no precheck.
+PASSTHROUGH_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package",
+                     "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                     "--experimental-rerun", "--shell-completion", "-sc", "--version"}
+MULTIRUN_FLAGS = {"-m", "--multirun"}
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -18,28 +28,44 @@ def user_error(err: BaseException) -> BaseException | None:
     the user-facing cause (a ValueError naming a config key, a missing file) is unwrapped.
     """
     from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue
 
-    from cmexp.modules.base import NonFiniteLossError
     from cmexp.utils.checks import ConfigError
 
-    seen = 0
+    seen, outer = 0, err
     while isinstance(err, InstantiationException) and err.__cause__ is not None and seen < 5:
         err, seen = err.__cause__, seen + 1
-    if isinstance(err, (ConfigError, NonFiniteLossError, FileNotFoundError, ValueError)):
+    if isinstance(err, (ConfigError, FileNotFoundError, ValueError, MissingMandatoryValue)):
         return err
+    if isinstance(outer, InstantiationException) and isinstance(err, TypeError):
+        # a config group whose keys do not fit its class (e.g. model=classifier under a CT experiment)
+        key = next((ln.split(":", 1)[1].strip() for ln in str(outer).splitlines() if ln.strip().startswith("full_key:")), "")
+        return ConfigError(f"{key or 'config'}: {err} (the config's keys do not fit its _target_)")
     if isinstance(err, InstantiationException):
         return err
+    if type(err).__name__ == "MisconfigurationException":  # Lightning's word for a bad trainer setting
+        return err
+    if "cmexp.modules.base" in sys.modules:  # only a training can raise it
+        from cmexp.modules.base import NonFiniteLossError
+
+        if isinstance(err, NonFiniteLossError):
+            return err
     return None
 
 
 def run_cli(fn: Callable[..., T], *args: Any) -> T:
-    """Call ``fn(*args)``; user errors become ``error: <first line>`` on stderr and exit 2."""
+    """Call ``fn(*args)``; user errors become ``error: <first line>`` on stderr and exit 2, and
+    the run folder made for the command is removed when nothing but Hydra's bookkeeping was
+    written there (:func:`cmexp.utils.runs.discard_failed_run`)."""
     try:
         return fn(*args)
-    except Exception as err:  # noqa: BLE001 - classified below
+    except Exception as err:
         user = user_error(err)
         if user is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        from cmexp.utils.runs import discard_failed_run
+
+        discard_failed_run()
         first = str(user).strip().splitlines()[0] if str(user).strip() else type(user).__name__
         print(f"error: {first}", file=sys.stderr)
         sys.exit(2)
@@ -65,18 +91,104 @@ def override_key(arg: str) -> str:
     return arg.lstrip("+~").split("=", 1)[0].replace("/", ".")
 
 
-def reject_renamed_keys(entry: str, argv: list[str] | None = None) -> None:
-    """Exit with code 2 and one line naming the new key when an override uses a renamed key."""
+def renamed_key_error(entry: str, argv: list[str]) -> str | None:
+    """The message for the first override that uses a renamed key, naming the new key."""
     renamed = RENAMED_KEYS.get(entry, {})
-    for arg in (sys.argv[1:] if argv is None else argv):
+    for arg in argv:
         if arg.startswith("-"):
             continue
         key = override_key(arg)
         for old, new in renamed.items():
             if key == old or key.startswith(old + "."):
                 hint = f"was {new}" if new.startswith("removed:") else f"was renamed: use {new}"
-                print(f"error: {old} {hint}", file=sys.stderr)
-                sys.exit(2)
+                return f"{old} {hint}"
+    return None
+
+
+def reject_renamed_keys(entry: str, argv: list[str] | None = None) -> None:
+    """Exit with code 2 and one line naming the new key when an override uses a renamed key."""
+    message = renamed_key_error(entry, sys.argv[1:] if argv is None else argv)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def hydra_message(err: BaseException) -> str:
+    """One line from Hydra's multi-line composition and override-parsing errors."""
+    parts: list[str] = []
+    options: list[str] = []
+    for line in str(err).splitlines():
+        text = line.strip()
+        if not text or text.startswith("See https://hydra.cc"):
+            continue
+        if text.startswith("Config search path"):
+            break
+        if line.startswith("\t"):
+            options.append(text)
+            continue
+        parts.append(text.rstrip("."))
+    if options:
+        parts[-1] = f"{parts[-1]} {', '.join(options)}"
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        parts.append(str(cause).strip().splitlines()[0])
+    return "; ".join(parts)
+
+
+def precheck(entry: str, argv: list[str] | None = None) -> Any:
+    """What ``python -m cmexp.<entry>`` checks before Hydra starts the job (Hydra makes the run
+    folder and writes ``.hydra/*.yaml`` there before the job runs): renamed keys, the config
+    composition itself, every value (:func:`cmexp.utils.checks.check_config`), and the run
+    folder (:func:`cmexp.utils.runs.check_run_folder`; a training also takes its lock). Raises
+    :class:`~cmexp.utils.checks.ConfigError`; returns the composed config, or None when Hydra
+    only prints the config or runs a sweep (each job is checked when it starts). No torch is
+    imported, so a bad value fails in well under a second."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from cmexp.utils import runs
+    from cmexp.utils.checks import ConfigError, check_config
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    runs.forget_plan()
+    message = renamed_key_error(entry, argv)
+    if message:
+        raise ConfigError(message)
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    if flags & PASSTHROUGH_FLAGS:
+        return None
+    overrides = [a for a in argv if not a.startswith("-")]
+    parser, parsed = OverridesParser.create(), []
+    for override in overrides:
+        try:
+            parsed += parser.parse_overrides([override])
+        except HydraException as err:
+            message = hydra_message(err)
+            raise ConfigError(message if override in message else f"{override}: {message}") from None
+    if flags & MULTIRUN_FLAGS or any(o.is_sweep_override() for o in parsed):
+        return None
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=entry):
+            cfg = compose(entry, overrides=overrides, return_hydra_config=True)
+    except HydraException as err:
+        raise ConfigError(hydra_message(err)) from None
+    if "MULTIRUN" in str(cfg.hydra.get("mode")):
+        return None
+    HydraConfig.instance().set_config(cfg)
+    check_config(entry, cfg)
+    try:
+        run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).expanduser().absolute()
+    except Exception:  # noqa: BLE001 - an unresolvable run dir: Hydra reports it
+        return cfg
+    if runs.global_rank_from_env() == 0:  # DDP ranks > 0 re-run the command in rank 0's folder
+        runs.check_run_folder(run_dir, entry, resuming=entry == "train" and bool(cfg.get("ckpt_path")))
+        runs.plan_run_folder(run_dir)
+        if entry == "train":
+            runs.lock_run_folder(run_dir)
+    return cfg
 
 
 def list_or_none(value: Any, key: str) -> list[Any] | None:

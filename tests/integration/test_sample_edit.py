@@ -73,7 +73,7 @@ def test_teacher_sampling_with_heun_and_euler(ckpts, tmp_path: Path) -> None:
     euler = run_sample(tmp_path, [f"ckpt={ckpts['edm']}", "num_samples=2", "num_scales=3", "sampler=euler"], "euler")
     assert heun["info"]["nfe"] == 5 and euler["info"]["nfe"] == 3
     assert heun["images"].shape == euler["images"].shape == (2, 3, 32, 32)
-    with pytest.raises(ValueError, match="^sampler must be one of heun, euler, ddim, ddpm, edm_sde, got 'dpm'"):
+    with pytest.raises(ValueError, match="sampler must be one of heun, euler, ddim, ddpm, edm_sde, got 'dpm'"):
         run_sample(tmp_path, [f"ckpt={ckpts['edm']}", "sampler=dpm"], "bad")
 
 
@@ -165,7 +165,7 @@ def test_tau_search_picks_taus_by_feature_frechet_distance(ckpts, classifier_ckp
     assert 1 <= res["tau_indices"][0] <= 4 and res["metric"] == "fd_fmnist"
     scores = {tuple(e["tau_indices"]): e["fd_fmnist"] for e in saved["evaluated"]}
     assert res["score"] == min(scores.values())  # the chosen schedule is the best evaluated one
-    with pytest.raises(ValueError, match="steps must be >= 2"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 2"):
         tau_search(compose_train([f"ckpt={ckpts['ct']}", f"features.ckpt={classifier_ckpt}", "steps=1"],
                                  tmp_path / "bad", config_name="tau_search"))
 

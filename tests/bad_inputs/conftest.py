@@ -1,0 +1,146 @@
+"""Fixture files for the bad-input corpus, built once per session: tiny checkpoints of every kind
+(2 training steps on the synthetic set), damaged and foreign checkpoints, image folders with a
+non-image file, a 17x9 mask, damaged ``.npz`` files, run folders of other commands and CSV logs
+that are not UTF-8."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+TINY = ["debug=tiny", "trainer.max_steps=2"]
+
+
+def _train(overrides: list[str], out: Path) -> Path:
+    from cmexp.train import train
+    from tests.integration.conftest import compose_train
+
+    train(compose_train([*TINY, *overrides], out))
+    GlobalHydra.instance().clear()
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``{name: path}`` of every file the corpus names (``{name}`` in ``cases.py``)."""
+    from PIL import Image
+
+    from cmexp.inference import export_weights
+
+    base = tmp_path_factory.mktemp("bad_inputs")
+    fx = base / "files"
+    fx.mkdir()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ct = _train(["model=ct"], base / "runs" / "ct")
+        edm = _train(["model=edm"], base / "runs" / "edm")
+        clf = _train(
+            [
+                "model=classifier",
+                "net=small_cnn",
+                "net.width=4",
+                "net.feature_dim=8",
+                "~callbacks.sample_grid",
+            ],
+            base / "runs" / "clf",
+        )
+    finally:
+        torch.set_num_threads(n)
+    files: dict[str, Path] = {"ct": ct, "edm": edm, "clf": clf, "ct_run": ct.parents[1], "fx": fx}
+
+    # checkpoints: damaged, foreign, slim, another architecture
+    raw = ct.read_bytes()
+    (fx / "corrupt.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (fx / "truncated.ckpt").write_bytes(raw[: len(raw) // 2])
+    (fx / "empty.ckpt").write_bytes(b"")
+    (fx / "folder.ckpt").mkdir()
+    torch.save({"a": 1}, fx / "nonlightning.ckpt")
+    torch.save(
+        {"state_dict": {"layer.weight": torch.ones(2, 2)}, "optimizer_states": [], "epoch": 0},
+        fx / "foreign.ckpt",
+    )
+    export_weights(ct, fx / "slim.ckpt")
+    full = torch.load(ct, map_location="cpu", weights_only=True)
+    full["state_dict"] = {
+        k: (v[: max(1, v.shape[0] // 2)] if k.endswith("conv_in.weight") else v)
+        for k, v in full["state_dict"].items()
+    }
+    torch.save(full, fx / "other_arch.ckpt")
+    files.update(
+        {
+            name: fx / f"{name}.ckpt"
+            for name in (
+                "corrupt",
+                "truncated",
+                "empty",
+                "nonlightning",
+                "foreign",
+                "slim",
+                "other_arch",
+            )
+        }
+    )
+    files["folder_ckpt"] = fx / "folder.ckpt"
+
+    # images and masks
+    rng = np.random.default_rng(0)
+    for name in ("imgs", "goodimgs", "noimgs"):
+        (fx / name).mkdir()
+    for i in range(3):
+        for name in ("imgs", "goodimgs"):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                fx / name / f"{i}.png"
+            )
+    (fx / "imgs" / "notes.png").write_text("not an image")
+    Image.fromarray(np.zeros((9, 17), dtype=np.uint8)).save(fx / "mask17x9.png")
+    (fx / "text.png").write_text("not an image either")
+    (fx / "afile").write_text("a plain file")
+    files.update(
+        {
+            "imgs": fx / "imgs",
+            "goodimgs": fx / "goodimgs",
+            "noimgs": fx / "noimgs",
+            "mask17x9": fx / "mask17x9.png",
+            "textpng": fx / "text.png",
+            "afile": fx / "afile",
+            "nothere": fx / "does_not_exist",
+        }
+    )
+
+    # sample files
+    np.savez(fx / "good.npz", arr_0=rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8))
+    good = (fx / "good.npz").read_bytes()
+    (fx / "trunc.npz").write_bytes(good[: len(good) // 2])
+    np.savez(fx / "empty.npz", arr_0=np.zeros((0, 32, 32, 3), dtype=np.uint8))
+    np.savez(fx / "one.npz", arr_0=np.zeros((1, 32, 32, 3), dtype=np.uint8))
+    np.savez(fx / "noarr.npz", images=np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    np.savez(fx / "float.npz", arr_0=np.zeros((4, 32, 32, 3), dtype=np.float32))
+    files.update(
+        {f"{name}_npz": fx / f"{name}.npz" for name in ("trunc", "empty", "one", "noarr", "float")}
+    )
+
+    # run folders: another command's outputs, logs that cannot be read
+    sample_run = fx / "sample_run"
+    (sample_run / ".hydra").mkdir(parents=True)
+    (sample_run / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: sample\n")
+    (sample_run / ".hydra" / "config.yaml").write_text("ckpt: x\n")
+    (sample_run / ".hydra" / "overrides.yaml").write_text("- ckpt=x\n")
+    (sample_run / "sample.json").write_text(json.dumps({"nfe": 1}))
+    for name, body in (
+        ("badcsv_run", b"step,train/loss\n0,\xff\xfe1.0\n"),
+        ("badstep_run", b"step,train/loss\n0,1.0\nabc,2.0\n"),
+    ):
+        run = fx / name
+        (run / "csv").mkdir(parents=True)
+        shutil.copy(files["ct_run"] / "config_resolved.yaml", run / "config_resolved.yaml")
+        (run / "csv" / "metrics.csv").write_bytes(body)
+        files[name] = run
+    files["sample_run"] = sample_run
+    return {k: str(v) for k, v in files.items()}
