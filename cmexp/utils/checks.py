@@ -202,6 +202,18 @@ TRAIN: dict[str, Rule] = {
     "model.c_noise_scale": POSITIVE,
     "model.taus": Numbers(lo=0, lo_open=True, example="[0.585]"),
     "model.sample_num_scales": Int(2),
+    "model.num_rounds": Int(1),          # progressive distillation (model=pd)
+    "model.steps_per_round": Int(1),
+    "model.teacher_steps": Int(2),
+    "model.anneal_lr": Bool(),
+    "model.translate": Int(0),           # classifier: random shifts in pixels
+    "model.warmup_steps": Int(0),
+    "net.channels_last": Bool(),
+    "net.convs": Numbers(lo=1, ints=True, min_len=1, example="[1, 2, 2]"),
+    "vp_schedule.alpha_bars.num_steps": Int(2),
+    "vp_schedule.alpha_bars.max_beta": Num(0, 1, lo_open=True),
+    "vp_schedule.alpha_bars.s": Num(0),
+    "vp_schedule.zero_terminal_snr": Bool(),
     "model.loss.P_mean": Num(),
     "model.loss.P_std": POSITIVE,
     "model.loss.index_sampler.P_mean": Num(),
@@ -244,6 +256,7 @@ TRAIN: dict[str, Rule] = {
     "trainer.strategy": Str(),
     # callbacks
     "callbacks.checkpoint.every_n_train_steps": Int(0),
+    "callbacks.checkpoint.enable_version_counter": Bool(),
     "callbacks.checkpoint.save_top_k": Int(-1),
     "callbacks.checkpoint.save_last": Bool(),
     "callbacks.best_checkpoint.save_top_k": Int(-1),
@@ -407,9 +420,15 @@ CHECKPOINT_HINT = "a .ckpt written by cmexp.train"
 def check_checkpoint_file(value: Any, key: str, what: str = CHECKPOINT_HINT) -> None:
     """A checkpoint named by ``key``: the file exists and is a complete PyTorch archive (empty,
     truncated and non-PyTorch files are named here, without loading torch). ``zoo:NAME``
-    sources are checked by the loader."""
+    sources are checked against the zoo registry (name, file, hash)."""
     text = str(value)
-    if text.startswith("zoo:"):
+    if text.startswith("zoo:"):  # a shipped model: known name, file present, SHA-256 as registered
+        from cmexp import zoo
+
+        try:
+            zoo.resolve(text, key=key)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from None
         return
     path = Path(text).expanduser()
     if path.is_dir():

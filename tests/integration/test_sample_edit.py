@@ -73,7 +73,7 @@ def test_teacher_sampling_with_heun_and_euler(ckpts, tmp_path: Path) -> None:
     euler = run_sample(tmp_path, [f"ckpt={ckpts['edm']}", "num_samples=2", "num_scales=3", "sampler=euler"], "euler")
     assert heun["info"]["nfe"] == 5 and euler["info"]["nfe"] == 3
     assert heun["images"].shape == euler["images"].shape == (2, 3, 32, 32)
-    with pytest.raises(ValueError, match="sampler must be one of heun, euler, ddim, ddpm, edm_sde, got 'dpm'"):
+    with pytest.raises(ValueError, match="sampler must be one of heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'"):
         run_sample(tmp_path, [f"ckpt={ckpts['edm']}", "sampler=dpm"], "bad")
 
 
