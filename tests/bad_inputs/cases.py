@@ -270,7 +270,7 @@ CASES: list[Case] = [
     C("tau_search", "ckpt={ct} features.ckpt={clf} num_scales=2", "num_scales must be an integer >= 3 or null, got 2"),
     C("tau_search", "ckpt={ct} features.ckpt={clf} real_split=val", "real_split must be one of train, test"),
     C("tau_search", "ckpt={ct} features.ckpt={clf} data_dir={nothere}", "data_dir={nothere}: no such folder"),
-    C("tau_search", "ckpt={ct}", "features.ckpt is required by the feature classifier"),
+    C("tau_search", "ckpt={ct} features.ckpt=zoo:nope", "features.ckpt=zoo:nope: unknown zoo model 'nope'; the zoo has: zoo:fmnist_classifier"),
     C("tau_search", "ckpt={edm} features.ckpt={clf}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' here (the tau search needs a CD or CT checkpoint)", "load"),
     C("tau_search", "ckpt={empty} features.ckpt={clf}", "ckpt={empty} is an empty file"),
     C("tau_search", "ckpt={ct} features.ckpt={clf} grid_num_scales=18", "grid_num_scales was renamed: use num_scales"),
