@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from torch import Tensor, nn
 
 from cmexp.data.loader import _mix
 from cmexp.modules.base import OptimizerFactory
+from cmexp.utils.provenance import git_commit, machine
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +40,6 @@ def random_translate(images: Tensor, max_shift: int, generator: torch.Generator,
     return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last
                                               if images.is_contiguous(memory_format=torch.channels_last)
                                               else torch.contiguous_format)
-
-
-def machine_info() -> dict[str, Any]:
-    """Where this process runs: CPU model, visible cores, torch threads and versions, GPU."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch": str(torch.__version__),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def git_commit() -> dict[str, Any]:
-    """The git commit of the checkout ``cmexp`` is imported from, and whether it had changes
-    (``{}`` outside a git checkout)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git_commit": head, "git_dirty": bool(dirty)}
 
 
 class ClassifierLitModule(pl.LightningModule):
@@ -167,7 +135,8 @@ class ClassifierLitModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._t0 = time.perf_counter()
-        self._git = git_commit()  # the code this run starts from (later edits do not count)
+        commit = git_commit()  # the code this run starts from (later edits do not count)
+        self._git = {"git_commit": commit["commit"], "git_dirty": commit["dirty"]} if commit["commit"] else {}
 
     def _elapsed(self) -> float:
         return self.train_time_s + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
@@ -189,7 +158,7 @@ class ClassifierLitModule(pl.LightningModule):
                     "test_eval_s": round(eval_s, 1),
                     "parameters": sum(p.numel() for p in self.net.parameters()),
                     "seed": (self.run_config or {}).get("config", {}).get("seed"),
-                    **self._git, "machine": machine_info()}
+                    **self._git, "machine": machine()}
             out = Path(self.trainer.default_root_dir) / "classifier.json"
             out.write_text(json.dumps(info, indent=2))
             self.export(acc, info)

@@ -43,6 +43,7 @@ def machine() -> dict[str, Any]:
         import torch
 
         info["torch"] = str(torch.__version__)  # a plain str: checkpoints load with weights_only
+        info["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
