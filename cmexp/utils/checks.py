@@ -202,8 +202,11 @@ TRAIN: dict[str, Rule] = {
     "model.c_noise_scale": POSITIVE,
     "model.taus": Numbers(lo=0, lo_open=True, example="[0.585]"),
     "model.sample_num_scales": Int(2),
-    "model.num_rounds": Int(1),          # progressive distillation (model=pd)
-    "model.steps_per_round": Int(1),
+    "model.num_rounds": Int(1, null=True),  # progressive distillation (model=pd); null: down to 1 step
+    "model.steps_per_round": Rule("an integer >= 1 or a list of them (one per round) such as [200, 400]",
+                                  lambda v: (_is_int(v) and v >= 1) or (isinstance(v, (list, tuple)) and bool(v)
+                                                                        and all(_is_int(k) and k >= 1 for k in v)),
+                                  bad=("abc", 0, [], [0])),
     "model.teacher_steps": Int(2),
     "model.anneal_lr": Bool(),
     "model.translate": Int(0),           # classifier: random shifts in pixels
