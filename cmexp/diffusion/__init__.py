@@ -6,6 +6,7 @@ from cmexp.diffusion.ema import ema_update_
 from cmexp.diffusion.karras import append_dims, append_zero, check_sigma_range, karras_sigmas
 from cmexp.diffusion.precond import (
     CMPrecond,
+    ECTPrecond,
     EDMPrecond,
     boundary_scalings,
     edm_scalings,
@@ -46,6 +47,7 @@ from cmexp.diffusion.vp import (
 __all__ = [
     "AdaptiveSchedule",
     "CMPrecond",
+    "ECTPrecond",
     "Denoiser",
     "EDMPrecond",
     "FixedSchedule",

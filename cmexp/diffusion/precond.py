@@ -7,7 +7,6 @@ class_labels [B] | None) -> [B,C,H,W]``; it knows nothing about sigma (EDM's spl
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
@@ -122,6 +121,22 @@ class CMPrecond(_Precond):
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return boundary_scalings(sigma, self.sigma_data, self.sigma_min)
+
+
+class ECTPrecond(CMPrecond):
+    """ECT's consistency function (Geng et al. 2025, ``ECMPrecond``): the boundary scalings of
+    :class:`CMPrecond` in eval mode (sampling; ECT: sigma_min = 0.003), EDM's denoiser scalings
+    in training mode when ``edm_scalings_in_training`` (ECT's choice: the tuned model starts as
+    exactly the pretrained EDM denoiser, and levels r < sigma_min stay valid targets)."""
+
+    def __init__(self, *args: object, edm_scalings_in_training: bool = True, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.edm_scalings_in_training = bool(edm_scalings_in_training)
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.training and self.edm_scalings_in_training:
+            return edm_scalings(sigma, self.sigma_data)
+        return super().scalings(sigma)
 
 
 def gaussian_denoiser(sigma_data: float = 0.5):

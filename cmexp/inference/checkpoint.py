@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 DIFFUSION_KINDS = ("edm", "pd")
-CONSISTENCY_KINDS = ("cd", "ct")
+CONSISTENCY_KINDS = ("cd", "ct", "ect")
 MODEL_KINDS = DIFFUSION_KINDS + CONSISTENCY_KINDS
 
 

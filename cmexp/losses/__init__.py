@@ -12,12 +12,14 @@ from cmexp.losses.consistency import (
 from cmexp.losses.distances import (
     L1Distance,
     L2Distance,
+    L2NormDistance,
     LPIPSDistance,
     PseudoHuberDistance,
     l1,
     l2,
     pseudo_huber,
 )
+from cmexp.losses.ect import ECTLoss
 from cmexp.losses.edm import EDMLoss
 from cmexp.losses.progressive import (
     ProgressiveDistillationLoss,
@@ -35,10 +37,12 @@ __all__ = [
     "ConsistencyDistillationLoss",
     "ConsistencyLossOutput",
     "ConsistencyTrainingLoss",
+    "ECTLoss",
     "EDMLoss",
     "ICTWeighting",
     "L1Distance",
     "L2Distance",
+    "L2NormDistance",
     "LPIPSDistance",
     "LognormalIndices",
     "ProgressiveDistillationLoss",

@@ -56,6 +56,14 @@ class L1Distance:
         return l1(x, y)
 
 
+class L2NormDistance:
+    """The l2 norm ``||x - y||_2`` over C, H, W (not squared): ECT's metric with ``c = 0``
+    (Geng et al. 2025; the limit c -> 0 of pseudo-Huber). ``[B]``."""
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        return (x - y).flatten(1).norm(dim=1)
+
+
 class PseudoHuberDistance:
     """Callable form of :func:`pseudo_huber`; ``c=None`` uses 0.00054 sqrt(d)."""
 

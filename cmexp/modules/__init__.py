@@ -1,9 +1,10 @@
-"""LightningModules, one per training mode: EDM teacher, CD, CT, progressive distillation (and
+"""LightningModules, one per training mode: EDM teacher, CD, CT, ECT, progressive distillation (and
 the feature classifier)."""
 
 from cmexp.modules.base import DiffusionLitModule, NonFiniteLossError
 from cmexp.modules.classifier import ClassifierLitModule
 from cmexp.modules.consistency import CDLitModule, ConsistencyLitModule, CTLitModule, load_teacher
+from cmexp.modules.ect import ECTLitModule
 from cmexp.modules.edm import EDMLitModule
 from cmexp.modules.pd import PDLitModule
 
@@ -13,6 +14,7 @@ __all__ = [
     "ClassifierLitModule",
     "ConsistencyLitModule",
     "DiffusionLitModule",
+    "ECTLitModule",
     "EDMLitModule",
     "NonFiniteLossError",
     "PDLitModule",

@@ -219,6 +219,14 @@ TRAIN: dict[str, Rule] = {
     "vp_schedule.zero_terminal_snr": Bool(),
     "model.loss.P_mean": Num(),
     "model.loss.P_std": POSITIVE,
+    "model.loss.q": Num(1, lo_open=True),   # ECT: the gap t - r shrinks by q per stage
+    "model.loss.k": Num(0),
+    "model.loss.b": Num(0),
+    "model.loss.stage": Int(0),
+    "model.loss.metric.c": Num(0, lo_open=True, null=True),
+    "model.double_kimg": POSITIVE,
+    "model.edm_scalings_in_training": Bool(),
+    "model.num_scales": Int(2),
     "model.loss.index_sampler.P_mean": Num(),
     "model.loss.index_sampler.P_std": POSITIVE,
     "model.teacher_path": Str(null=True),
@@ -616,10 +624,11 @@ def check_train_config(cfg: DictConfig) -> None:
     if ema is not None and not 0 <= ema < 1:
         raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema}")
     target = _target(cfg, "model")
-    if target.endswith(("CDLitModule", "PDLitModule")):
+    if target.endswith(("CDLitModule", "PDLitModule", "ECTLitModule")):
         path = _sel(cfg, "model.teacher_path")
         if not path:
-            what = "consistency distillation" if target.endswith("CDLitModule") else "progressive distillation"
+            what = {"CDLitModule": "consistency distillation", "PDLitModule": "progressive distillation",
+                    "ECTLitModule": "easy consistency tuning (model=ect starts from an EDM teacher)"}[target.rsplit(".", 1)[-1]]
             raise ConfigError(
                 f"model.teacher_path is required for {what}: set "
                 "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm)"

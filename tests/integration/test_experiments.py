@@ -65,7 +65,7 @@ def test_experiment_composes_and_instantiates(name, composer, teachers, fake_wei
     monkeypatch.setenv("TORCH_HOME", str(fake_weights))
     cfg = composer([f"+experiment={name}"])
     assert cfg.model._target_.startswith("cmexp.modules.")
-    if cfg.model._target_.endswith(("CDLitModule", "PDLitModule")):
+    if cfg.model._target_.endswith(("CDLitModule", "PDLitModule", "ECTLitModule")):
         OmegaConf.update(cfg, "model.teacher_path", str(_fake_teacher(cfg, teachers)))
     datamodule = hydra.utils.instantiate(cfg.dataset)
     assert datamodule.batch_size == cfg.dataset.batch_size
@@ -78,8 +78,9 @@ def test_experiment_composes_and_instantiates(name, composer, teachers, fake_wei
     for cb in cfg.callbacks.values():
         hydra.utils.instantiate(cb)
     if name.startswith("cifar10"):
-        # the paper's Table 3 values (PD: the PD paper's batch 128; the CM paper's PD: 512)
-        assert cfg.dataset.batch_size == (128 if name == "cifar10_pd" else 512) and cfg.net.model_channels == 128
+        # the paper's Table 3 values (PD: the PD paper's batch 128; the CM paper's PD: 512; ECT 128; iCT 1024)
+        batch = {"cifar10_pd": 128, "cifar10_ect": 128, "cifar10_ict": 1024}.get(name, 512)
+        assert cfg.dataset.batch_size == batch and cfg.net.model_channels == 128
         if "_cd_" in name or "_ct_" in name:
             assert cfg.model.ema_decay == 0.9999
             assert cfg.model.optimizer._target_ == "torch.optim.RAdam"
@@ -175,3 +176,47 @@ def test_inception_quality_config_builds_the_callback_with_fid_names(composer, t
     assert cfg.callbacks.best_checkpoint.monitor == "val/fid_1step"
     cb = hydra.utils.instantiate(cfg.callbacks.sample_quality)
     assert cb.name == "" and cb.features.num_features == 2048
+
+
+def test_ict_recipe_has_the_papers_cifar10_values(composer) -> None:
+    """iCT (Song & Dhariwal 2023) CIFAR-10, value by value (reference.md section 5.1)."""
+    cfg = composer(["+experiment=cifar10_ict"])
+    assert cfg.model._target_ == "cmexp.modules.CTLitModule"
+    assert cfg.global_batch_size == 1024                                  # batch 1024
+    assert cfg.model.optimizer._target_ == "torch.optim.RAdam" and cfg.model.optimizer.lr == 1e-4
+    assert cfg.trainer.max_steps == 400_000                               # 400k iterations
+    assert (cfg.schedule.s0, cfg.schedule.s1, cfg.schedule.mu) == (10, 1280, 0.0)  # doubling, no target EMA
+    assert cfg.net.dropout == 0.3 and cfg.net.fourier_scale == 0.02 and cfg.net.embedding_type == "fourier"
+    assert cfg.model.ema_decay == 0.99993                                 # sampling EMA
+    assert list(cfg.model.taus) == [0.821]                                # 2-step sigma
+    assert (cfg.model.sigma_min, cfg.model.sigma_max, cfg.model.rho) == (0.002, 80.0, 7.0)
+    assert cfg.metric._target_ == "cmexp.losses.PseudoHuberDistance" and cfg.metric.c is None  # 0.00054 sqrt(d)
+    assert cfg.model.loss.index_sampler._target_ == "cmexp.losses.LognormalIndices"
+    assert (cfg.model.loss.index_sampler.P_mean, cfg.model.loss.index_sampler.P_std) == (-1.1, 2.0)
+    assert cfg.model.loss.weighting._target_ == "cmexp.losses.ICTWeighting"  # 1/(sigma_{n+1} - sigma_n)
+    schedule = hydra.utils.instantiate(cfg.schedule)
+    blocks = [schedule(k)[0] for k in range(0, 400_000, 50_000)]
+    assert blocks == [11, 21, 41, 81, 161, 321, 641, 1281]                # N = 11 ... 1281
+    from cmexp.losses import pseudo_huber
+
+    x = torch.zeros(1, 3, 32, 32)
+    y = torch.zeros(1, 3, 32, 32)
+    y[0, 0, 0, 0] = 1.0
+    c = 0.00054 * 3072**0.5
+    assert float(pseudo_huber(x, y)) == pytest.approx((1 + c * c) ** 0.5 - c)
+
+
+def test_ect_recipe_has_the_papers_cifar10_values(composer) -> None:
+    """ECT (Geng et al. 2025) CIFAR-10 as in locuslab/ect run_ecm.sh (reference.md section 5.2)."""
+    cfg = composer(["+experiment=cifar10_ect"])
+    assert cfg.model._target_ == "cmexp.modules.ECTLitModule"
+    assert cfg.global_batch_size == 128 and cfg.dataset.batch_size == 128
+    assert cfg.model.optimizer._target_ == "torch.optim.RAdam" and cfg.model.optimizer.lr == 1e-4
+    assert cfg.net.dropout == 0.2 and cfg.net.embedding_type == "positional"   # DDPM++ teacher net
+    assert cfg.trainer.max_steps == 200_000                                     # 25.6 Mimg
+    assert cfg.model.double_kimg == 3200.0                                      # --double 250 x 12.8 kimg
+    loss = cfg.model.loss
+    assert (loss.P_mean, loss.P_std, loss.q, loss.k, loss.b) == (-1.1, 2.0, 2.0, 8.0, 1.0)
+    assert loss.metric._target_ == "cmexp.losses.L2NormDistance"               # c = 0
+    assert loss.weighting._target_ == "cmexp.losses.ICTWeighting"              # 1 / (t - r)
+    assert cfg.model.sigma_min == 0.003 and cfg.model.ema_decay == 0.9999 and list(cfg.model.taus) == [0.821]

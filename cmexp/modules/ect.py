@@ -1,0 +1,141 @@
+"""Easy consistency tuning (ECT, Geng et al. 2025): a consistency model tuned from a pretrained
+EDM denoiser with a continuous-time gap that shrinks stage by stage (``cmexp.losses.ECTLoss``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cmexp.diffusion.ema import ema_update_
+from cmexp.diffusion.precond import ECTPrecond
+from cmexp.diffusion.sampling import SeededNoise, sample_multistep
+from cmexp.inference.plan import SamplingSpec, sigma_plan
+from cmexp.losses.ect import ECTLoss
+from cmexp.modules.base import DiffusionLitModule, OptimizerFactory
+from cmexp.modules.consistency import check_preconditioning, load_teacher
+
+
+class ECTLitModule(DiffusionLitModule):
+    """ECT: online network initialised from an EDM teacher, target = the online network itself
+    under stop-grad (no target EMA), sampling EMA ``ema`` for samples and checkpoints.
+
+    Args:
+        net: raw network with the teacher's architecture. loss: :class:`ECTLoss`.
+        teacher_path: an EDM checkpoint of this suite (or ``zoo:NAME``): its sampling-EMA
+            weights initialise the online network, the sampling EMA, and nothing else (ECT
+            has no teacher after initialisation).
+        double_kimg: images (thousands) per stage; the gap t - r shrinks by q each stage
+            (ECT CIFAR-10: 3,200 kimg = 25k iterations at batch 128).
+        sigma_min: eps of the sampling boundary condition (ECT: 0.003).
+        edm_scalings_in_training: EDM's c_skip/c_out while training (ECT), the boundary
+            scalings only at sampling time.
+        num_scales: N of the Karras grid whose levels ``cmexp.tau_search`` indexes (ECT itself
+            has no grid).
+        taus: default levels after T for multistep sampling (ECT CIFAR-10 2-step: 0.821;
+            ECT re-noises with ``tau z``, Alg. 1 with ``sqrt(tau^2 - eps^2) z``: a factor
+            1 - 7e-6 apart at tau = 0.821, eps = 0.003; this suite samples every model with Alg. 1).
+    """
+
+    kind = "ect"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: ECTLoss,
+        optimizer: OptimizerFactory,
+        teacher_path: str | None = None,
+        double_kimg: float = 3200.0,
+        ema_decay: float = 0.9999,
+        lr_warmup_kimg: float = 0.0,
+        compile_net: bool = False,
+        channels_last: bool = False,
+        sigma_min: float = 0.003,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        rho: float = 7.0,
+        c_noise_scale: float = 0.25,
+        edm_scalings_in_training: bool = True,
+        num_scales: int = 18,
+        taus: Sequence[float] = (0.821,),
+    ) -> None:
+        super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
+        if not double_kimg > 0:
+            raise ValueError(
+                f"model.double_kimg must be > 0 (thousands of images per stage), got {double_kimg!r}"
+            )
+        self.model = ECTPrecond(
+            net,
+            sigma_min,
+            sigma_max,
+            sigma_data,
+            c_noise_scale,
+            edm_scalings_in_training=edm_scalings_in_training,
+        )
+        teacher = load_teacher(teacher_path, net)
+        check_preconditioning(self.model, teacher, teacher_path)
+        self.model.net.load_state_dict(teacher.net.state_dict())
+        self.teacher_path = str(getattr(teacher, "source_path", teacher_path))
+        self._init_ema()
+        ema_update_(self.ema, self.model, 0.0)
+        self.loss = loss
+        self.double_kimg = float(double_kimg)
+        self.rho = float(rho)
+        self.num_scales = int(num_scales)
+        self.taus = tuple(float(t) for t in taus)
+        for t in self.taus:
+            if not sigma_min < t < sigma_max:
+                raise ValueError(f"model.taus entries must lie in (sigma_min, sigma_max), got {t}")
+
+    def stage_at(self, kimg: float) -> int:
+        """The ECT stage after ``kimg`` thousand images: ``floor(kimg / double_kimg)``."""
+        return int(kimg // self.double_kimg)
+
+    def compute_loss(
+        self, images: Tensor, labels: Tensor | None
+    ) -> tuple[Tensor, dict[str, float]]:
+        kimg = self.batches_seen * self.global_batch_size(images.shape[0]) / 1000
+        self.loss.stage = self.stage_at(kimg)
+        out = self.loss(self.model, images, labels, shard=self.shard())
+        zero = float((out.sigma_next == 0).float().mean())
+        return out.loss.mean(), {"stage": self.loss.stage, "r_zero_fraction": zero}
+
+    def sampling_spec(self) -> SamplingSpec:
+        m = self.model
+        return SamplingSpec(
+            consistency=True,
+            sigma_min=m.sigma_min,
+            sigma_max=m.sigma_max,
+            rho=self.rho,
+            num_scales=self.num_scales,
+            taus=self.taus,
+        )
+
+    @torch.no_grad()
+    def sample_images(
+        self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)
+    ) -> dict[str, Tensor]:
+        m, spec = self.ema, self.sampling_spec()
+        was_training = m.training
+        m.eval()  # the boundary scalings: sampling uses f(x, sigma_min) = x
+        try:
+            shape = (m.img_channels, m.img_resolution, m.img_resolution)
+            out: dict[str, Tensor] = {}
+            for k in steps:
+                noise = SeededNoise(range(seed, seed + num), self.device)
+                z = noise.randn(shape)
+                out[f"{k}step"] = sample_multistep(
+                    m, z, sigma_plan(spec, steps=k), spec.sigma_min, noise=noise.randn_like
+                )
+        finally:
+            m.train(was_training)
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            **super().metadata(),
+            "teacher_path": self.teacher_path,
+            "double_kimg": self.double_kimg,
+        }
