@@ -1,4 +1,4 @@
-"""LightningModules, one per training mode: EDM teacher, CD, CT, progressive distillation (and
+"""LightningModules, one per training mode: EDM teacher, CD, CT, progressive distillation, sCT/sCD (and
 the feature classifier)."""
 
 from cmexp.modules.base import DiffusionLitModule, NonFiniteLossError
@@ -6,6 +6,7 @@ from cmexp.modules.classifier import ClassifierLitModule
 from cmexp.modules.consistency import CDLitModule, ConsistencyLitModule, CTLitModule, load_teacher
 from cmexp.modules.edm import EDMLitModule
 from cmexp.modules.pd import PDLitModule
+from cmexp.modules.scm import SCDLitModule, SCMLitModule, SCTLitModule
 
 __all__ = [
     "CDLitModule",
@@ -16,5 +17,8 @@ __all__ = [
     "EDMLitModule",
     "NonFiniteLossError",
     "PDLitModule",
+    "SCDLitModule",
+    "SCMLitModule",
+    "SCTLitModule",
     "load_teacher",
 ]
