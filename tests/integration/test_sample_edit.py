@@ -113,7 +113,7 @@ def test_edit_reports_lpips_when_weights_exist_and_reads_image_folders(ckpts, tm
 
 def test_edit_rejects_teachers_and_grey_colorization(ckpts, tmp_path: Path) -> None:
     cfg = compose_train(["task=inpaint", f"ckpt={ckpts['edm']}"], tmp_path / "a", config_name="edit")
-    with pytest.raises(ValueError, match="holds a 'edm' model.*editing needs a CD or CT checkpoint"):
+    with pytest.raises(ValueError, match="holds a 'edm' model.*editing needs a CD, CT, sCT or sCD checkpoint"):
         edit(cfg)
     import torch
 
