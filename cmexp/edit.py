@@ -35,7 +35,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.inference.tasks import EditContext
     from cmexp.utils.images import image_grid, save_png
 
-    loaded, device = load_from_config(cfg, kinds=CONSISTENCY_KINDS, purpose="editing needs a consistency model: CD, CT or ECT")
+    loaded, device = load_from_config(cfg, kinds=CONSISTENCY_KINDS, purpose="editing needs a consistency model: CD, CT, ECT, sCT or sCD")
     task = instantiate(cfg.task)
     name = task_choice(cfg)
     images = real_images(loaded.dataset, int(cfg.num_samples), str(cfg.real_split), loaded.img_resolution,

@@ -34,7 +34,7 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.inference.data import reference_datamodule
     from cmexp.metrics.suite import RealFeatureCache, extract, frechet_distance, reference_features
 
-    loaded, device = load_from_config(cfg, kinds=CONSISTENCY_KINDS, purpose="the tau search needs a consistency model: CD, CT or ECT")
+    loaded, device = load_from_config(cfg, kinds=CONSISTENCY_KINDS, purpose="the tau search needs a consistency model: CD, CT, ECT, sCT or sCD")
     features = instantiate(cfg.features).to(device)
     name = f"fd_{getattr(features, 'name', '') or 'features'}"
     dm = reference_datamodule(loaded.dataset, cfg.data_dir)

@@ -45,3 +45,40 @@ class SignalAtStep(pl.Callback):
         if trainer.global_step == self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Straight-through rounding with a backward but no forward-mode derivative (no ``jvp``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x + (torch.round(x * 64) / 64 - x).detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class Quantize(torch.nn.Module):
+    """A layer that does not support forward-mode AD (torch.func.jvp fails inside it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RoundSTE.apply(x)
+
+
+class NoForwardADTinyUNet(torch.nn.Module):
+    """``cmexp.nets.TinyUNet`` followed by :class:`Quantize`: the raw-net contract, but a layer
+    without forward-mode AD (``net._target_=tests.fakes.NoForwardADTinyUNet`` in the bad-input
+    corpus; same constructor arguments as TinyUNet)."""
+
+    def __init__(self, **kwargs) -> None:
+        from cmexp.nets import TinyUNet
+
+        super().__init__()
+        self.body = TinyUNet(**kwargs)
+        self.quant = Quantize()
+        self.img_resolution, self.img_channels = self.body.img_resolution, self.body.img_channels
+        self.label_dim = self.body.label_dim
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels=None) -> torch.Tensor:
+        return self.quant(self.body(x, noise_labels, class_labels))

@@ -1,6 +1,6 @@
-"""The consistency-model engine: sigma grids, preconditioning (EDM, CM, VP), ODE solvers,
-DDIM/DDPM/EDM-SDE samplers, VP noise schedules, curricula, EMA, consistency samplers. Pure
-PyTorch, no Lightning."""
+"""The consistency-model engine: sigma grids, preconditioning (EDM, CM, VP, TrigFlow), ODE
+solvers, DDIM/DDPM/EDM-SDE samplers, VP noise schedules, curricula, EMA, consistency samplers.
+Pure PyTorch, no Lightning."""
 
 from cmexp.diffusion.ema import ema_update_
 from cmexp.diffusion.karras import append_dims, append_zero, check_sigma_range, karras_sigmas
@@ -31,6 +31,14 @@ from cmexp.diffusion.solvers import (
     sample_euler,
     sample_heun,
 )
+from cmexp.diffusion.trigflow import (
+    DenoiserTrigFlow,
+    EDMTrigFlowPrecond,
+    TrigFlowPrecond,
+    sample_trigflow,
+    sigma_to_trigflow,
+    trigflow_to_sigma,
+)
 from cmexp.diffusion.vp import (
     VPrecond,
     VPSchedule,
@@ -49,11 +57,14 @@ __all__ = [
     "CMPrecond",
     "ECTPrecond",
     "Denoiser",
+    "DenoiserTrigFlow",
     "EDMPrecond",
+    "EDMTrigFlowPrecond",
     "FixedSchedule",
     "ImprovedSchedule",
     "Schedule",
     "SeededNoise",
+    "TrigFlowPrecond",
     "VPSchedule",
     "VPrecond",
     "adaptive_schedule",
@@ -82,7 +93,10 @@ __all__ = [
     "sample_heun",
     "sample_multistep",
     "sample_onestep",
+    "sample_trigflow",
     "sigma_to_alpha_bar",
+    "sigma_to_trigflow",
+    "trigflow_to_sigma",
     "ve_to_vp",
     "vp_scalings",
     "vp_to_ve",

@@ -1,10 +1,10 @@
 """Reading the files that hold a trained model: one reader for every kind of checkpoint.
 
 A cmexp checkpoint (full Lightning ``.ckpt``, or the slim copy of :func:`export_weights`) is
-self-describing: ``checkpoint["cmexp"]`` holds the kind ("edm", "pd", "cd", "ct", "classifier"),
-the settings needed to use the model (preconditioning constants, ``rho``, grid ``num_scales``,
-default ``taus``, resolution, channels, labels) and the resolved run config, whose ``net``
-entry rebuilds the raw network. ``zoo:NAME`` sources name files shipped in ``cmexp/zoo``.
+self-describing: ``checkpoint["cmexp"]`` holds the kind ("edm", "pd", "cd", "ct", "sct", "scd",
+"classifier"), the settings needed to use the model (preconditioning constants and the wrapper,
+``rho``, grid ``num_scales``, default ``taus``, resolution, channels, labels) and the resolved run
+config, whose ``net`` entry rebuilds the raw network. ``zoo:NAME`` sources name files shipped in ``cmexp/zoo``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 DIFFUSION_KINDS = ("edm", "pd")
-CONSISTENCY_KINDS = ("cd", "ct", "ect")
+CONSISTENCY_KINDS = ("cd", "ct", "ect", "sct", "scd")
 MODEL_KINDS = DIFFUSION_KINDS + CONSISTENCY_KINDS
 
 

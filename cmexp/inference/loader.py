@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cmexp.diffusion.precond import CMPrecond, EDMPrecond
+from cmexp.diffusion.trigflow import EDMTrigFlowPrecond, TrigFlowPrecond
 from cmexp.diffusion.vp import VPrecond
 from cmexp.inference.checkpoint import (
     CONSISTENCY_KINDS,
@@ -116,11 +117,15 @@ def pick_device(name: str) -> str:
 
 def build_wrapper(net: nn.Module, meta: dict[str, Any], source: str = "ckpt") -> nn.Module:
     """The preconditioning wrapper a checkpoint's metadata describes around ``net``: CMPrecond
-    for CD/CT, EDMPrecond for EDM/PD, VPrecond where ``meta["precond"]`` says "vp"."""
+    for CD/CT, EDMPrecond for EDM/PD, VPrecond where ``meta["precond"]`` says "vp", the TrigFlow
+    wrappers of sCT/sCD ("trigflow", "trigflow_edm"; sigma interface)."""
     args = (net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
+    precond = meta.get("precond") or {"name": "edm"}
+    trigflow = {"trigflow": TrigFlowPrecond, "trigflow_edm": EDMTrigFlowPrecond}
+    if precond.get("name") in trigflow:
+        return trigflow[precond["name"]](*args)
     if meta["kind"] in CONSISTENCY_KINDS:
         return CMPrecond(*args)
-    precond = meta.get("precond") or {"name": "edm"}
     if precond.get("name") == "vp":
         return VPrecond(*args, prediction=str(precond.get("prediction", "v")))
     if precond.get("name") != "edm":

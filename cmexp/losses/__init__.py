@@ -1,5 +1,5 @@
-"""Losses: distances d(x, y) -> [B], the EDM denoising loss, the CD/CT objectives and
-progressive distillation."""
+"""Losses: distances d(x, y) -> [B], the EDM denoising loss, the CD/CT objectives,
+progressive distillation and the continuous-time sCT/sCD objective."""
 
 from cmexp.losses.consistency import (
     ConsistencyDistillationLoss,
@@ -26,6 +26,13 @@ from cmexp.losses.progressive import (
     ProgressiveLossOutput,
     progressive_target,
 )
+from cmexp.losses.scm import (
+    AdaptiveWeight,
+    FiniteDifferenceTangent,
+    JVPTangent,
+    SCMLoss,
+    SCMLossOutput,
+)
 from cmexp.losses.weighting import (
     ICTWeighting,
     SNRPlusOneWeighting,
@@ -34,12 +41,15 @@ from cmexp.losses.weighting import (
 )
 
 __all__ = [
+    "AdaptiveWeight",
     "ConsistencyDistillationLoss",
     "ConsistencyLossOutput",
     "ConsistencyTrainingLoss",
     "ECTLoss",
     "EDMLoss",
+    "FiniteDifferenceTangent",
     "ICTWeighting",
+    "JVPTangent",
     "L1Distance",
     "L2Distance",
     "L2NormDistance",
@@ -48,6 +58,8 @@ __all__ = [
     "ProgressiveDistillationLoss",
     "ProgressiveLossOutput",
     "PseudoHuberDistance",
+    "SCMLoss",
+    "SCMLossOutput",
     "SNRPlusOneWeighting",
     "TruncatedSNRWeighting",
     "UniformIndices",

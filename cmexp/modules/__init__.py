@@ -1,4 +1,4 @@
-"""LightningModules, one per training mode: EDM teacher, CD, CT, ECT, progressive distillation (and
+"""LightningModules, one per training mode: EDM teacher, CD, CT, ECT, progressive distillation, sCT/sCD (and
 the feature classifier)."""
 
 from cmexp.modules.base import DiffusionLitModule, NonFiniteLossError
@@ -7,6 +7,7 @@ from cmexp.modules.consistency import CDLitModule, ConsistencyLitModule, CTLitMo
 from cmexp.modules.ect import ECTLitModule
 from cmexp.modules.edm import EDMLitModule
 from cmexp.modules.pd import PDLitModule
+from cmexp.modules.scm import SCDLitModule, SCMLitModule, SCTLitModule
 
 __all__ = [
     "CDLitModule",
@@ -18,5 +19,8 @@ __all__ = [
     "EDMLitModule",
     "NonFiniteLossError",
     "PDLitModule",
+    "SCDLitModule",
+    "SCMLitModule",
+    "SCTLitModule",
     "load_teacher",
 ]

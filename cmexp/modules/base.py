@@ -140,8 +140,13 @@ class DiffusionLitModule(pl.LightningModule):
         """Update the averaged copies after each optimizer step (sampling EMA here)."""
         ema_update_(self.ema, self.model, self.ema_decay)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains: the online model (modes with extra trained parts, e.g.
+        sCM's adaptive weighting, add theirs)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_factory(params=[p for p in self.model.parameters() if p.requires_grad])
+        opt = self.optimizer_factory(params=self.trainable_parameters())
         if self.lr_warmup_kimg <= 0:
             return opt
 

@@ -76,10 +76,12 @@ class TinyUNet(nn.Module):
         b = x.shape[0]
         noise_labels = prepare_noise_labels(noise_labels, b, x.device)
         class_labels = prepare_labels(class_labels, self.label_dim, b, x.device)
-        e = self.noise_embed(noise_labels)
-        if self.label_embed is not None:
-            e = e + self.label_embed(class_labels)
-        e = F.silu(self.map1(F.silu(self.map0(e)))).to(x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 time path
+            e = self.noise_embed(noise_labels.float())
+            if self.label_embed is not None:
+                e = e + self.label_embed(class_labels)
+            e = F.silu(self.map1(F.silu(self.map0(e.float()))))
+        e = e.to(x.dtype)
         skip = self.enc0(self.conv_in(x), e)
         h = self.enc1(fir_downsample(skip, self.box), e)
         h = self.dec0(torch.cat([fir_upsample(h, self.box), skip], dim=1), e)

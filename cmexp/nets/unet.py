@@ -202,11 +202,14 @@ class SongUNet(nn.Module):
         self.conv_out = conv2d(cin, img_channels, 3, init_scale)
 
     def embed(self, noise_labels: Tensor, class_labels: Tensor | None) -> Tensor:
-        """Conditioning embedding ``[B] (+ [B]) -> [B, emb_channels]`` (after the final SiLU)."""
-        emb = self.noise_embed(noise_labels)
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(class_labels)
-        return F.silu(self.map1(F.silu(self.map0(emb))))
+        """Conditioning embedding ``[B] (+ [B]) -> [B, emb_channels]`` (after the final SiLU),
+        always in float32 (autocast off: continuous-time CMs need an fp32 time path, sCM
+        Sec. 4.1 / NVlabs/rcm#10)."""
+        with torch.autocast(device_type=noise_labels.device.type, enabled=False):
+            emb = self.noise_embed(noise_labels.float())
+            if self.label_embed is not None:
+                emb = emb + self.label_embed(class_labels)
+            return F.silu(self.map1(F.silu(self.map0(emb.float()))))
 
     def forward(
         self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None

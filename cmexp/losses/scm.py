@@ -1,0 +1,285 @@
+"""The continuous-time consistency objective of sCT / sCD (Lu & Song 2024, arXiv 2410.11081,
+Sec. 4.2 and Alg. 1) in TrigFlow time.
+
+Per example: ``tan(t) = e^tau / sd`` with ``tau ~ N(P_mean, P_std^2)``, ``z ~ N(0, sd^2 I)``,
+``x_t = cos(t) x0 + sin(t) z``; ``dx_t/dt = cos(t) z - sin(t) x0`` (sCT, from the data) or
+``sd F_teacher(x_t / sd, t)`` (sCD, from the frozen teacher). With ``F^- = stopgrad F_theta``
+and ``r`` ramping 0 -> 1 over ``warmup_steps`` (tangent warm-up):
+
+    g = -cos^2(t) (sd F^- - dx_t/dt) - r cos(t) sin(t) (x_t + sd dF^-/dt)
+    g <- g / (||g|| + c)                                   (tangent normalisation, c = 0.1)
+    loss = lambda(t) e^{w(t)} / D ||F_theta - F^- - g||^2 - w(t)   (adaptive weighting)
+
+``lambda(t) = 1 / (sd tan t)`` (the prior weighting, optional), ``D`` = C H W, ``w`` a small
+learned network of t. The loss value is ``lambda e^w ||g||^2 / D - w``; its gradient in theta is
+``-2 lambda e^w / D g . dF_theta/dtheta``, the sCM gradient. ``cos(t) sin(t) dF^-/dt`` is one
+forward-mode product (``torch.func.jvp``) with tangents ``(cos t sin t dx_t/dt, cos t sin t)``
+(the "JVP rearrangement": bounded for every t), or its central finite difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cmexp.diffusion.karras import append_dims
+from cmexp.losses.consistency import global_draw, replay_rng
+
+#: ``fn(x_t [B,C,H,W], t [B]) -> F [B,C,H,W]``: the network read as TrigFlow's F.
+FFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class JVPTangent:
+    """``cos(t) sin(t) dF/dt`` along ``(dx_t/dt, 1)`` by forward-mode AD (``torch.func.jvp``,
+    one pass at about the cost of a forward and a half). Every layer of the network must
+    support forward-mode AD: :meth:`check` finds the one that does not."""
+
+    key = "tangent=jvp"
+
+    def __call__(self, fn: FFn, x_t: Tensor, t: Tensor, dxdt: Tensor) -> Tensor:
+        """x_t, dxdt ``[B,C,H,W]``; t ``[B]`` -> ``cos t sin t dF/dt`` ``[B,C,H,W]``."""
+        vt = torch.cos(t) * torch.sin(t)
+        vx = append_dims(vt, x_t.ndim).to(dxdt.dtype) * dxdt
+        return torch.func.jvp(fn, (x_t, t), (vx, vt))[1]
+
+    def check(self, model: nn.Module) -> None:
+        """Run one JVP on a one-image batch through ``model.F`` (a TrigFlow wrapper); a layer
+        without forward-mode AD raises a ValueError naming it. The global RNG is untouched."""
+        gen = torch.Generator().manual_seed(0)
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        shape = (1, model.img_channels, model.img_resolution, model.img_resolution)
+        x = torch.randn(shape, generator=gen).to(dev)
+        t = torch.full((1,), 0.7, device=dev)
+        labels = torch.zeros(1, dtype=torch.long, device=dev) if model.label_dim > 0 else None
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), _layer_stack(model) as stack:
+            model.F(x, t, labels)  # a plain forward must work (its errors are not about AD)
+            try:
+                self(lambda a, b: model.F(a, b, labels), x, t, torch.randn_like(x))
+            except (RuntimeError, NotImplementedError, TypeError) as err:
+                name, layer = stack[-1] if stack else ("net", type(model).__name__)
+                first = (
+                    str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                )
+                raise ValueError(
+                    f"{self.key}: layer '{name}' ({layer}) of the network does not support "
+                    f"forward-mode AD ({first}); use tangent=finite_difference or a network "
+                    "whose layers define a forward-mode derivative"
+                ) from None
+
+
+class FiniteDifferenceTangent:
+    """``cos(t) sin(t) dF/dt`` as a central difference along ``(cos t sin t dx_t/dt,
+    cos t sin t)`` with step ``eps`` (two forward passes with the same dropout masks): for
+    networks without forward-mode AD (FastGen's ``use_jvp_finite_diff``). The step keeps
+    ``t +- eps cos t sin t`` inside (0, pi/2) for every t."""
+
+    key = "tangent=finite_difference"
+
+    def __init__(self, eps: float = 1e-3) -> None:
+        if not 0 < eps <= 0.1:
+            raise ValueError(f"tangent.eps must be in (0, 0.1], got {eps!r}")
+        self.eps = float(eps)
+
+    def __call__(self, fn: FFn, x_t: Tensor, t: Tensor, dxdt: Tensor) -> Tensor:
+        vt = torch.cos(t) * torch.sin(t)
+        vx = append_dims(vt, x_t.ndim).to(dxdt.dtype) * dxdt
+        h = self.eps
+        with replay_rng(x_t.device) as replay:
+            with replay():
+                plus = fn(x_t + h * vx, t + h * vt)
+            with replay():
+                minus = fn(x_t - h * vx, t - h * vt)
+        return (plus - minus) / (2 * h)
+
+    def check(self, model: nn.Module) -> None:
+        """Nothing to check: any network runs forward."""
+
+
+@contextmanager
+def _layer_stack(model: nn.Module) -> Iterator[list[tuple[str, str]]]:
+    """The stack of ``(name, class)`` of the modules being executed (innermost last), kept by
+    forward hooks; left as it was when an exception unwinds a forward."""
+    stack: list[tuple[str, str]] = []
+    handles = []
+    for name, mod in model.named_modules():
+        if mod is model:
+            continue
+
+        def pre(m: nn.Module, args: Any, _name: str = name) -> None:
+            stack.append((_name, type(m).__name__))
+
+        def post(m: nn.Module, args: Any, out: Any) -> None:
+            stack.pop()
+
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class AdaptiveWeight(nn.Module):
+    """sCM's learned adaptive weighting ``w_phi(t)`` (Sec. 4.2, EDM2's log-variance head):
+    sinusoidal features of t (frequencies 1 .. 1000, geometric) -> Linear -> SiLU -> Linear -> 1,
+    the last layer zero-initialised (w = 0 at the start). ``t [B] -> w [B]`` in float32.
+
+    Args:
+        channels: feature and hidden width (128).
+    """
+
+    def __init__(self, channels: int = 128) -> None:
+        super().__init__()
+        if channels < 2 or channels % 2:
+            raise ValueError(
+                f"model.weighting.channels must be an even integer >= 2, got {channels!r}"
+            )
+        half = channels // 2
+        self.register_buffer("freqs", torch.logspace(0, 3, half), persistent=False)
+        self.hidden = nn.Linear(channels, channels)
+        self.out = nn.Linear(channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            arg = t.float()[:, None] * self.freqs[None, :]
+            feats = torch.cat([arg.sin(), arg.cos()], dim=1)
+            return self.out(torch.nn.functional.silu(self.hidden(feats)))[:, 0]
+
+
+@dataclass
+class SCMLossOutput:
+    """Per-sample loss ``[B]``, TrigFlow times ``t [B]``, weights ``w [B]``, the tangent's norm
+    before normalisation ``[B]`` and the warm-up factor r."""
+
+    loss: Tensor
+    t: Tensor
+    w: Tensor
+    tangent_norm: Tensor
+    warmup: float
+
+
+class SCMLoss:
+    """The sCT / sCD objective (module docstring; sCM Alg. 1).
+
+    Args:
+        tangent: :class:`JVPTangent` or :class:`FiniteDifferenceTangent` (``tangent=``).
+        P_mean, P_std: the time proposal ``tan t = e^tau / sd``, ``tau ~ N(P_mean, P_std^2)``
+            (sCM App. G, CIFAR-10: -1.0, 1.4; 1.8 from an EDM initialisation, sCM Table 3).
+        warmup_steps: tangent warm-up, r = min(1, step / warmup_steps) (sCM: 10k iterations;
+            0 = none).
+        tangent_c: c of the tangent normalisation g / (||g|| + c) (sCM: 0.1).
+        prior_weighting: multiply by 1 / (sd tan t) (sCM's prior weighting).
+        sigma_data: sd (0.5).
+        teacher: sCD's frozen teacher, anything with ``velocity(x_t, t, labels) -> dx_t/dt``
+            (:class:`~cmexp.diffusion.trigflow.EDMTrigFlowPrecond`); None = sCT.
+    """
+
+    def __init__(
+        self,
+        tangent: JVPTangent | FiniteDifferenceTangent,
+        P_mean: float = -1.0,
+        P_std: float = 1.4,
+        warmup_steps: int = 10000,
+        tangent_c: float = 0.1,
+        prior_weighting: bool = True,
+        sigma_data: float = 0.5,
+        teacher: Any = None,
+    ) -> None:
+        if not P_std > 0:
+            raise ValueError(f"model.loss.P_std must be > 0, got {P_std!r}")
+        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+            raise ValueError(
+                f"model.loss.warmup_steps must be an integer >= 0, got {warmup_steps!r}"
+            )
+        if not tangent_c > 0:
+            raise ValueError(f"model.loss.tangent_c must be > 0, got {tangent_c!r}")
+        if not sigma_data > 0:
+            raise ValueError(f"model.sigma_data must be > 0, got {sigma_data!r}")
+        self.tangent = tangent
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
+        self.warmup_steps, self.tangent_c = int(warmup_steps), float(tangent_c)
+        self.prior_weighting, self.sigma_data = bool(prior_weighting), float(sigma_data)
+        self.teacher = teacher
+
+    def warmup(self, step: int) -> float:
+        """Tangent warm-up factor ``r = min(1, step / warmup_steps)``."""
+        return 1.0 if self.warmup_steps == 0 else min(1.0, step / self.warmup_steps)
+
+    def draw_times(self, n: int, device: torch.device) -> Tensor:
+        """``[n]`` TrigFlow times, ``t = arctan(e^tau / sd)``."""
+        tau = torch.randn(n, device=device) * self.P_std + self.P_mean
+        return torch.atan(tau.exp() / self.sigma_data)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        weight_net: nn.Module,
+        images: Tensor,
+        class_labels: Tensor | None = None,
+        step: int = 0,
+        shard: tuple[int, int] = (0, 1),
+    ) -> SCMLossOutput:
+        """images ``[B,C,H,W]`` in [-1, 1]; ``step``: the optimizer step (warm-up); ``shard``:
+        (rank, world_size): times and noise are drawn for the global batch and sliced."""
+        b, dev = images.shape[0], images.device
+        t = global_draw(lambda n: self.draw_times(n, dev), b, shard)
+        z = global_draw(
+            lambda n: torch.randn((n, *images.shape[1:]), device=dev, dtype=images.dtype), b, shard
+        )
+        return self.terms(model, weight_net, images, self.sigma_data * z, t, class_labels, step)
+
+    def terms(
+        self,
+        model: nn.Module,
+        weight_net: nn.Module,
+        x0: Tensor,
+        z: Tensor,
+        t: Tensor,
+        class_labels: Tensor | None = None,
+        step: int = 0,
+    ) -> SCMLossOutput:
+        """The loss for given data ``x0``, noise ``z ~ N(0, sd^2 I)`` (both ``[B,C,H,W]``) and
+        times ``t [B]`` in (0, pi/2)."""
+        sd = self.sigma_data
+        c = append_dims(torch.cos(t), x0.ndim).to(x0.dtype)
+        s = append_dims(torch.sin(t), x0.ndim).to(x0.dtype)
+        x_t = c * x0 + s * z
+        with torch.no_grad():
+            if self.teacher is None:
+                dxdt = c * z - s * x0  # sCT: the conditional velocity
+            else:
+                dxdt = self.teacher.velocity(x_t, t, class_labels).to(x0.dtype)
+
+        def fn(x: Tensor, tt: Tensor) -> Tensor:
+            return model.F(x, tt, class_labels)
+
+        # The tangent pass runs first on a replay of the RNG state the online pass then uses
+        # (same dropout masks; the stream continues as after one pass).
+        with replay_rng(x0.device) as replay:
+            with torch.no_grad(), replay():
+                sc_dfdt = self.tangent(fn, x_t, t, dxdt).detach()
+            F = model.F(x_t, t, class_labels)
+        f_minus = F.detach()
+        r = self.warmup(step)
+        g = -(c**2) * (sd * f_minus - dxdt) - r * (c * s * x_t + sd * sc_dfdt)
+        norm = g.flatten(1).norm(dim=1)
+        g = g / (append_dims(norm, g.ndim) + self.tangent_c)
+        w = weight_net(t)
+        dim = x0[0].numel()
+        sq = ((F - f_minus - g) ** 2).flatten(1).sum(1)
+        prior = 1 / (sd * torch.tan(t)) if self.prior_weighting else torch.ones_like(t)
+        loss = prior * torch.exp(w) / dim * sq - w
+        return SCMLossOutput(loss=loss, t=t, w=w.detach(), tangent_norm=norm.detach(), warmup=r)
+
+
+def trigflow_sigma_taus(t_mids: list[float], sigma_data: float) -> tuple[float, ...]:
+    """sCM's intermediate TrigFlow times as the suite's sigma taus: ``sd tan(t)``."""
+    return tuple(sigma_data * math.tan(float(t)) for t in t_mids)

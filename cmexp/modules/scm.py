@@ -1,0 +1,208 @@
+"""Continuous-time consistency training and distillation, sCT and sCD (Lu & Song 2024, arXiv
+2410.11081) in TrigFlow time (``cmexp.diffusion.trigflow``), with the objective of
+``cmexp.losses.scm``.
+
+Copies: ``model`` (online theta, trained; the objective's F^- is its stop-gradient, so there is
+no target network) and ``ema`` (sampling EMA). ``weight_net`` is the learned adaptive weighting
+w(t), trained with theta and kept in checkpoints. sCD's teacher is frozen and kept out of
+checkpoints. Sampling uses the sigma interface of the TrigFlow wrapper, so every consistency
+sampler, editor and the tau search work on sct/scd checkpoints; the checkpoint's ``taus`` are
+sCM's intermediate TrigFlow times as sigma = sd tan(t).
+
+The tangent dF^-/dt is computed on the unwrapped network inside ``training_step`` (Lightning's
+DDP wrapper drives the online forward/backward, so gradients are all-reduced as usual; the
+tangent pass runs under no_grad and carries no gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cmexp.diffusion.ema import ema_update_
+from cmexp.diffusion.sampling import SeededNoise, sample_multistep
+from cmexp.diffusion.trigflow import EDMTrigFlowPrecond, TrigFlowPrecond, check_trigflow_times
+from cmexp.inference.plan import SamplingSpec, sigma_plan
+from cmexp.losses.scm import SCMLoss, trigflow_sigma_taus
+from cmexp.modules.base import DiffusionLitModule, OptimizerFactory
+
+
+class SCMLitModule(DiffusionLitModule):
+    """Shared sCT/sCD logic.
+
+    Args:
+        net: raw network (sCM: positional time embedding, or Fourier scale 0.02, not 16).
+        loss: :class:`~cmexp.losses.SCMLoss`.
+        weighting: the adaptive weighting w(t) (:class:`~cmexp.losses.AdaptiveWeight`).
+        sigma_min, sigma_max: sigma range of the grids and samplers (80 <-> t_max = 1.56454).
+        sigma_data: sd (0.5). c_noise_scale: the wrapper's time-label scale.
+        t_mids: TrigFlow times of multistep sampling after the first step (sCM 2-step: 1.1),
+            written into checkpoints as sigma taus ``sd tan(t)``.
+        num_scales, rho: the Karras grid that ``tau_indices`` and the tau search index.
+    """
+
+    kind = "scm"
+    precond_cls: type[TrigFlowPrecond] = TrigFlowPrecond
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: SCMLoss,
+        weighting: nn.Module,
+        optimizer: OptimizerFactory,
+        ema_decay: float = 0.9999,
+        lr_warmup_kimg: float = 0.0,
+        compile_net: bool = False,
+        channels_last: bool = False,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        c_noise_scale: float = 1.0,
+        t_mids: Sequence[float] = (1.1,),
+        num_scales: int = 18,
+        rho: float = 7.0,
+    ) -> None:
+        super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
+        self.model = self.precond_cls(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
+        self._init_ema()
+        self.weight_net = weighting
+        if abs(loss.sigma_data - self.model.sigma_data) > 1e-12:
+            raise ValueError(
+                f"model.loss.sigma_data={loss.sigma_data} must equal model.sigma_data={sigma_data}"
+            )
+        self.loss = loss
+        self.t_mids = tuple(check_trigflow_times(t_mids, "model.t_mids"))
+        self.taus = trigflow_sigma_taus(list(self.t_mids), self.model.sigma_data)
+        for t, tau in zip(self.t_mids, self.taus):
+            if not sigma_min < tau < sigma_max:
+                raise ValueError(
+                    f"model.t_mids entry {t} is sigma = sd tan(t) = {tau:.4g}, outside "
+                    f"(model.sigma_min, model.sigma_max) = ({sigma_min}, {sigma_max})"
+                )
+        if int(num_scales) != num_scales or num_scales < 2:
+            raise ValueError(f"model.num_scales must be an integer >= 2, got {num_scales!r}")
+        self.num_scales, self.rho = int(num_scales), float(rho)
+        loss.tangent.check(self.model)  # a layer without forward-mode AD: one error naming it
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The online network and the adaptive weighting."""
+        return [
+            p for m in (self.model, self.weight_net) for p in m.parameters() if p.requires_grad
+        ]
+
+    def compute_loss(
+        self, images: Tensor, labels: Tensor | None
+    ) -> tuple[Tensor, dict[str, float]]:
+        out = self.loss(
+            self.model, self.weight_net, images, labels, step=self.global_step, shard=self.shard()
+        )
+        extra = {
+            "warmup": out.warmup,
+            "tangent_norm": float(out.tangent_norm.mean()),
+            "weight_w": float(out.w.mean()),
+        }
+        return out.loss.mean(), extra
+
+    def sampling_spec(self) -> SamplingSpec:
+        m = self.model
+        return SamplingSpec(
+            consistency=True,
+            sigma_min=m.sigma_min,
+            sigma_max=m.sigma_max,
+            rho=self.rho,
+            num_scales=self.num_scales,
+            taus=self.taus,
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "t_mids": list(self.t_mids)}
+
+    @torch.no_grad()
+    def sample_images(
+        self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)
+    ) -> dict[str, Tensor]:
+        m, spec = self.ema, self.sampling_spec()
+        shape = (m.img_channels, m.img_resolution, m.img_resolution)
+        out: dict[str, Tensor] = {}
+        for k in steps:
+            noise = SeededNoise(range(seed, seed + num), self.device)
+            z = noise.randn(shape)
+            out[f"{k}step"] = sample_multistep(
+                m, z, sigma_plan(spec, steps=k), spec.sigma_min, noise=noise.randn_like
+            )
+        return out
+
+
+class SCTLitModule(SCMLitModule):
+    """sCT: continuous-time consistency training from data (sCM Alg. 1 with dx_t/dt =
+    cos(t) z - sin(t) x0), TrigFlow parameterisation with c_noise(t) = c_noise_scale t, random
+    initialisation."""
+
+    kind = "sct"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.loss.teacher is not None:
+            raise ValueError("model.loss of an sCT run must have no teacher (use model=scd)")
+
+
+class SCDLitModule(SCMLitModule):
+    """sCD: continuous-time consistency distillation from an EDM teacher trained by this suite.
+
+    The teacher (``teacher_path``: its sampling-EMA weights, rebuilt by
+    :func:`cmexp.modules.consistency.load_teacher`) is converted exactly to TrigFlow
+    (:class:`~cmexp.diffusion.trigflow.EDMTrigFlowPrecond`: dx_t/dt = sd F_teacher), frozen, in
+    eval mode and kept out of checkpoints. The student uses the same EDM-converted
+    parameterisation, so with ``init_from_teacher`` (sCM: initialise from the diffusion model)
+    its consistency function starts as the teacher's denoiser; ``model.sigma_data`` and
+    ``model.c_noise_scale`` must be the teacher's (0.5, 0.25).
+    """
+
+    kind = "scd"
+    precond_cls = EDMTrigFlowPrecond
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher_path: str | None = None,
+        init_from_teacher: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        from cmexp.modules.consistency import load_teacher
+
+        super().__init__(*args, **kwargs)
+        teacher = load_teacher(teacher_path, self.model.net)
+        diff = [
+            k
+            for k in ("sigma_data", "c_noise_scale")
+            if abs(float(getattr(self.model, k)) - float(getattr(teacher, k))) > 1e-12
+        ]
+        if diff:
+            got = ", ".join(f"model.{k}={getattr(self.model, k)}" for k in diff)
+            want = ", ".join(f"{k}={getattr(teacher, k)}" for k in diff)
+            raise ValueError(
+                f"model.teacher_path={teacher_path} was trained with {want} but this run sets {got}; "
+                "the student reads the teacher's network inputs: use the teacher's values"
+            )
+        trig_teacher = EDMTrigFlowPrecond.from_denoiser(teacher)
+        trig_teacher.source_path = getattr(teacher, "source_path", "")
+        self._teacher = [trig_teacher]  # a list keeps it out of state_dict() and parameters()
+        self.loss.teacher = trig_teacher
+        if init_from_teacher:
+            self.model.net.load_state_dict(teacher.net.state_dict())
+            ema_update_(self.ema, self.model, 0.0)
+
+    @property
+    def teacher(self) -> EDMTrigFlowPrecond:
+        return self._teacher[0]
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> SCDLitModule:
+        super()._apply(fn, *args, **kwargs)
+        self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "teacher_path": getattr(self.teacher, "source_path", "")}
