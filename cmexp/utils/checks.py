@@ -644,7 +644,8 @@ def check_train_config(cfg: DictConfig) -> None:
     if target.endswith(("CDLitModule", "PDLitModule", "ECTLitModule")):
         path = _sel(cfg, "model.teacher_path")
         if not path:
-            what = {"CDLitModule": "consistency distillation", "PDLitModule": "progressive distillation",
+            what = {"CDLitModule": "consistency distillation", "SCDLitModule": "consistency distillation",
+                    "PDLitModule": "progressive distillation",
                     "ECTLitModule": "easy consistency tuning (model=ect starts from an EDM teacher)"}[target.rsplit(".", 1)[-1]]
             raise ConfigError(
                 f"model.teacher_path is required for {what}: set "

@@ -69,7 +69,7 @@ CASES: list[Case] = [
     C("train", f"{T} model=scd model.teacher_path={{edm}} dataset.resolution=16", "model.teacher_path={edm} is a 3-channel 32x32 teacher but this run uses dataset.resolution=16, dataset.channels=3", "load"),
     C("train", f"{T} model=scd model.teacher_path={{edm}} dataset.channels=1", "model.teacher_path={edm} is a 3-channel 32x32 teacher but this run uses dataset.resolution=32, dataset.channels=1", "load"),
     C("train", f"{T} model=scd model.teacher_path={{edm}} model.c_noise_scale=1.0", "model.teacher_path={edm} was trained with c_noise_scale=0.25 but this run sets model.c_noise_scale=1.0", "load"),
-    C("train", f"{T} model=sct net._target_=tests.fakes.NoForwardADTinyUNet", "tangent=jvp: layer 'net.quant' (Quantize) of the network does not support forward-mode AD", "load"),
+    C("train", f"{T} model=sct tangent=jvp net._target_=tests.fakes.NoForwardADTinyUNet", "tangent=jvp: layer 'net.quant' (Quantize) of the network does not support forward-mode AD", "load"),
     C("train", f"{T} model=sct model.t_mids=[1.6]", "model.t_mids must be a list of TrigFlow times in (0, pi/2) such as [1.1], got [1.6]"),
     C("train", f"{T} model=sct model.t_mids=[0]", "model.t_mids must be a list of TrigFlow times in (0, pi/2)"),
     C("train", f"{T} model=sct model.t_mids=[1.5705]", "model.t_mids entry 1.5705 is sigma = sd tan(t) = 1687, outside (model.sigma_min, model.sigma_max)", "load"),
