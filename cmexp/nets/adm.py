@@ -37,10 +37,14 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32 groups, eps 1e-5) computed in float32 (ADM's ``normalization``)."""
+    """GroupNorm(32 groups, eps 1e-5) computed in float32 (ADM's ``normalization``); widths
+    that 32 does not divide (small test nets only) use the largest group count below that does."""
 
     def __init__(self, channels: int) -> None:
-        super().__init__(min(32, channels), channels, eps=1e-5)
+        groups = min(32, channels)
+        while channels % groups:
+            groups -= 1
+        super().__init__(groups, channels, eps=1e-5)
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.float()).to(x.dtype)
