@@ -41,7 +41,10 @@ def dataset_config(name: str) -> dict[str, Any] | None:
             "dataset": OmegaConf.load(file),
         }
     )
-    return OmegaConf.to_container(cfg.dataset, resolve=True)  # type: ignore[return-value]
+    out = OmegaConf.to_container(cfg.dataset, resolve=True)
+    if isinstance(out, dict) and out.get("data_dir") == "???":  # a folder only the user can name
+        out["data_dir"] = None
+    return out  # type: ignore[return-value]
 
 
 def as_checkpoint(converted: Converted, dataset: str | None = None) -> dict[str, Any]:
