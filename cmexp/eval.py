@@ -101,7 +101,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     plans = []
     if cfg.ckpt:
         loaded, device = load_from_config(cfg)
-        dataset = loaded.dataset or OmegaConf.to_container(cfg.dataset, resolve=True)
+        dataset = loaded.dataset if loaded.dataset.get("data_dir", "") is not None else {}  # None: a foreign file's
+        dataset = dataset or OmegaConf.to_container(cfg.dataset, resolve=True)  # folder only the user can name
         n = int(cfg.num_samples)
         options: dict[str, float] = {}
         if loaded.is_consistency:

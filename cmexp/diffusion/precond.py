@@ -7,6 +7,8 @@ class_labels [B] | None) -> [B,C,H,W]``; it knows nothing about sigma (EDM's spl
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -137,6 +139,66 @@ class ECTPrecond(CMPrecond):
         if self.training and self.edm_scalings_in_training:
             return edm_scalings(sigma, self.sigma_data)
         return super().scalings(sigma)
+
+
+class VESDEPrecond(_Precond):
+    """Song et al. (2021)'s variance-exploding parameterisation as an EDM denoiser (EDM
+    Table 1, "VE" column; NVlabs/edm ``VEPrecond``): ``D(x, sigma) = x + sigma F(x, ln(sigma/2))``,
+    i.e. c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(0.5 sigma). ``sigma_data`` and
+    ``c_noise_scale`` are not used; EDM's VE networks support sigma in [0.02, 100]."""
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        return torch.log(0.5 * sigma)
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        one = torch.ones_like(sigma)
+        return one, sigma, one
+
+    def describe(self) -> dict[str, str]:
+        """What a checkpoint records to rebuild the wrapper."""
+        return {"name": "ve_sde"}
+
+
+class VPSDEPrecond(_Precond):
+    """Song et al. (2021)'s variance-preserving parameterisation as an EDM denoiser (EDM
+    Table 1, "VP" column; NVlabs/edm ``VPPrecond``): the net predicts the noise,
+    ``D(x, sigma) = x - sigma F(x / sqrt(sigma^2 + 1), (M - 1) t(sigma))`` with the linear-beta
+    schedule ``sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)`` and its inverse ``t(sigma)``.
+
+    Args:
+        beta_d, beta_min, M: the schedule (19.9, 0.1, 1000 in EDM and score_sde).
+        sigma_min, sigma_max: the sampling range (EDM's networks: sigma(1e-5) to sigma(1)).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        c_noise_scale: float = 1.0,
+        beta_d: float = 19.9,
+        beta_min: float = 0.1,
+        M: int = 1000,  # the paper's name
+    ) -> None:
+        super().__init__(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
+        if not beta_d > 0 or not beta_min >= 0 or int(M) < 2:
+            raise ValueError(f"VP schedule needs beta_d > 0, beta_min >= 0, M >= 2; got {beta_d}, {beta_min}, {M}")
+        self.beta_d, self.beta_min, self.M = float(beta_d), float(beta_min), int(M)
+
+    def t_of_sigma(self, sigma: Tensor) -> Tensor:
+        """``t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d``."""
+        return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        return (self.M - 1) * self.t_of_sigma(sigma)
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt()
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint records to rebuild the wrapper."""
+        return {"name": "vp_sde", "beta_d": self.beta_d, "beta_min": self.beta_min, "M": self.M}
 
 
 def gaussian_denoiser(sigma_data: float = 0.5):

@@ -5,6 +5,8 @@ self-describing: ``checkpoint["cmexp"]`` holds the kind ("edm", "pd", "cd", "ct"
 "classifier"), the settings needed to use the model (preconditioning constants and the wrapper,
 ``rho``, grid ``num_scales``, default ``taus``, resolution, channels, labels) and the resolved run
 config, whose ``net`` entry rebuilds the raw network. ``zoo:NAME`` sources name files shipped in ``cmexp/zoo``.
+NVlabs/edm pickles and openai/consistency_models ``.pt`` files are converted in memory into
+the same layout (:mod:`cmexp.interop`).
 """
 
 from __future__ import annotations
@@ -86,13 +88,19 @@ def read_checkpoint(
         key: the config key that named it (``ckpt``, ``model.teacher_path``, ``features.ckpt``).
         kinds: the kinds accepted here.
     """
+    # NVlabs/edm pickles and OpenAI CM .pt files are converted in memory
+    from cmexp.interop import adapt_foreign, read_foreign
+
     file = resolve_source(source, key)
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a user error here
-        raise ValueError(
-            f"{key}={source} is not a readable PyTorch checkpoint ({type(err).__name__})"
-        ) from None
+    ckpt = read_foreign(file, key, str(source))
+    if ckpt is None:
+        try:
+            ckpt = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is a user error here
+            raise ValueError(
+                f"{key}={source} is not a readable PyTorch checkpoint ({type(err).__name__})"
+            ) from None
+        ckpt = adapt_foreign(file, ckpt, key, str(source))
     meta = ckpt.get("cmexp") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or "kind" not in meta:
         raise ValueError(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmexp.diffusion.precond import CMPrecond, EDMPrecond
+from cmexp.diffusion.precond import CMPrecond, EDMPrecond, VESDEPrecond, VPSDEPrecond
 from cmexp.diffusion.trigflow import EDMTrigFlowPrecond, TrigFlowPrecond
 from cmexp.diffusion.vp import VPrecond
 from cmexp.inference.checkpoint import (
@@ -128,6 +128,10 @@ def build_wrapper(net: nn.Module, meta: dict[str, Any], source: str = "ckpt") ->
         return CMPrecond(*args)
     if precond.get("name") == "vp":
         return VPrecond(*args, prediction=str(precond.get("prediction", "v")))
+    if precond.get("name") == "vp_sde":  # NVlabs/edm VPPrecond (cmexp.interop)
+        return VPSDEPrecond(*args, beta_d=precond["beta_d"], beta_min=precond["beta_min"], M=precond["M"])
+    if precond.get("name") == "ve_sde":  # NVlabs/edm VEPrecond
+        return VESDEPrecond(*args)
     if precond.get("name") != "edm":
         raise ValueError(f"{source}: unknown preconditioning {precond!r}")
     return EDMPrecond(*args)

@@ -118,11 +118,14 @@ class CDLitModule(ConsistencyLitModule):
         super().__init__(*args, **kwargs)
         if not isinstance(self.loss, ConsistencyDistillationLoss):
             raise ValueError("model.loss of a CD run must be a ConsistencyDistillationLoss")
-        teacher = load_teacher(teacher_path, self.model.net)
-        check_preconditioning(self.model, teacher, teacher_path)
+        teacher = load_teacher(teacher_path, self.model.net, init_from_teacher)
+        if isinstance(teacher, EDMPrecond):  # VP/VE-SDE teachers of NVlabs/edm: no weights are shared
+            check_preconditioning(self.model, teacher, teacher_path)
         self._teacher = [teacher]  # a list keeps it out of state_dict() and parameters()
         self.loss.teacher = teacher
         if init_from_teacher:
+            if getattr(teacher, "own_net", False):  # a converted foreign teacher built from its own config
+                check_same_network(self.model.net, teacher.net, teacher_path)
             self.model.net.load_state_dict(teacher.net.state_dict())
             ema_update_(self.target, self.model, 0.0)
             ema_update_(self.ema, self.model, 0.0)
@@ -160,13 +163,43 @@ def check_preconditioning(student: nn.Module, teacher: nn.Module, teacher_path: 
         )
 
 
-def load_teacher(path: str | None, net: nn.Module) -> EDMPrecond:
-    """Rebuild a frozen EDM teacher from a cmexp EDM checkpoint's sampling-EMA weights.
+def check_same_network(student: nn.Module, teacher: nn.Module, teacher_path: str | None) -> None:
+    """A student that starts from a converted teacher's weights must compute what the teacher
+    computes: the same parameter names and shapes, and the same output on a fixed input with
+    the teacher's weights (settings such as a resampling filter or an embedding's spacing hold
+    no weights). A ValueError naming ``model.teacher_path`` and ``net`` otherwise."""
+    import copy
+
+    mine, theirs = student.state_dict(), teacher.state_dict()
+    diff = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k].shape != theirs[k].shape]
+    probe = copy.deepcopy(student).eval() if not diff else None
+    if probe is not None:
+        probe.load_state_dict(theirs)
+        gen = torch.Generator().manual_seed(0)
+        shape = (1, int(teacher.img_channels), int(teacher.img_resolution), int(teacher.img_resolution))
+        x = torch.randn(shape, generator=gen).to(next(teacher.parameters()).device)
+        with torch.no_grad():
+            same = torch.allclose(probe(x, torch.tensor([0.5]), None), teacher(x, torch.tensor([0.5]), None), atol=1e-5)
+        if same:
+            return
+    what = f"its weights differ at {diff[0]}" if diff else "with the teacher's weights it computes something else"
+    raise ValueError(
+        f"model.teacher_path={teacher_path}: the run's net is not the teacher's architecture ({what}); "
+        "use the net the teacher was converted to (see docs/interop.md) or model.init_from_teacher=false"
+    )
+
+
+def load_teacher(path: str | None, net: nn.Module, init_from_teacher: bool = True) -> nn.Module:
+    """Rebuild a frozen EDM teacher from a cmexp EDM checkpoint's sampling-EMA weights, or from
+    a converted NVlabs/edm pickle or openai/consistency_models ``edm_*.pt`` (built from its own
+    recorded architecture, ``teacher.own_net = True``; ``cmexp.interop``).
 
     Args:
         path: ``model.teacher_path``, a ``.ckpt`` written by ``+experiment=*_edm`` (or a zoo name).
         net: a raw network with the teacher's architecture (the run's ``net`` group); it is
             deep-copied, not modified.
+        init_from_teacher: the student will start from the teacher's weights (VP/VE-SDE
+            teachers, whose networks take other inputs, are refused then).
     """
     if not path:
         raise ValueError(
@@ -176,7 +209,13 @@ def load_teacher(path: str | None, net: nn.Module) -> EDMPrecond:
     ckpt = read_checkpoint(path, key="model.teacher_path", kinds=("edm",))
     meta = ckpt.meta
     precond = (meta.get("precond") or {"name": "edm"}).get("name")
-    if precond != "edm":
+    if precond in ("vp_sde", "ve_sde") and init_from_teacher:
+        raise ValueError(
+            f"model.teacher_path={path} is {meta.get('source_network', precond)} (c_noise and output of the "
+            f"{precond.split('_')[0].upper()} SDE); a student cannot start from its weights: set "
+            "model.init_from_teacher=false (or use an EDMPrecond teacher)"
+        )
+    if precond != "edm" and precond not in ("vp_sde", "ve_sde"):
         raise ValueError(
             f"model.teacher_path={path} is a '{precond}'-preconditioned teacher (model=edm_vp); distillation "
             "here needs an EDM-preconditioned one (model=edm)"
@@ -188,6 +227,20 @@ def load_teacher(path: str | None, net: nn.Module) -> EDMPrecond:
             f"model.teacher_path={path} is a {got[1]}-channel {got[0]}x{got[0]} teacher but this run "
             f"uses dataset.resolution={want[0]}, dataset.channels={want[1]}"
         )
+    classes = int(meta.get("label_dim", getattr(net, "label_dim", 0)) or 0)
+    if classes != int(getattr(net, "label_dim", 0) or 0):
+        raise ValueError(
+            f"model.teacher_path={path} is a teacher with {classes} classes (0 = unconditional) but this run's "
+            f"net has net.label_dim={int(getattr(net, 'label_dim', 0) or 0)}"
+        )
+    if meta.get("source_format"):  # converted: its own architecture, weights under "ema."
+        from cmexp.inference.loader import build_model
+
+        teacher = build_model(ckpt, "ema.").requires_grad_(False)
+        teacher.own_net = True
+        teacher.eval()
+        teacher.source_path = str(ckpt.path)
+        return teacher
     teacher = frozen_copy(
         EDMPrecond(net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
     )

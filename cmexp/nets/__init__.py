@@ -4,8 +4,9 @@ They know nothing about sigma (the preconditioning wrappers in ``cmexp.diffusion
 compute c_in and c_noise). Each exposes ``img_resolution``, ``img_channels`` and ``label_dim``.
 """
 
+from cmexp.nets.adm import ADMUNet
 from cmexp.nets.classifier import SmallCNN
 from cmexp.nets.tiny import TinyUNet
 from cmexp.nets.unet import SongUNet
 
-__all__ = ["SmallCNN", "SongUNet", "TinyUNet"]
+__all__ = ["ADMUNet", "SmallCNN", "SongUNet", "TinyUNet"]

@@ -163,14 +163,16 @@ class GaussianFourierEmbedding(nn.Module):
 class PositionalEmbedding(nn.Module):
     """Transformer sinusoidal embedding (DDPM++), frequencies ``max_positions^(-i/(dim/2))``.
     Designed for labels of order 1..1000 (e.g. ``250 ln(sigma)``, or ``999 t`` for VP).
-    ``[B] -> [B, dim]``."""
+    ``endpoint=True`` spaces the exponents over ``[0, 1]`` inclusive, ``max_positions^(-i/(dim/2
+    - 1))``, as EDM's DDPM++ does (its released CIFAR-10 networks need it). ``[B] -> [B, dim]``."""
 
-    def __init__(self, dim: int, max_positions: int = 10000) -> None:
+    def __init__(self, dim: int, max_positions: int = 10000, endpoint: bool = False) -> None:
         super().__init__()
         if dim % 2:
             raise ValueError(f"positional embedding dim must be even, got {dim}")
         half = dim // 2
-        freqs = torch.exp(-math.log(max_positions) * torch.arange(half, dtype=torch.float32) / half)
+        denom = max(half - 1, 1) if endpoint else half
+        freqs = torch.exp(-math.log(max_positions) * torch.arange(half, dtype=torch.float32) / denom)
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -114,6 +114,7 @@ class SongUNet(nn.Module):
         skip_rescale: bool = True,                    # Scale residual sums by 1/sqrt(2); True.
         init_scale: float = 0.0,                      # Init scale of last convs; 0 -> near-zero (score_sde).
         num_heads: int = 1,                           # Attention heads; 1.
+        positional_endpoint: bool = False,            # Positional frequencies ending at 1/10000 (EDM's DDPM++: True).
     ) -> None:
         super().__init__()
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
@@ -145,7 +146,7 @@ class SongUNet(nn.Module):
         if embedding_type == "fourier":
             self.noise_embed: nn.Module = GaussianFourierEmbedding(noise_channels, fourier_scale)
         else:
-            self.noise_embed = PositionalEmbedding(noise_channels)
+            self.noise_embed = PositionalEmbedding(noise_channels, endpoint=positional_endpoint)
         self.label_embed = (
             nn.Embedding(label_dim + 1, noise_channels) if label_dim > 0 else None
         )  # row label_dim = "null" label (classifier-free guidance)

@@ -187,6 +187,10 @@ TRAIN: dict[str, Rule] = {
     "net.skip_rescale": Bool(),
     "net.init_scale": Num(0),
     "net.num_heads": Int(1),
+    "net.positional_endpoint": Bool(),   # SongUNet: EDM's DDPM++ frequency spacing (cmexp.interop)
+    "net.num_head_channels": Int(1, also=(-1,), note=" (-1: net.num_heads heads)"),  # ADMUNet
+    "net.use_scale_shift_norm": Bool(),  # ADMUNet
+    "net.resblock_updown": Bool(),       # ADMUNet
     "net.label_dim": Int(0),
     "net.width": Int(1),
     "net.feature_dim": Int(1),
@@ -588,7 +592,7 @@ def _check_dataset(cfg: DictConfig) -> None:
         check_folder(value, "dataset.data_dir", images=True)
     res, channel_mult = _sel(cfg, "dataset.resolution"), _sel(cfg, "net.channel_mult")
     net = _target(cfg, "net")
-    if net.endswith("SongUNet") and _is_int(res) and channel_mult:
+    if net.endswith(("SongUNet", "ADMUNet")) and _is_int(res) and channel_mult:
         step = 2 ** (len(channel_mult) - 1)
         if res % step:
             raise ConfigError(f"dataset.resolution={res} must be divisible by {step} for net.channel_mult={channel_mult} "
@@ -598,6 +602,12 @@ def _check_dataset(cfg: DictConfig) -> None:
 
 
 def _check_net(cfg: DictConfig) -> None:
+    if _target(cfg, "net").endswith("ADMUNet"):
+        nf, mults, head = _sel(cfg, "net.model_channels"), _sel(cfg, "net.channel_mult") or [], _sel(cfg, "net.num_head_channels")
+        if _is_int(nf) and _is_int(head) and head > 0 and any((nf * m) % head for m in mults):
+            raise ConfigError(f"net.num_head_channels={head} must divide every width net.model_channels x "
+                              f"net.channel_mult = {[nf * m for m in mults]}")
+        return
     if not _target(cfg, "net").endswith("SongUNet"):
         return
     nf, mults = _sel(cfg, "net.model_channels"), _sel(cfg, "net.channel_mult") or []

@@ -83,6 +83,11 @@ CASES: list[Case] = [
     C("train", f"{T} model=sct model.optimizer.betas=[0.9]", "model.optimizer.betas must be a list of two numbers in [0, 1)"),
     C("train", f"{T} model=sct tangent=finite_difference tangent.eps=0", "tangent.eps must be a number in (0, 0.1], got 0"),
     C("train", f"{T} model=sct tangent=nope", "Could not find 'tangent/nope'"),
+    # ------------------------------------------------------------------ train: other code bases' teachers (cmexp.interop)
+    C("train", f"{T} model=cd model.teacher_path={{evil_pkl}}", "model.teacher_path={evil_pkl} was refused: it needs os.system", "load"),
+    C("train", f"{T} model=cd model.teacher_path={{iddpm_pkl}}", "model.teacher_path={iddpm_pkl} is not supported: its network is a iDDPMPrecond", "load"),
+    C("train", f"{T} model=cd model.teacher_path={{edm_pkl}}", "model.teacher_path={edm_pkl} is a 3-channel 16x16 teacher but this run uses dataset.resolution=32", "load"),
+    C("train", f"{T} model=cd model.teacher_path={{oai_noname}}", "model.teacher_path={oai_noname} is not supported: it is an openai/consistency_models UNet state dict, but its file name does not say what it is", "load"),,
     # ------------------------------------------------------------------ train: numbers
     C("train", f"{T} trainer.max_steps=abc", "trainer.max_steps must be an integer, got 'abc'"),
     C("train", f"{T} trainer.max_steps=2.5", "trainer.max_steps must be an integer, got 2.5"),
@@ -188,6 +193,11 @@ CASES: list[Case] = [
     C("sample", "ckpt={folder_ckpt}", "ckpt={folder_ckpt} is a folder"),
     C("sample", "ckpt={nonlightning}", "ckpt={nonlightning} is not a checkpoint written by cmexp.train", "load"),
     C("sample", "ckpt={clf}", "ckpt={clf} holds a 'classifier' model; expected 'edm' or 'pd' or 'cd' or 'ct' or 'ect' or 'sct' or 'scd'", "load"),
+    C("sample", "ckpt={evil_pkl}", "ckpt={evil_pkl} was refused: it needs os.system, which is not a tensor", "load"),
+    C("sample", "ckpt={iddpm_pkl}", "ckpt={iddpm_pkl} is not supported: its network is a iDDPMPrecond (iDDPM's discrete 1000-step schedule); supported: EDMPrecond", "load"),
+    C("sample", "ckpt={oai_missing}", "ckpt={oai_missing} is not supported: the state dict lacks out.0.weight", "load"),
+    C("sample", "ckpt={oai_noname}", "ckpt={oai_noname} is not supported: it is an openai/consistency_models UNet state dict", "load"),
+    C("edit", "task=inpaint ckpt={edm_pkl}", "ckpt={edm_pkl} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' here (editing needs a consistency model: CD, CT, ECT, sCT or sCD)", "load"),
     C("sample", "ckpt={ct} num_samples=0", "num_samples must be an integer >= 1, got 0"),
     C("sample", "ckpt={ct} num_samples=abc", "num_samples must be an integer >= 1, got 'abc'"),
     C("sample", "ckpt={ct} num_samples=2.5", "num_samples must be an integer >= 1, got 2.5"),

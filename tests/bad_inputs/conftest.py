@@ -143,4 +143,27 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         (run / "csv" / "metrics.csv").write_bytes(body)
         files[name] = run
     files["sample_run"] = sample_run
+    files.update(_foreign_files(fx))
     return {k: str(v) for k, v in files.items()}
+
+
+def _foreign_files(fx: Path) -> dict[str, Path]:
+    """Checkpoints of other code bases (cmexp.interop): a 16x16 NVlabs/edm pickle, one that
+    would run code, an unsupported preconditioner, and openai/consistency_models state dicts
+    whose name does not say what they hold or that lack a key."""
+    import pickle
+
+    from cmexp.nets import ADMUNet
+    from tests import edm_format as ef
+
+    gen = torch.Generator().manual_seed(0)
+    small = {"model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (8,)}
+    with pytest.MonkeyPatch.context() as mp:
+        ef.write_edm_pickle(fx / "edm16.pkl", ef.precond("EDMPrecond", ef.song_unet(16, 3, gen, **small), 16, 3), mp)
+        ef.write_edm_pickle(fx / "iddpm.pkl", ef.precond("iDDPMPrecond", ef.song_unet(16, 3, gen, **small), 16, 3), mp)
+    (fx / "evil.pkl").write_bytes(b"\x80\x04cos\nsystem\n(S'touch cmexp_bad_input_ran'\ntR.")
+    state = ADMUNet(64, 3, 0, 16, (1, 2, 3, 4), 1, (8,)).state_dict()
+    torch.save(state, fx / "unet_weights.pt")
+    torch.save({k: v for k, v in state.items() if not k.startswith("out.0.")}, fx / "cd_imagenet64_l2.pt")
+    return {"edm_pkl": fx / "edm16.pkl", "iddpm_pkl": fx / "iddpm.pkl", "evil_pkl": fx / "evil.pkl",
+            "oai_noname": fx / "unet_weights.pt", "oai_missing": fx / "cd_imagenet64_l2.pt"}
