@@ -87,7 +87,7 @@ CASES: list[Case] = [
     C("train", f"{T} model=cd model.teacher_path={{evil_pkl}}", "model.teacher_path={evil_pkl} was refused: it needs os.system", "load"),
     C("train", f"{T} model=cd model.teacher_path={{iddpm_pkl}}", "model.teacher_path={iddpm_pkl} is not supported: its network is a iDDPMPrecond", "load"),
     C("train", f"{T} model=cd model.teacher_path={{edm_pkl}}", "model.teacher_path={edm_pkl} is a 3-channel 16x16 teacher but this run uses dataset.resolution=32", "load"),
-    C("train", f"{T} model=cd model.teacher_path={{oai_noname}}", "model.teacher_path={oai_noname} is not supported: it is an openai/consistency_models UNet state dict, but its file name does not say what it is", "load"),,
+    C("train", f"{T} model=cd model.teacher_path={{oai_noname}}", "model.teacher_path={oai_noname} is not supported: it is an openai/consistency_models UNet state dict, but its file name does not say what it is", "load"),
     # ------------------------------------------------------------------ train: numbers
     C("train", f"{T} trainer.max_steps=abc", "trainer.max_steps must be an integer, got 'abc'"),
     C("train", f"{T} trainer.max_steps=2.5", "trainer.max_steps must be an integer, got 2.5"),
