@@ -39,3 +39,18 @@ def test_gpu_throughput_rejects_an_unknown_variant() -> None:
     proc = subprocess.run([sys.executable, "benchmarks/gpu_throughput.py", "--variants", "fp16", "--write", ""],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--variants: unknown variant 'fp16'" in proc.stderr
+
+
+def test_modes_step_cost_script_times_every_mode_and_writes_its_table(tmp_path: Path) -> None:
+    out = tmp_path / "B.md"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/modes_step_cost.py", "--net", "tiny", "--batch", "2", "--repeat", "1",
+         "--write", str(out)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == ["ct", "ect", "sct", "scd", "cd"]
+    assert all(r["full_s"] > 0 and r["bare_s"] > 0 for r in rows)
+    table = out.read_text()
+    assert "| sct | JVP (fwd + tangent) + online fwd/bwd |" in table and "## Step cost of each training mode" in table

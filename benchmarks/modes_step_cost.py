@@ -1,0 +1,206 @@
+"""Step cost of each training mode relative to the bare network passes it needs (issue 16).
+
+One run, ratios only (full step and bare passes timed alternately, so both see the same load):
+
+- CT:  full step / (target forward + online forward/backward)
+- ECT: full step / (target forward at r + online forward/backward)
+- sCT: full step / (one forward-mode JVP of the online net (forward + tangent) + online forward/backward)
+- sCD: full step / (teacher forward + JVP + online forward/backward)
+- CD (Heun): full step / (2 teacher forwards + target forward + online forward/backward)
+
+The full step is ``compute_loss`` + backward + optimizer step + target/EMA updates. The teacher
+of CD/ECT/sCD is a random network of the same architecture saved as an EDM checkpoint.
+
+    .venv/bin/python benchmarks/modes_step_cost.py [--net ncsnpp_small] [--batch 32] [--repeat 5] [--write BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.training_and_sampling import _sync
+
+
+def fake_teacher(cfg, folder: Path) -> Path:
+    """An EDM checkpoint of ``cfg.net`` with random weights (timing does not depend on them)."""
+    from hydra.utils import instantiate
+
+    from cmexp.diffusion import EDMPrecond
+
+    net = instantiate(cfg.net)
+    teacher = EDMPrecond(net)
+    meta = {
+        "kind": "edm",
+        "img_resolution": net.img_resolution,
+        "img_channels": net.img_channels,
+        "label_dim": net.label_dim,
+        "sigma_min": 0.002,
+        "sigma_max": 80.0,
+        "sigma_data": 0.5,
+        "c_noise_scale": 0.25,
+    }
+    path = folder / "teacher.ckpt"
+    torch.save(
+        {"cmexp": meta, "state_dict": {f"ema.{k}": v for k, v in teacher.state_dict().items()}},
+        path,
+    )
+    return path
+
+
+def build(mode: str, net_name: str, batch: int, folder: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    over = [f"net={net_name}", "dataset=gaussian_mixture", "dataset.channels=1", f"model={mode}"]
+    if mode in ("cd", "ct"):
+        over += ["schedule=fixed", "metric=l2"] + (
+            ["solver=heun", "schedule.num_scales=18"] if mode == "cd" else []
+        )
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=over)
+    if mode in ("cd", "ect", "scd"):
+        from omegaconf import OmegaConf
+
+        OmegaConf.update(cfg, "model.teacher_path", str(fake_teacher(cfg, folder)))
+    module = instantiate(cfg.model)
+    module.train()
+    params = (
+        module.trainable_parameters()
+        if hasattr(module, "trainable_parameters")
+        else module.model.parameters()
+    )
+    opt = module.optimizer_factory(params=list(params))
+    m = module.model
+    x = torch.rand(batch, m.img_channels, m.img_resolution, m.img_resolution) * 2 - 1
+    return module, opt, x
+
+
+def bare_passes(mode: str, module, x: torch.Tensor):
+    """The network passes the algorithm needs, with nothing else."""
+    sigma = torch.full((x.shape[0],), 1.0)
+    model = module.model
+    teacher = getattr(module, "teacher", None)
+
+    def run() -> None:
+        with torch.no_grad():
+            if mode == "cd":
+                teacher(x, sigma)
+                teacher(x, sigma)
+            if mode in ("cd", "ct"):
+                module.target(x, sigma)
+            if mode == "ect":
+                model(x, sigma)
+            if mode == "scd":
+                teacher(x, sigma)
+            if mode in ("sct", "scd"):
+                torch.func.jvp(
+                    lambda xx, ss: model(xx, ss),
+                    (x, sigma),
+                    (torch.randn_like(x), torch.ones_like(sigma)),
+                )
+        model(x, sigma).square().mean().backward()
+
+    return run
+
+
+def step_cost(mode: str, net_name: str, batch: int, repeat: int, folder: Path) -> dict:
+    module, opt, x = build(mode, net_name, batch, folder)
+    bare = bare_passes(mode, module, x)
+
+    def full() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss, _ = module.compute_loss(x, None)
+        loss.backward()
+        opt.step()
+        module.after_optimizer_step()
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        return time.perf_counter() - t0
+
+    for _ in range(2):
+        timed(full), timed(bare)
+    fs, bs = [], []
+    for _ in range(repeat):
+        fs.append(timed(full))
+        bs.append(timed(bare))
+    f, b = statistics.median(fs), statistics.median(bs)
+    return {
+        "mode": mode,
+        "full_s": f,
+        "bare_s": b,
+        "ratio": f / b,
+        "pair_ratio_median": statistics.median([a / c for a, c in zip(fs, bs, strict=True)]),
+    }
+
+
+PASSES = {
+    "cd": "2 teacher fwd + target fwd + online fwd/bwd",
+    "ct": "target fwd + online fwd/bwd",
+    "ect": "target fwd at r + online fwd/bwd",
+    "sct": "JVP (fwd + tangent) + online fwd/bwd",
+    "scd": "teacher fwd + JVP + online fwd/bwd",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--net", default="ncsnpp_small")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--modes", default="ct,ect,sct,scd,cd")
+    parser.add_argument(
+        "--write", type=Path, default=None, help="append a section to this markdown file"
+    )
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            rows.append(step_cost(mode, args.net, args.batch, args.repeat, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    lines = [
+        "",
+        f"## Step cost of each training mode (benchmarks/modes_step_cost.py, {args.net}, batch {args.batch}, CPU)",
+        "",
+        (
+            f"Machine: {machine}. Command: `.venv/bin/python benchmarks/modes_step_cost.py --net {args.net} "
+            f"--batch {args.batch} --repeat {args.repeat}`. Full step = loss + backward + optimizer + target/EMA "
+            "updates; bare = the network passes the mode needs; medians, timed alternately."
+        ),
+        "",
+        "| mode | bare passes | full step | bare | ratio (median of pairs) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {PASSES[r['mode']]} | {r['full_s']:.3f} s | {r['bare_s']:.3f} s | "
+            f"**{r['ratio']:.3f}** ({r['pair_ratio_median']:.3f}) |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        with open(args.write, "a") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
