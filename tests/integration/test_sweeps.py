@@ -181,3 +181,36 @@ def test_fig4_script_commands_compose_with_equal_budgets_and_the_table_reads_eva
     md = (tmp_path / "out" / "fig4.md").read_text()
     assert "| cd | 30.00 | 20.00 |" in md and "| pd | 40.00 | - |" in md and "| teacher_ddim | 90.00 | 60.00 |" in md
     assert (tmp_path / "out" / "fig4.png").stat().st_size > 1000
+
+
+def test_modes_sweep_trains_every_mode_at_equal_images_seen(composer, tmp_path: Path) -> None:
+    """+sweep=modes puts CD, ECT, sCD, CT and sCT on the same budget and evaluation cadence, and
+    scripts/modes_fmnist.py turns the runs' logs into the table and the fd-vs-images plot."""
+    budgets = set()
+    for experiment in ("fmnist_cd_l2", "fmnist_ect", "fmnist_scd", "fmnist_ct_pseudo_huber", "fmnist_sct"):
+        cfg = composer([f"+experiment={experiment}", "+sweep=modes"])
+        q = cfg.callbacks.sample_quality
+        budgets.add((cfg.trainer.max_steps, cfg.dataset.batch_size, q.every_n_steps, q.num_samples, q.seed))
+    assert budgets == {(1000, 64, 250, 1000, 0)}
+    env = {**os.environ, "DRY_RUN": "1"}
+    out = subprocess.run([sys.executable, "scripts/modes_fmnist.py", "T.ckpt", "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cmds = out.stdout.splitlines()
+    assert "+experiment=fmnist_cd_l2,fmnist_ect,fmnist_scd" in cmds[0] and "model.teacher_path=T.ckpt" in cmds[0]
+    assert "+experiment=fmnist_ct_pseudo_huber,fmnist_sct" in cmds[1] and "teacher_path" not in cmds[1]
+    for name, fd in (("fmnist_ect", 3.0), ("fmnist_sct", 5.0)):
+        run = tmp_path / "runs" / "x" / name
+        (run / "csv").mkdir(parents=True)
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "overrides.yaml").write_text(f"- +experiment={name}\n")
+        (run / "csv" / "metrics.csv").write_text(
+            "step,train/kimg,val/fd_fmnist_1step,val/fd_fmnist_2step\n"
+            f"249,16.0,,\n249,,{2 * fd},{fd}\n499,32.0,,\n499,,{fd},{fd / 2}\n"
+        )
+    out = subprocess.run([sys.executable, "scripts/modes_fmnist.py", "--table", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    md = (tmp_path / "modes.md").read_text()
+    assert "| fmnist_ect | 32.0 | 3.00 | 1.50 |" in md and "| fmnist_sct | 32.0 | 5.00 | 2.50 |" in md
+    assert (tmp_path / "modes.png").stat().st_size > 1000
