@@ -5,7 +5,7 @@
 #   bash scripts/fig4_fmnist.sh --table OUT_DIR        # (re)write OUT_DIR/fig4.{md,csv,png}
 # TEACHER_CKPT: last.ckpt of `python -m cmexp.train +experiment=fmnist_edm` (use a strong one:
 # both students inherit its quality). fd_fmnist needs the feature classifier
-# (CLASSIFIER, default checkpoints/fmnist_classifier.ckpt: +experiment=fmnist_classifier).
+# (CLASSIFIER, default zoo:fmnist_classifier, the shipped one; or a +experiment=fmnist_classifier checkpoint).
 # 1. trains CD (+experiment=fmnist_cd_l2) and PD (+experiment=fmnist_pd: 64 teacher DDIM steps
 #    halved in 6 rounds) with +sweep=fig4 metric=l2, both STEPS optimizer steps at batch 64
 #    (equal images seen; LPIPS arms: metric=l2,lpips with the VGG16 weights in $TORCH_HOME);
@@ -68,10 +68,10 @@ PYEOF
 if [ "${1:-}" = "--table" ]; then table "$2"; exit 0; fi
 TEACHER=${1:?usage: bash scripts/fig4_fmnist.sh TEACHER_CKPT [OUT_DIR]}
 OUT=${2:-logs/fig4_fmnist/$(date +%Y-%m-%d_%H-%M-%S)}
-CLF=${CLASSIFIER:-checkpoints/fmnist_classifier.ckpt}
+CLF=${CLASSIFIER:-zoo:fmnist_classifier}
 STEPS=${STEPS:-1200}; ROUNDS=6; NUM_SAMPLES=${NUM_SAMPLES:-5000}
-[ -f "$TEACHER" ] || { echo "error: teacher checkpoint $TEACHER not found (run +experiment=fmnist_edm first)" >&2; exit 2; }
-[ -f "$CLF" ] || { echo "error: classifier $CLF not found (run +experiment=fmnist_classifier, or set CLASSIFIER)" >&2; exit 2; }
+[[ "$TEACHER" == zoo:* ]] || [ -f "$TEACHER" ] || { echo "error: teacher checkpoint $TEACHER not found (run +experiment=fmnist_edm first)" >&2; exit 2; }
+[[ "$CLF" == zoo:* ]] || [ -f "$CLF" ] || { echo "error: classifier $CLF not found (run +experiment=fmnist_classifier, or set CLASSIFIER)" >&2; exit 2; }
 if [ -e "$OUT" ]; then echo "error: $OUT exists; give a new output folder" >&2; exit 2; fi
 if (( STEPS % ROUNDS )); then echo "error: STEPS=$STEPS must be a multiple of the $ROUNDS PD rounds" >&2; exit 2; fi
 LEN=$((STEPS / ROUNDS))
