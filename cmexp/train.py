@@ -6,9 +6,12 @@ everything method-specific lives in the config groups and ``cmexp.modules``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
-    from cmexp.callbacks.preemption import TrainingPreempted
+    from cmexp.callbacks.preemption import MARKER, TrainingPreempted
     from cmexp.utils.checkpoint_io import AtomicCheckpointIO, check_resume_checkpoint
     from cmexp.utils.instantiate import instantiate_dict
 
@@ -138,16 +141,58 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if hasattr(model, "snapshot_rng"):
             model.snapshot_rng()  # DDP ranks continue the single-process RNG stream
         preempted = None
+        (ckpt_dir / MARKER).unlink(missing_ok=True)
         try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            with forward_signals_to_child_ranks(trainer):
+                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         except TrainingPreempted as stop:
             preempted = stop
+            (ckpt_dir / MARKER).unlink(missing_ok=True)
+        except Exception:
+            # ddp_spawn / ddp_fork: a rank's TrainingPreempted reaches this process as a
+            # ProcessRaisedException; rank 0 recorded the stop next to the checkpoint it saved
+            preempted = TrainingPreempted.from_marker(ckpt_dir)
+            if preempted is None:
+                raise
     finally:
         if locked_here:
             runs.release_run_folder(output_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     log.info("run folder: %s", output_dir)
     return {"metrics": metrics, "model": model, "trainer": trainer, "datamodule": datamodule, "preempted": preempted}
+
+
+@contextlib.contextmanager
+def forward_signals_to_child_ranks(trainer: Any) -> Iterator[None]:
+    """Under ``ddp_spawn``/``ddp_fork`` every rank is a child process and this one only waits:
+    a preemption signal sent to it (``kill PID``, Ctrl-C) is passed on to the ranks, whose
+    ``PreemptionCallback`` saves and stops them, instead of killing this process and orphaning
+    them mid-step. Other strategies run rank 0 here: nothing to do."""
+    import multiprocessing
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if type(launcher).__name__ != "_MultiProcessingLauncher":
+        yield
+        return
+    cb = next((c for c in trainer.callbacks if type(c).__name__ == "PreemptionCallback"), None)
+    sigs = cb.signals if cb is not None else ()
+
+    def forward(signum: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            if child.pid is not None:
+                os.kill(child.pid, signum)
+
+    previous = {}
+    try:
+        for sig in sigs:
+            previous[sig] = signal.signal(sig, forward)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def resume_path(cfg: DictConfig, output_dir: Path, kind: str | None) -> str | None:

@@ -35,13 +35,16 @@ def write_fake_vgg16(folder: Path, seed: int = 0) -> Path:
 
 class SignalAtStep(pl.Callback):
     """Sends ``signum`` to its own process at the start of optimizer step ``step`` (a stand-in
-    for a scheduler's preemption signal arriving in the middle of a step)."""
+    for a scheduler's preemption signal arriving in the middle of a step); with ``rank``, only
+    on that global rank."""
 
-    def __init__(self, step: int, signum: int = 15) -> None:
-        self.step, self.signum, self.sent = int(step), int(signum), False
+    def __init__(self, step: int, signum: int = 15, rank: int | None = None) -> None:
+        self.step, self.signum, self.sent, self.rank = int(step), int(signum), False, rank
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
                              batch_idx: int) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return  # only this rank is signalled (a scheduler reaching one process first)
         if trainer.global_step == self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)

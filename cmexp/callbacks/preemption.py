@@ -16,6 +16,9 @@ import lightning.pytorch as pl
 log = logging.getLogger(__name__)
 
 
+MARKER = ".preempted.json"  # in the checkpoint folder: how a spawned/forked rank tells the parent
+
+
 class TrainingPreempted(Exception):
     """Raised after the preemption checkpoint is written; ``exit_code`` = 128 + signal number
     (the shell's convention for "terminated by a signal", never 0)."""
@@ -31,6 +34,27 @@ class TrainingPreempted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+    def write_marker(self, dirpath: Path) -> None:
+        """Record the stop for the launching process (``ddp_spawn``/``ddp_fork`` run the fit in
+        child processes, whose exceptions reach the parent only as text)."""
+        import json
+
+        (Path(dirpath) / MARKER).write_text(
+            json.dumps({"signum": self.signum, "ckpt": str(self.ckpt), "requeued": self.requeued})
+        )
+
+    @classmethod
+    def from_marker(cls, dirpath: Path) -> TrainingPreempted | None:
+        """The stop a child rank recorded in ``dirpath`` (the marker is removed), or None."""
+        import json
+
+        path = Path(dirpath) / MARKER
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        path.unlink()
+        return cls(int(data["signum"]), Path(data["ckpt"]), bool(data.get("requeued", False)))
 
 
 class PreemptionCallback(pl.Callback):
@@ -129,6 +153,8 @@ class PreemptionCallback(pl.Callback):
                 flush=True,
             )
         self._stop = TrainingPreempted(signum, ckpt, requeued)
+        if trainer.is_global_zero:
+            self._stop.write_marker(self.dirpath)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

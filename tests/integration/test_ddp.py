@@ -137,3 +137,35 @@ def test_ddp_step_equals_the_single_process_step_on_the_same_global_batch(tmp_pa
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert ddp["online"] == pytest.approx(single["online"], abs=1e-5)
     assert ddp["kimg"] == single["kimg"]
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_ddp_preemption_one_rank_signalled_all_save_and_resume_is_exact(tmp_path: Path, rank: int) -> None:
+    """Two ranks under ddp_fork (every rank a child process): a SIGTERM reaching one rank makes
+    both save at the same step boundary, the stop reaches this process as TrainingPreempted
+    (exit code 143), and the run resumed from that last.ckpt ends with the uninterrupted
+    run's weights."""
+    import signal as sig
+
+    from .test_sample_edit import TINY
+
+    base = [*TINY, "model=ct", "trainer.devices=2", "+trainer.strategy=ddp_fork", "trainer.max_steps=6",
+            "callbacks.checkpoint.every_n_train_steps=100", f"paths.root_dir={tmp_path}"]
+    full = compose_train(base, tmp_path / "full")
+    train(full)
+    cut = compose_train([*base, "+callbacks.signal._target_=tests.fakes.SignalAtStep", "+callbacks.signal.step=2",
+                         f"+callbacks.signal.rank={rank}"], tmp_path / "cut")
+    out = train(cut)
+    stop = out["preempted"]
+    assert stop is not None and stop.exit_code == 128 + int(sig.SIGTERM)
+    ckpt = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert stop.ckpt == ckpt and not (tmp_path / "cut" / "checkpoints" / ".preempted.json").exists()
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3  # the step in which the signal arrived, completed
+    resumed = compose_train([*base, f"ckpt_path={ckpt}"], tmp_path / "resumed")
+    train(resumed)
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 6
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0)

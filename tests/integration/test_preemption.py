@@ -151,3 +151,26 @@ def test_auto_and_last_without_any_checkpoint(tmp_path: Path) -> None:
     assert out["trainer"].global_step == 2  # nothing to resume: started afresh
     with pytest.raises(ConfigError, match="ckpt_path=last: no readable checkpoint"):
         train(compose_train([*COMMON, "ckpt_path=last"], tmp_path / "b" / "runs" / "one"))
+
+
+def test_sigterm_to_the_launching_process_of_ddp_fork_ranks_saves_and_exits_143(tmp_path: Path) -> None:
+    """With ddp_fork both ranks are child processes: SIGTERM to the process the user started
+    is passed on to them (not orphaning them mid-step); they save last.ckpt at a step boundary
+    and the command exits with 143 and the resume line."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cmexp.train", "+experiment=fmnist_ct_pseudo_huber", "debug=tiny", "model=ct",
+           "trainer.max_steps=100000", "quality=none", "trainer.devices=2", "+trainer.strategy=ddp_fork",
+           f"hydra.run.dir={run}", f"paths.root_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "CMEXP_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    metrics = run / "csv" / "metrics.csv"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.is_file() and metrics.stat().st_size > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "SIGTERM received at step" in out and "Traceback" not in out
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert find_resume_checkpoint([run], "ct") == ckpt
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] >= 1
