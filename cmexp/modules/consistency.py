@@ -279,6 +279,8 @@ def load_teacher(path: str | None, net: nn.Module, init_from_teacher: bool = Tru
     teacher = frozen_copy(
         EDMPrecond(net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
     )
+    if getattr(teacher.net, "guidance_embed", None) is not None:  # a guided student's net: the teacher takes no w
+        teacher.net.guidance_embed = None
     try:
         teacher.load_state_dict(ckpt.weights("ema."))
     except RuntimeError as err:
