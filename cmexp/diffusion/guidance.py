@@ -46,11 +46,15 @@ class GuidedDenoiser(nn.Module):
     Shapes: x ``[B,C,H,W]``; sigma scalar or ``[B]``; class_labels int ``[B]`` (required).
     """
 
-    def __init__(self, denoiser: Callable[..., Tensor], scale: float | Tensor, label_dim: int | None = None) -> None:
+    def __init__(
+        self, denoiser: Callable[..., Tensor], scale: float | Tensor, label_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.label_dim = _label_dim(denoiser) if label_dim is None else int(label_dim)
         if self.label_dim < 1:
-            raise ValueError("guidance needs a class-conditional denoiser (label_dim >= 1), got label_dim=0")
+            raise ValueError(
+                "guidance needs a class-conditional denoiser (label_dim >= 1), got label_dim=0"
+            )
         self._denoiser = [denoiser]  # not a submodule: the wrapper holds no weights of its own
         self.scale = scale
         for name in ("sigma_min", "sigma_max", "sigma_data", "img_resolution", "img_channels"):
@@ -61,13 +65,17 @@ class GuidedDenoiser(nn.Module):
     def denoiser(self) -> Callable[..., Tensor]:
         return self._denoiser[0]
 
-    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None
+    ) -> Tensor:
         if class_labels is None:
             raise ValueError("a guided denoiser needs class_labels (the conditional pass)")
         b = x.shape[0]
         sig = as_sigma_batch(sigma, x)
         null = torch.full_like(class_labels, self.label_dim)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([class_labels, null]))
+        both = self.denoiser(
+            torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([class_labels, null])
+        )
         cond, uncond = both[:b], both[b:]
         w = torch.as_tensor(self.scale, device=x.device, dtype=cond.dtype)
         w = append_dims(w.reshape(-1), x.ndim) if w.ndim else w
@@ -81,11 +89,20 @@ class ScaleConditioned(nn.Module):
     def __init__(self, model: nn.Module, scale: float | Tensor) -> None:
         super().__init__()
         self.model, self.scale = model, scale
-        for name in ("sigma_min", "sigma_max", "sigma_data", "img_resolution", "img_channels", "label_dim"):
+        for name in (
+            "sigma_min",
+            "sigma_max",
+            "sigma_data",
+            "img_resolution",
+            "img_channels",
+            "label_dim",
+        ):
             if hasattr(model, name):
                 setattr(self, name, getattr(model, name))
 
-    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None
+    ) -> Tensor:
         return self.model(x, sigma, class_labels, guidance=self.scale)
 
 
@@ -101,9 +118,13 @@ class GuidanceRange:
 
     def __init__(self, w_min: float = 1.0, w_max: float = 4.0, sample: float = 2.0) -> None:
         if not 0 <= w_min <= w_max:
-            raise ValueError(f"model.loss.guidance needs 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}")
+            raise ValueError(
+                f"model.loss.guidance needs 0 <= w_min <= w_max, got w_min={w_min}, w_max={w_max}"
+            )
         if not w_min <= sample <= w_max:
-            raise ValueError(f"model.loss.guidance.sample={sample} must lie in [w_min={w_min}, w_max={w_max}]")
+            raise ValueError(
+                f"model.loss.guidance.sample={sample} must lie in [w_min={w_min}, w_max={w_max}]"
+            )
         self.w_min, self.w_max, self.sample = float(w_min), float(w_max), float(sample)
 
     def __call__(self, n: int, device: torch.device) -> Tensor:
@@ -135,5 +156,6 @@ def seeded_labels(seeds: range | list[int], num_classes: int) -> Tensor:
     if num_classes < 1:
         raise ValueError(f"seeded_labels needs num_classes >= 1, got {num_classes}")
     return torch.tensor(
-        [int(np.random.default_rng([int(s) % (1 << 63), 1]).integers(num_classes)) for s in seeds], dtype=torch.long
+        [int(np.random.default_rng([int(s) % (1 << 63), 1]).integers(num_classes)) for s in seeds],
+        dtype=torch.long,
     )

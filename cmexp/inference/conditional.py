@@ -20,25 +20,32 @@ from torch import Tensor, nn
 from cmexp.diffusion.guidance import GUIDED_PASSES, GuidedDenoiser, ScaleConditioned, seeded_labels
 
 
-def check_class_labels(loaded: Any, class_labels: Sequence[int] | None, key: str = "class_labels") -> list[int] | None:
+def check_class_labels(
+    loaded: Any, class_labels: Sequence[int] | None, key: str = "class_labels"
+) -> list[int] | None:
     """``class_labels`` as ints when they fit the model, else a ValueError naming ``key``."""
     if class_labels is None:
         return None
     labels = [int(c) for c in class_labels]
     if loaded.label_dim == 0:
-        raise ValueError(f"{key}={labels} given but {loaded.source or 'the model'} is unconditional (label_dim=0); "
-                         "drop it or use a class-conditional checkpoint (dataset.use_labels=true)")
+        raise ValueError(
+            f"{key}={labels} given but {loaded.source or 'the model'} is unconditional (label_dim=0); "
+            "drop it or use a class-conditional checkpoint (dataset.use_labels=true)"
+        )
     if not labels:
         raise ValueError(f"{key} must hold at least one class index")
     bad = [c for c in labels if not 0 <= c < loaded.label_dim]
     if bad:
-        raise ValueError(f"{key} entry {bad[0]} is out of range: the model has {loaded.label_dim} classes "
-                         f"(0..{loaded.label_dim - 1})")
+        raise ValueError(
+            f"{key} entry {bad[0]} is out of range: the model has {loaded.label_dim} classes "
+            f"(0..{loaded.label_dim - 1})"
+        )
     return labels
 
 
-def sample_labels(loaded: Any, seeds: range, class_labels: Sequence[int] | None = None,
-                  offset: int = 0) -> Tensor | None:
+def sample_labels(
+    loaded: Any, seeds: range, class_labels: Sequence[int] | None = None, offset: int = 0
+) -> Tensor | None:
     """``[len(seeds)]`` labels of the images with these seeds (image ``offset + j`` of the
     request gets ``class_labels[(offset + j) % len]``), or None for an unconditional model."""
     if loaded.label_dim == 0:
@@ -47,7 +54,9 @@ def sample_labels(loaded: Any, seeds: range, class_labels: Sequence[int] | None 
     if labels is not None:
         import torch
 
-        return torch.tensor([labels[(offset + j) % len(labels)] for j in range(len(seeds))], dtype=torch.long)
+        return torch.tensor(
+            [labels[(offset + j) % len(labels)] for j in range(len(seeds))], dtype=torch.long
+        )
     return seeded_labels(seeds, loaded.label_dim)
 
 
@@ -66,15 +75,21 @@ def check_guidance(loaded: Any, guidance: float | None, key: str = "guidance") -
     if not w >= 0:
         raise ValueError(f"{key} must be a number >= 0, got {guidance}")
     if loaded.label_dim == 0:
-        raise ValueError(f"{key}={guidance} needs a class-conditional model (classifier-free guidance), but "
-                         f"{loaded.source or 'the model'} is unconditional (label_dim=0)")
+        raise ValueError(
+            f"{key}={guidance} needs a class-conditional model (classifier-free guidance), but "
+            f"{loaded.source or 'the model'} is unconditional (label_dim=0)"
+        )
     if loaded.is_consistency:
         if g is None:
-            raise ValueError(f"{key}={guidance}: this '{loaded.kind}' model was distilled without guidance (it takes no "
-                             "w); guide its teacher, or distil a guided student (model.loss.guidance)")
+            raise ValueError(
+                f"{key}={guidance}: this '{loaded.kind}' model was distilled without guidance (it takes no "
+                "w); guide its teacher, or distil a guided student (model.loss.guidance)"
+            )
         if not g["w_min"] <= w <= g["w_max"]:
-            raise ValueError(f"{key}={guidance} is outside the range the student was distilled for "
-                             f"[{g['w_min']}, {g['w_max']}]")
+            raise ValueError(
+                f"{key}={guidance} is outside the range the student was distilled for "
+                f"[{g['w_min']}, {g['w_max']}]"
+            )
     return w
 
 

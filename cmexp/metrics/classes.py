@@ -18,7 +18,11 @@ def class_accuracy(logits: Tensor, labels: Tensor) -> float:
 
 
 def per_class_scores(
-    real: dict[str, Tensor], real_labels: Tensor, fake: dict[str, Tensor], fake_labels: Tensor, name: str = "fmnist",
+    real: dict[str, Tensor],
+    real_labels: Tensor,
+    fake: dict[str, Tensor],
+    fake_labels: Tensor,
+    name: str = "fmnist",
 ) -> dict[str, float]:
     """``{"fd_<name>_class<k>": FD of class k's samples vs class k's real images}`` for every
     class with at least 2 images on both sides, plus ``class_accuracy`` when the extractor has
@@ -33,8 +37,9 @@ def per_class_scores(
     for k in sorted(set(fake_labels.tolist())):
         r, f = real_labels == k, fake_labels == k
         if int(r.sum()) >= 2 and int(f.sum()) >= 2:
-            out[f"{prefix}_class{k}"] = frechet_distance({"features": real["features"][r]},
-                                                         {"features": fake["features"][f]})
+            out[f"{prefix}_class{k}"] = frechet_distance(
+                {"features": real["features"][r]}, {"features": fake["features"][f]}
+            )
     return out
 
 

@@ -39,7 +39,9 @@ class GuidanceEmbedding(nn.Module):
         return self.proj(self.embed(w.float()))
 
 
-def prepare_guidance(guidance: Tensor | float | None, batch: int, device: torch.device) -> Tensor | None:
+def prepare_guidance(
+    guidance: Tensor | float | None, batch: int, device: torch.device
+) -> Tensor | None:
     """``guidance`` as float ``[B]`` (a scalar or ``[1]`` is broadcast), or None.
 
     Raises:
@@ -56,7 +58,10 @@ def prepare_guidance(guidance: Tensor | float | None, batch: int, device: torch.
 
 
 def guidance_term(
-    module: GuidanceEmbedding | None, guidance: Tensor | float | None, batch: int, device: torch.device
+    module: GuidanceEmbedding | None,
+    guidance: Tensor | float | None,
+    batch: int,
+    device: torch.device,
 ) -> Tensor | None:
     """The embedding to add to the time embedding, or None (no w input: the teacher's function).
 

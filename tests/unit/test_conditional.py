@@ -17,10 +17,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cmexp.diffusion.guidance import GuidanceRange, GuidedDenoiser, ScaleConditioned, drop_labels, seeded_labels
+from cmexp.diffusion.guidance import (
+    GuidanceRange,
+    GuidedDenoiser,
+    ScaleConditioned,
+    drop_labels,
+    seeded_labels,
+)
 from cmexp.diffusion.precond import CMPrecond, ConditionalMixtureDenoiser, EDMPrecond
 from cmexp.diffusion.solvers import euler_step, heun_step
-from cmexp.inference.conditional import check_class_labels, check_guidance, conditioned_model, sample_labels
+from cmexp.inference.conditional import (
+    check_class_labels,
+    check_guidance,
+    conditioned_model,
+    sample_labels,
+)
 from cmexp.inference.plan import nfe
 from cmexp.losses.consistency import ConsistencyDistillationLoss
 from cmexp.losses.distances import L2Distance
@@ -37,7 +48,9 @@ def mixture() -> tuple[torch.Tensor, torch.Tensor]:
     return means, weights
 
 
-def posterior_means(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def posterior_means(
+    x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed forms written out per sample: E[x0 | x, class] and E[x0 | x] of the mixture."""
     means, weights = mixture()
     cond, uncond = torch.empty_like(x), torch.empty_like(x)
@@ -45,7 +58,10 @@ def posterior_means(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) 
         s2, v = float(sigma[i]) ** 2, STD**2 + float(sigma[i]) ** 2
         post = [means[k] + STD**2 / v * (x[i] - means[k]) for k in range(K)]
         cond[i] = post[int(labels[i])]
-        logp = [math.log(weights[k]) - 0.5 * float(((x[i] - means[k]) ** 2).sum()) / v for k in range(K)]
+        logp = [
+            math.log(weights[k]) - 0.5 * float(((x[i] - means[k]) ** 2).sum()) / v
+            for k in range(K)
+        ]
         top = max(logp)
         r = [math.exp(p - top) for p in logp]
         uncond[i] = sum(r[k] / sum(r) * post[k] for k in range(K))
@@ -64,8 +80,12 @@ def test_guided_denoiser_matches_the_mixture_closed_form() -> None:
     cond, uncond = posterior_means(x, sigma, labels)
     got = GuidedDenoiser(teacher, w)(x, sigma, labels)
     torch.testing.assert_close(got, uncond + w[:, None] * (cond - uncond))
-    torch.testing.assert_close(GuidedDenoiser(teacher, 1.0)(x, sigma, labels), cond)  # w = 1: conditional
-    torch.testing.assert_close(GuidedDenoiser(teacher, 0.0)(x, sigma, labels), uncond)  # w = 0: null label
+    torch.testing.assert_close(
+        GuidedDenoiser(teacher, 1.0)(x, sigma, labels), cond
+    )  # w = 1: conditional
+    torch.testing.assert_close(
+        GuidedDenoiser(teacher, 0.0)(x, sigma, labels), uncond
+    )  # w = 0: null label
     with pytest.raises(ValueError, match="label_dim >= 1"):
         GuidedDenoiser(lambda x, s, c=None: x, 2.0)
 
@@ -79,7 +99,9 @@ class Recorder(torch.nn.Module):
         self.calls: list[dict] = []
 
     def forward(self, x, sigma, class_labels=None, guidance=None):
-        self.calls.append({"x": x.detach().clone(), "sigma": sigma, "labels": class_labels, "guidance": guidance})
+        self.calls.append(
+            {"x": x.detach().clone(), "sigma": sigma, "labels": class_labels, "guidance": guidance}
+        )
         return self.scale * x
 
 
@@ -87,8 +109,12 @@ class Recorder(torch.nn.Module):
 def test_guided_cd_teacher_step_matches_its_closed_form(solver) -> None:
     """x_hat = one ODE step of the guided mixture denoiser, with the w each sample drew."""
     means, weights = mixture()
-    loss = ConsistencyDistillationLoss(L2Distance(), solver, ConditionalMixtureDenoiser(means, weights, STD),
-                                       guidance=GuidanceRange(0.0, 5.0, 2.0))
+    loss = ConsistencyDistillationLoss(
+        L2Distance(),
+        solver,
+        ConditionalMixtureDenoiser(means, weights, STD),
+        guidance=GuidanceRange(0.0, 5.0, 2.0),
+    )
     online, target = Recorder(), Recorder()
     images = means[torch.tensor([0, 1, 2, 0, 1])].clone()
     labels = torch.tensor([0, 1, 2, 0, 1])
@@ -97,7 +123,9 @@ def test_guided_cd_teacher_step_matches_its_closed_form(solver) -> None:
     out = loss(online, target, images, sigmas, labels)
     x_t, x_hat = online.calls[0]["x"], target.calls[0]["x"]
     w = out.guidance.double()
-    assert torch.equal(online.calls[0]["guidance"], out.guidance) and torch.equal(target.calls[0]["guidance"], out.guidance)
+    assert torch.equal(online.calls[0]["guidance"], out.guidance) and torch.equal(
+        target.calls[0]["guidance"], out.guidance
+    )
     assert bool((w >= 0).all() and (w <= 5).all()) and w.std() > 0  # drawn per sample
 
     def d_w(x, s):
@@ -144,10 +172,34 @@ def test_guided_cd_at_w_one_equals_plain_conditional_cd() -> None:
     "make",
     [
         lambda g: tiny(guidance_embed=g, seed=0),
-        lambda g: (torch.manual_seed(0), SongUNet(8, 1, label_dim=3, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-                                                 attn_resolutions=(4,), init_scale=1.0, guidance_embed=g))[1],
-        lambda g: (torch.manual_seed(0), ADMUNet(8, 1, label_dim=3, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-                                                attn_resolutions=(4,), num_head_channels=8, guidance_embed=g))[1],
+        lambda g: (
+            torch.manual_seed(0),
+            SongUNet(
+                8,
+                1,
+                label_dim=3,
+                model_channels=8,
+                channel_mult=(1, 2),
+                num_blocks=1,
+                attn_resolutions=(4,),
+                init_scale=1.0,
+                guidance_embed=g,
+            ),
+        )[1],
+        lambda g: (
+            torch.manual_seed(0),
+            ADMUNet(
+                8,
+                1,
+                label_dim=3,
+                model_channels=8,
+                channel_mult=(1, 2),
+                num_blocks=1,
+                attn_resolutions=(4,),
+                num_head_channels=8,
+                guidance_embed=g,
+            ),
+        )[1],
     ],
     ids=["tiny", "songunet", "adm"],
 )
@@ -177,14 +229,22 @@ def test_label_dropout_and_seeded_labels() -> None:
     with pytest.raises(ValueError, match="model.label_dropout"):
         drop_labels(labels, 1.0, 3, keep)
     a = seeded_labels(range(100, 120), 10)
-    assert torch.equal(torch.cat([seeded_labels(range(100, 107), 10), seeded_labels(range(107, 120), 10)]), a)
+    assert torch.equal(
+        torch.cat([seeded_labels(range(100, 107), 10), seeded_labels(range(107, 120), 10)]), a
+    )
     assert len(set(a.tolist())) > 3 and a.max() < 10
 
 
 def _loaded(label_dim: int, consistency: bool, guidance: dict | None = None):
     model = SimpleNamespace(label_dim=label_dim)
-    return SimpleNamespace(label_dim=label_dim, is_consistency=consistency, kind="cd" if consistency else "edm",
-                           meta={"guidance": guidance} if guidance else {}, model=model, source="x.ckpt")
+    return SimpleNamespace(
+        label_dim=label_dim,
+        is_consistency=consistency,
+        kind="cd" if consistency else "edm",
+        meta={"guidance": guidance} if guidance else {},
+        model=model,
+        source="x.ckpt",
+    )
 
 
 def test_inference_labels_guidance_and_nfe() -> None:
@@ -201,7 +261,9 @@ def test_inference_labels_guidance_and_nfe() -> None:
         check_guidance(uncond, 2.0)
     with pytest.raises(ValueError, match="distilled without guidance"):
         check_guidance(_loaded(10, True), 2.0)
-    with pytest.raises(ValueError, match=r"outside the range the student was distilled for \[1.0, 4.0\]"):
+    with pytest.raises(
+        ValueError, match=r"outside the range the student was distilled for \[1.0, 4.0\]"
+    ):
         check_guidance(guided, 6.0)
     assert check_guidance(guided, None) == 2.0 and check_guidance(cond_edm, None) is None
     assert isinstance(conditioned_model(guided, 3.0)[0], ScaleConditioned)
@@ -209,4 +271,8 @@ def test_inference_labels_guidance_and_nfe() -> None:
     assert isinstance(model, GuidedDenoiser) and passes == 2
     assert conditioned_model(cond_edm, 1.0)[1] == 1
     grid = [80.0, *torch.linspace(40, 0.002, 17).tolist(), 0.0]
-    assert nfe(grid, "heun") == 35 and nfe(grid, "heun", passes) == 70 and nfe([80.0], "consistency", 1) == 1
+    assert (
+        nfe(grid, "heun") == 35
+        and nfe(grid, "heun", passes) == 70
+        and nfe([80.0], "consistency", 1) == 1
+    )
