@@ -68,6 +68,13 @@ def read_samples(path: str) -> Any:
     return torch.from_numpy(arr)
 
 
+def torch_bincount(labels: Any, num_classes: int) -> list[int]:
+    """How many samples each class got (recorded in the protocol)."""
+    import torch
+
+    return torch.bincount(labels, minlength=num_classes).tolist()
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample (``ckpt``) or read (``samples``) image sets, score them, write the results.
     Everything that can fail on bad input (extractor, checkpoint, samples, reference data) is
@@ -99,8 +106,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     protocol: dict[str, Any] = {**describe(features), "seed": int(cfg.seed)}
     plans = []
+    class_labels = guidance = labels = None
+    passes = 1
     if cfg.ckpt:
+        from cmexp.inference.conditional import check_class_labels, check_guidance, conditioned_model, sample_labels
+
         loaded, device = load_from_config(cfg)
+        class_labels = check_class_labels(loaded, list_or_none(cfg.get("class_labels"), "class_labels"))
+        guidance = check_guidance(loaded, cfg.get("guidance"))
+        passes = conditioned_model(loaded, guidance)[1]
         dataset = loaded.dataset if loaded.dataset.get("data_dir", "") is not None else {}  # None: a foreign file's
         dataset = dataset or OmegaConf.to_container(cfg.dataset, resolve=True)  # folder only the user can name
         n = int(cfg.num_samples)
@@ -116,10 +130,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             options = sampler_options(sampler, cfg)
             solver_steps = list_or_none(cfg.get("solver_steps"), "solver_steps")
             sigs = [sigma_plan(loaded.spec)] if solver_steps is None else [solver_plan(loaded.spec, k) for k in solver_steps]
-            plans += [(f"{sampler}{nfe(sig, sampler)}nfe", sig, sampler) for sig in sigs]
+            plans += [(f"{sampler}{nfe(sig, sampler, passes)}nfe", sig, sampler) for sig in sigs]
         protocol.update({"ckpt": str(cfg.ckpt), "kind": loaded.kind, "weights": "ema" if cfg.use_ema else "online",
                          "rho": loaded.spec.rho, "num_scales": loaded.spec.num_scales,
                          "num_samples": n, "seeds": [int(cfg.seed), int(cfg.seed) + n - 1], "sets": {}})
+        labels = sample_labels(loaded, range(int(cfg.seed), int(cfg.seed) + n), class_labels)
+        if labels is not None:
+            protocol.update({"guidance": guidance, "class_labels": class_labels or "one per seed",
+                             "label_counts": torch_bincount(labels, loaded.label_dim)})
     else:
         dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
         u8 = read_samples(cfg.samples)
@@ -139,10 +157,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.ckpt:
         for set_name, sigmas, sampler in plans:
             images = generate(loaded, n, sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device, progress=True,
-                              options=options)
-            save_samples(images, out_dir, int(cfg.grid_size), name=f"samples_{set_name}")
+                              options=options, class_labels=class_labels, guidance=guidance)
+            save_samples(images, out_dir, int(cfg.grid_size), name=f"samples_{set_name}", labels=labels)
             sets[set_name] = to_uint8(images)  # score exactly what samples_<set>.npz holds
-            protocol["sets"][set_name] = {"sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler), "sampler": sampler,
+            protocol["sets"][set_name] = {"sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler, passes),
+                                          "sampler": sampler,
                                           "options": options}
     else:
         sets["samples"] = u8
@@ -151,6 +170,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for set_name, images in sets.items():
         fake = extract(features, images, int(cfg.batch_size), device, True, f"features {set_name}")
         results[set_name] = score(real, fake, name, kid_subset_size=int(cfg.kid_subset_size))
+        if labels is not None:  # a class-conditional model: FD per class and the samples' class accuracy
+            from cmexp.metrics.classes import per_class_scores
+
+            real_labels = dm.real_labels(len(real["features"]), str(cfg.real_split))
+            results[set_name].update(per_class_scores(real, real_labels, fake, labels, name))
         log.info("%s: %s", set_name, {k: round(v, 4) for k, v in results[set_name].items()})
     payload = {"metrics": results, "protocol": protocol, "seconds": round(time.perf_counter() - t0, 2)}
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))

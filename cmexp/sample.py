@@ -37,7 +37,12 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         solver_plan,
     )
 
+    from cmexp.inference.conditional import check_class_labels, check_guidance, conditioned_model, sample_labels
+
     loaded, device = load_from_config(cfg)
+    class_labels = check_class_labels(loaded, list_or_none(cfg.get("class_labels"), "class_labels"))
+    guidance = check_guidance(loaded, cfg.get("guidance"))
+    passes = conditioned_model(loaded, guidance)[1]
     if loaded.is_consistency:
         sampler, options = "consistency", {}
         sigmas = sigma_plan(loaded.spec, int(cfg.steps), list_or_none(cfg.taus, "taus"),
@@ -49,13 +54,18 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         sigmas = sigma_plan(loaded.spec) if steps is None else solver_plan(loaded.spec, steps)
     t0 = time.perf_counter()
     images = generate(loaded, int(cfg.num_samples), sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device,
-                      progress=True, options=options)
+                      progress=True, options=options, class_labels=class_labels, guidance=guidance)
     seconds = time.perf_counter() - t0
     out_dir = Path(cfg.paths.output_dir)
-    files = save_samples(images, out_dir, int(cfg.grid_size))
+    seeds = range(int(cfg.seed), int(cfg.seed) + int(cfg.num_samples))
+    labels = sample_labels(loaded, seeds, class_labels)
+    files = save_samples(images, out_dir, int(cfg.grid_size), labels=labels)
     info = {
         "ckpt": str(cfg.ckpt), "kind": loaded.kind, "weights": "ema" if cfg.use_ema else "online",
-        "sampler": sampler, "options": options, "sigmas": [float(s) for s in sigmas], "nfe": nfe(sigmas, sampler),
+        "sampler": sampler, "options": options, "sigmas": [float(s) for s in sigmas],
+        "nfe": nfe(sigmas, sampler, passes),
+        **({"class_labels": labels.tolist(), "guidance": guidance, "label_source": "class_labels" if class_labels
+            else "seed"} if labels is not None else {}),
         "rho": loaded.spec.rho, "num_scales": loaded.spec.num_scales,
         "num_samples": int(cfg.num_samples), "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.num_samples) - 1],
         "seconds": round(seconds, 3), "images_per_second": round(int(cfg.num_samples) / max(seconds, 1e-9), 2),

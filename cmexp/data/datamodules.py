@@ -79,6 +79,8 @@ class ImageDataModule(pl.LightningDataModule):
         subset: keep only the first ``subset`` training images (quick runs, tests).
         resolution, channels: image size and channel count the networks see.
         num_classes: number of classes (for class-conditional nets).
+        use_labels: class-conditional training (``dataset.use_labels``; the nets' ``label_dim``
+            follows it in the config); needs a labelled dataset (``num_classes`` > 0).
         seed: data-order seed (``${seed}``).
     """
 
@@ -95,6 +97,7 @@ class ImageDataModule(pl.LightningDataModule):
         channels: int = 1,
         num_classes: int = 10,
         seed: int = 0,
+        use_labels: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -110,6 +113,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.random_flip, self.subset = bool(random_flip), subset
         self.resolution, self.channels, self.num_classes = int(resolution), int(channels), int(num_classes)
         self.seed = int(seed)
+        if use_labels and self.num_classes < 1:
+            raise ValueError(
+                f"dataset.use_labels=true but dataset.num_classes={self.num_classes}: this dataset has no class "
+                "labels (an image folder needs one subfolder per class and dataset.num_classes set to their count)"
+            )
+        self.use_labels = bool(use_labels)
         self.start_batch = 0
         self.train_set: TensorImageDataset | None = None
 
@@ -138,6 +147,11 @@ class ImageDataModule(pl.LightningDataModule):
             self.train_set, self.batch_size, seed=self.seed, random_flip=self.random_flip,
             num_workers=self.num_workers, start_batch=self.start_batch, rank=rank, world_size=world,
         )
+
+    def real_labels(self, n: int, split: str = "train") -> Tensor:
+        """The labels ``[n]`` of :meth:`real_images` (same images, same order)."""
+        ds = self.train_set if split == "train" and self.train_set is not None else self.dataset(split)
+        return ds.labels[: min(n, len(ds))].clone()
 
     def real_images(self, n: int, split: str = "train") -> Tensor:
         """The first ``n`` images of ``split`` as float ``[n, C, H, W]`` in [-1, 1]."""

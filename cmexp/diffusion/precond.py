@@ -93,16 +93,23 @@ class _Precond(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        class_labels: Tensor | None = None,
+        guidance: Tensor | float | None = None,
     ) -> Tensor:
-        """Args: x ``[B,C,H,W]``; sigma scalar or ``[B]``; class_labels ``[B]`` or None.
+        """Args: x ``[B,C,H,W]``; sigma scalar or ``[B]``; class_labels ``[B]`` or None;
+        guidance: the guidance scale w (scalar or ``[B]``) of a w-conditioned student (guided
+        CD), handed to the net only when given (``cmexp.nets.guidance``).
         Returns ``[B,C,H,W]`` in x's dtype; scalings are computed in float32 (float64 when
         x or sigma is float64)."""
         sigma = as_sigma_batch(sigma, x)  # float32 or wider
         if x.dtype == torch.float64:
             sigma = sigma.double()
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
-        out = self.net((c_in * x).to(x.dtype), self.c_noise(sigma), class_labels)
+        extra = {} if guidance is None else {"guidance": guidance}
+        out = self.net((c_in * x).to(x.dtype), self.c_noise(sigma), class_labels, **extra)
         return (c_skip * x + c_out * out.to(c_out.dtype)).to(x.dtype)
 
 
@@ -249,3 +256,31 @@ def gaussian_mixture_denoiser(means: Tensor, weights: Tensor, std: float = 0.0):
     return denoise
 
 
+
+
+class ConditionalMixtureDenoiser:
+    """Exact class-conditional denoiser of a labelled isotropic Gaussian mixture (for tests of
+    classifier-free guidance): class k is ``N(m_k, std^2 I)`` with prior ``w_k``, so
+    ``D(x, sigma, k) = m_k + std^2/(std^2+sigma^2) (x - m_k)`` and the null label
+    ``K = label_dim`` gives the marginal's :func:`gaussian_mixture_denoiser`.
+
+    ``means``: ``[K, d]``; ``weights``: ``[K]``; x: ``[B, ...]`` with prod(...) = d;
+    class_labels int ``[B]`` in ``[0, K]`` (None = all null).
+    """
+
+    def __init__(self, means: Tensor, weights: Tensor, std: float = 0.0) -> None:
+        self.means, self.std = means, float(std)
+        self.label_dim = int(means.shape[0])
+        self.marginal = gaussian_mixture_denoiser(means, weights, std)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        out = self.marginal(x, sigma)
+        if class_labels is None:
+            return out
+        s = as_sigma_batch(sigma, x).to(x.dtype)
+        flat = x.reshape(x.shape[0], -1)
+        known = class_labels < self.label_dim
+        m = self.means.to(flat)[class_labels.clamp(max=self.label_dim - 1)]  # [B, d]
+        shrink = (self.std**2 / (self.std**2 + s**2))[:, None]
+        cond = (m + shrink * (flat - m)).reshape(x.shape)
+        return torch.where(append_dims(known, x.ndim), cond, out)

@@ -50,6 +50,8 @@ def generate(
     device: str | torch.device = "cpu",
     progress: bool = False,
     options: dict[str, float] | None = None,
+    class_labels: Sequence[int] | None = None,
+    guidance: float | None = None,
 ) -> Tensor:
     """``[num_samples,C,H,W]`` images in [-1,1].
 
@@ -62,8 +64,15 @@ def generate(
         options: the sampler's options (DDIM ``eta``; EDM-SDE ``s_churn``, ``s_tmin``,
             ``s_tmax``, ``s_noise``). Fresh noise of stochastic samplers comes from image i's
             own generator, like its initial noise.
+        class_labels: a class-conditional model's labels, image i ``class_labels[i % len]``;
+            None: one label per image from its seed (:mod:`cmexp.inference.conditional`).
+        guidance: the guidance scale w (conditional diffusion models: classifier-free
+            guidance; guided CD students: their w input, default the recorded scale).
     """
-    m = loaded.model.to(device)
+    from cmexp.inference.conditional import check_guidance, conditioned_model, sample_labels
+
+    loaded.model.to(device)
+    m, _ = conditioned_model(loaded, check_guidance(loaded, guidance))
     if loaded.is_consistency != (sampler == "consistency"):
         raise ValueError(
             f"sampler={sampler} does not fit a '{loaded.kind}' checkpoint "
@@ -86,27 +95,35 @@ def generate(
         n = min(batch_size, num_samples - start)
         noise = SeededNoise(range(seed + start, seed + start + n), device)
         z = noise.randn(shape)
+        labels = sample_labels(loaded, range(seed + start, seed + start + n), class_labels, offset=start)
+        labels = labels.to(device) if labels is not None else None
         if sampler == "consistency":
-            x = sample_multistep(m, z, sigmas, loaded.spec.sigma_min, noise=noise.randn_like)
+            x = sample_multistep(m, z, sigmas, loaded.spec.sigma_min, class_labels=labels, noise=noise.randn_like)
         else:
             sig = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
             x0 = z if torch.isinf(sig[0]) else z * sig[0]  # zero terminal SNR: the VP state z
             kwargs = dict(options)
             if sampler in ("ddim", "ddpm", "edm_sde"):
                 kwargs["noise"] = noise.randn_like
-            x = solvers[sampler](m, x0, sig, **kwargs).clamp(-1, 1)
+            x = solvers[sampler](m, x0, sig, class_labels=labels, **kwargs).clamp(-1, 1)
         out.append(x.cpu())
     return torch.cat(out)
 
 
 def save_samples(
-    images: Tensor, out_dir: str | Path, grid_size: int = 64, name: str = "samples"
+    images: Tensor, out_dir: str | Path, grid_size: int = 64, name: str = "samples",
+    labels: Tensor | None = None,
 ) -> dict[str, str]:
     """Write ``<name>.npz`` (``arr_0``: uint8 ``[N,H,W,C]``, the OpenAI evaluator
-    convention) and a PNG grid of the first ``grid_size`` images. Returns the paths."""
+    convention; ``arr_1``: int64 ``[N]`` class labels of a conditional model, as
+    guided-diffusion's class-conditional samples) and a PNG grid of the first ``grid_size``
+    images. Returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     npz = out / f"{name}.npz"
-    np.savez(npz, arr_0=to_uint8(images).numpy())
+    arrays = {"arr_0": to_uint8(images).numpy()}
+    if labels is not None:
+        arrays["arr_1"] = labels.cpu().numpy().astype(np.int64)
+    np.savez(npz, **arrays)
     png = save_png(image_grid(images[:grid_size]), out / f"{name}_grid.png", scale=2)
     return {"npz": str(npz), "grid": str(png)}

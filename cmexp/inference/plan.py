@@ -186,15 +186,19 @@ def check_sampler(sampler: str, spec: SamplingSpec) -> str:
     return str(sampler)
 
 
-def nfe(sigmas: Sequence[float] | Tensor, sampler: str) -> int:
+def nfe(sigmas: Sequence[float] | Tensor, sampler: str, passes: int = 1) -> int:
     """Network evaluations of a plan: one per level for Alg. 1; Euler/DDIM/DDPM one per step;
-    Heun and EDM-SDE two per step, one for a final step into 0 (N levels + 0: 2N - 1)."""
+    Heun and EDM-SDE two per step, one for a final step into 0 (N levels + 0: 2N - 1); times
+    ``passes`` network passes per evaluation (classifier-free guidance: 2, conditional and
+    unconditional; ``cmexp.diffusion.guidance``)."""
     sig = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
     n = len(sig)
+    if int(passes) != passes or passes < 1:
+        raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
     if sampler == "consistency":
-        return n
+        return n * int(passes)
     if sampler in ("euler", "ddim", "ddpm"):
-        return n - 1
+        return (n - 1) * int(passes)
     if sampler in ("heun", "edm_sde"):
-        return 2 * (n - 1) - (1 if sig[-1] == 0 else 0)
+        return (2 * (n - 1) - (1 if sig[-1] == 0 else 0)) * int(passes)
     raise ValueError(f"sampler must be one of consistency, {', '.join(DIFFUSION_SAMPLERS)}, got {sampler!r}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cmexp.diffusion.guidance import GuidanceRange, GuidedDenoiser
 from cmexp.diffusion.karras import append_dims
 from cmexp.diffusion.solvers import Denoiser
 from cmexp.losses.weighting import UniformWeighting
@@ -29,11 +30,13 @@ Solver = Callable[..., Tensor]
 
 @dataclass
 class ConsistencyLossOutput:
-    """Per-sample loss ``[B]`` and the noise levels it used (``[B]`` each)."""
+    """Per-sample loss ``[B]``, the noise levels it used (``[B]`` each) and, for guided CD,
+    the guidance scales ``[B]``."""
 
     loss: Tensor
     sigma: Tensor
     sigma_next: Tensor
+    guidance: Tensor | None = None
 
 
 class UniformIndices:
@@ -101,9 +104,14 @@ class _ConsistencyLoss:
 
     def target_input(
         self, images: Tensor, noise: Tensor, x_t: Tensor, sigma: Tensor, sigma_next: Tensor,
-        class_labels: Tensor | None,
+        class_labels: Tensor | None, **cond: Tensor,
     ) -> Tensor:
         raise NotImplementedError
+
+    def conditioning(self, batch: int, device: torch.device, shard: tuple[int, int]) -> dict[str, Tensor]:
+        """Extra inputs of the online and target models (guided CD: ``{"guidance": w [B]}``),
+        drawn after the noise so unguided objectives keep their random stream."""
+        return {}
 
     def __call__(
         self,
@@ -129,28 +137,37 @@ class _ConsistencyLoss:
         sigma, sigma_next = sigmas[idx], sigmas[idx + 1]
         noise = global_draw(lambda n: torch.randn((n, *images.shape[1:]), device=images.device, dtype=images.dtype), b, shard)
         x_t = images + append_dims(sigma, images.ndim).to(images.dtype) * noise
+        cond = self.conditioning(b, images.device, shard)
         with torch.no_grad():
-            x_hat = self.target_input(images, noise, x_t, sigma, sigma_next, class_labels)
+            x_hat = self.target_input(images, noise, x_t, sigma, sigma_next, class_labels, **cond)
         # The target pass runs first, on a replay of the RNG state the online pass then uses
         # (same dropout masks, same stream afterwards): run second, it would allocate its
         # activations next to the online pass's saved ones, doubling the step's page faults
         # on the CPU (benchmarks/training_and_sampling.py: CT step 1.11 -> 1.0x of bare passes).
         with replay_rng(images.device) as replay:
             with torch.no_grad(), replay():
-                tgt = target(x_hat, sigma_next, class_labels)
-            pred = online(x_t, sigma, class_labels)
+                tgt = target(x_hat, sigma_next, class_labels, **cond)
+            pred = online(x_t, sigma, class_labels, **cond)
         loss = self.weighting(sigma, sigma_next) * self.metric(pred, tgt.detach())
-        return ConsistencyLossOutput(loss=loss, sigma=sigma, sigma_next=sigma_next)
+        return ConsistencyLossOutput(loss=loss, sigma=sigma, sigma_next=sigma_next, guidance=cond.get("guidance"))
 
 
 class ConsistencyDistillationLoss(_ConsistencyLoss):
     """CD (CM paper Alg. 2): ``x_hat = solver(teacher, x_t, sigma, sigma_next)``, one Euler or
     Heun step of the teacher's PF-ODE (CIFAR-10: Heun, N = 18, LPIPS, lambda = 1).
 
+    Guided CD (``guidance``; LCM, Luo et al. 2023, Eq. 9; Meng et al. 2023): per sample a
+    scale ``w ~ guidance``; the teacher step uses the classifier-free-guided denoiser
+    ``D_w = D_u + w (D_c - D_u)`` (:class:`cmexp.diffusion.guidance.GuidedDenoiser`, 2 passes
+    per evaluation) and the online and target students are called with ``guidance=w``, so one
+    student learns every scale of the range. With w = 1 it is plain conditional CD.
+
     Args:
         metric: d(x, y) -> ``[B]``. solver: ``euler_step`` or ``heun_step``.
         teacher: the frozen EDM denoiser D(x, sigma); may also be given per call.
         weighting: lambda(sigma, sigma_next) -> ``[B]`` (default 1).
+        guidance: a :class:`GuidanceRange` (guided CD; needs class labels and a
+            class-conditional teacher trained with label dropout), or None.
     """
 
     def __init__(
@@ -160,20 +177,36 @@ class ConsistencyDistillationLoss(_ConsistencyLoss):
         teacher: Denoiser | None = None,
         weighting: Callable[[Tensor, Tensor], Tensor] | None = None,
         index_sampler: Callable[[Tensor, int, torch.device], Tensor] | None = None,
+        guidance: GuidanceRange | None = None,
     ) -> None:
         super().__init__(metric, weighting, index_sampler)
         self.solver = solver
         self.teacher = teacher
+        self.guidance = guidance
 
-    def target_input(self, images, noise, x_t, sigma, sigma_next, class_labels):  # noqa: D102
+    def conditioning(self, batch: int, device: torch.device, shard: tuple[int, int]) -> dict[str, Tensor]:  # noqa: D102
+        if self.guidance is None:
+            return {}
+        guidance = self.guidance
+        return {"guidance": global_draw(lambda n: guidance(n, device), batch, shard)}
+
+    def target_input(self, images, noise, x_t, sigma, sigma_next, class_labels, **cond):  # noqa: D102
         if self.teacher is None:
             raise ValueError("ConsistencyDistillationLoss needs a teacher denoiser (teacher=None)")
-        return self.solver(self.teacher, x_t, sigma, sigma_next, class_labels)
+        teacher = self.teacher
+        if "guidance" in cond:
+            if class_labels is None:
+                raise ValueError(
+                    "guided CD (model.loss.guidance) needs class labels: set dataset.use_labels=true "
+                    "and distil a class-conditional teacher"
+                )
+            teacher = GuidedDenoiser(self.teacher, cond["guidance"])
+        return self.solver(teacher, x_t, sigma, sigma_next, class_labels)
 
 
 class ConsistencyTrainingLoss(_ConsistencyLoss):
     """CT (CM paper Alg. 3): no teacher, ``x_hat = x + sigma_next z`` with the same z as
     ``x_t = x + sigma z`` (the Euler step with the unbiased score estimate (x - x_t)/sigma^2)."""
 
-    def target_input(self, images, noise, x_t, sigma, sigma_next, class_labels):  # noqa: D102
+    def target_input(self, images, noise, x_t, sigma, sigma_next, class_labels, **cond):  # noqa: D102
         return images + append_dims(sigma_next, images.ndim).to(images.dtype) * noise

@@ -132,6 +132,13 @@ class DiffusionLitModule(pl.LightningModule):
     def label_dim(self) -> int:
         return int(getattr(self.model, "label_dim", 0))
 
+    def grid_labels(self, num: int) -> Tensor | None:
+        """Labels of in-training samples of a class-conditional model: ``i mod label_dim``
+        (``[num]``, every class in turn: a grid shows the classes), None when unconditional."""
+        if self.label_dim == 0:
+            return None
+        return torch.arange(num, device=self.device) % self.label_dim
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.after_optimizer_step()

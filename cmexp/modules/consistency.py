@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.ema import ema_update_
+from cmexp.diffusion.guidance import ScaleConditioned
 from cmexp.diffusion.karras import karras_sigmas
 from cmexp.diffusion.precond import CMPrecond, EDMPrecond
 from cmexp.diffusion.sampling import SeededNoise, sample_multistep
@@ -86,15 +87,22 @@ class ConsistencyLitModule(DiffusionLitModule):
         return SamplingSpec(consistency=True, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=self.rho,
                             num_scales=int(self.schedule(self.global_step)[0]), taus=self.taus)
 
+    def sampling_model(self) -> nn.Module:
+        """The sampling-EMA consistency function that sample grids use (guided students: at
+        their default scale)."""
+        return self.ema
+
     @torch.no_grad()
     def sample_images(self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)) -> dict[str, Tensor]:
-        m, spec = self.ema, self.sampling_spec()
+        m, spec = self.sampling_model(), self.sampling_spec()
         shape = (m.img_channels, m.img_resolution, m.img_resolution)
+        labels = self.grid_labels(num)
         out: dict[str, Tensor] = {}
         for k in steps:
             noise = SeededNoise(range(seed, seed + num), self.device)
             z = noise.randn(shape)
-            out[f"{k}step"] = sample_multistep(m, z, sigma_plan(spec, steps=k), spec.sigma_min, noise=noise.randn_like)
+            out[f"{k}step"] = sample_multistep(m, z, sigma_plan(spec, steps=k), spec.sigma_min, class_labels=labels,
+                                               noise=noise.randn_like)
         return out
 
 
@@ -118,6 +126,17 @@ class CDLitModule(ConsistencyLitModule):
         super().__init__(*args, **kwargs)
         if not isinstance(self.loss, ConsistencyDistillationLoss):
             raise ValueError("model.loss of a CD run must be a ConsistencyDistillationLoss")
+        guidance = getattr(self.loss, "guidance", None)
+        if guidance is not None:
+            if self.label_dim == 0:
+                raise ValueError(
+                    "model.loss.guidance (guided CD) needs a class-conditional student and teacher: set "
+                    "dataset.use_labels=true (net.label_dim = dataset.num_classes)"
+                )
+            if getattr(self.model.net, "guidance_embed", None) is None:
+                raise ValueError(
+                    "model.loss.guidance (guided CD) needs a student that takes w: set net.guidance_embed=true"
+                )
         teacher = load_teacher(teacher_path, self.model.net, init_from_teacher)
         if isinstance(teacher, EDMPrecond):  # VP/VE-SDE teachers of NVlabs/edm: no weights are shared
             check_preconditioning(self.model, teacher, teacher_path)
@@ -126,7 +145,7 @@ class CDLitModule(ConsistencyLitModule):
         if init_from_teacher:
             if getattr(teacher, "own_net", False):  # a converted foreign teacher built from its own config
                 check_same_network(self.model.net, teacher.net, teacher_path)
-            self.model.net.load_state_dict(teacher.net.state_dict())
+            load_teacher_weights(self.model.net, teacher.net)
             ema_update_(self.target, self.model, 0.0)
             ema_update_(self.ema, self.model, 0.0)
 
@@ -140,7 +159,13 @@ class CDLitModule(ConsistencyLitModule):
         return self
 
     def metadata(self) -> dict[str, Any]:
-        return {**super().metadata(), "teacher_path": self.teacher_path}
+        guidance = getattr(self.loss, "guidance", None)
+        return {**super().metadata(), "teacher_path": self.teacher_path,
+                **({"guidance": guidance.describe()} if guidance is not None else {})}
+
+    def sampling_model(self) -> nn.Module:
+        guidance = getattr(self.loss, "guidance", None)
+        return self.ema if guidance is None else ScaleConditioned(self.ema, guidance.sample)
 
     @property
     def teacher_path(self) -> str:
@@ -148,6 +173,16 @@ class CDLitModule(ConsistencyLitModule):
 
 
 PRECOND_KEYS = ("sigma_max", "sigma_data", "c_noise_scale")
+
+
+def load_teacher_weights(student: nn.Module, teacher: nn.Module) -> None:
+    """Copy a teacher's raw-network weights into a student of the same architecture; a guided
+    student's w embedding (``guidance_embed.*``, zero-initialised) is the only part the teacher
+    may lack, so the student starts as exactly the teacher for every w."""
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    extra = [k for k in missing if not k.startswith("guidance_embed.")]
+    if extra or unexpected:
+        raise RuntimeError(f"student and teacher weights differ: missing {extra}, unexpected {list(unexpected)}")
 
 
 def check_preconditioning(student: nn.Module, teacher: nn.Module, teacher_path: str | None) -> None:
@@ -244,6 +279,8 @@ def load_teacher(path: str | None, net: nn.Module, init_from_teacher: bool = Tru
     teacher = frozen_copy(
         EDMPrecond(net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
     )
+    if getattr(teacher.net, "guidance_embed", None) is not None:  # a guided student's net: the teacher takes no w
+        teacher.net.guidance_embed = None
     try:
         teacher.load_state_dict(ckpt.weights("ema."))
     except RuntimeError as err:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cmexp.diffusion.guidance import drop_labels
 from cmexp.diffusion.precond import EDMPrecond
 from cmexp.diffusion.samplers import sample_ddim, sample_ddpm, sample_edm_sde
 from cmexp.diffusion.sampling import SeededNoise
@@ -33,6 +34,9 @@ class EDMLitModule(DiffusionLitModule):
         noise_schedule: a discrete VP schedule (:class:`cmexp.diffusion.VPSchedule`): its
             ``sigma_1``/``sigma_T`` replace ``sigma_min``/``sigma_max`` (``sigma_T`` = inf at zero
             terminal SNR), the loss draws sigma from it, and sampling uses its trailing timesteps.
+        label_dropout: probability that a training label is replaced by the null label
+            (class-conditional nets only), so the same network is also the unconditional
+            denoiser that classifier-free guidance needs (Ho & Salimans 2022: 0.1 or 0.2; 0.1).
     """
 
     kind = "edm"
@@ -55,6 +59,7 @@ class EDMLitModule(DiffusionLitModule):
         sampler: str = "heun",
         precond: Callable[..., nn.Module] | None = None,
         noise_schedule: VPSchedule | None = None,
+        label_dropout: float = 0.0,
     ) -> None:
         super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
         self.noise_schedule = noise_schedule
@@ -68,8 +73,16 @@ class EDMLitModule(DiffusionLitModule):
         self.rho = float(rho)
         self.sample_num_scales = int(sample_num_scales)
         self.sampler = check_sampler(sampler, self.sampling_spec())
+        if not 0 <= label_dropout < 1:
+            raise ValueError(f"model.label_dropout must be in [0, 1), got {label_dropout}")
+        self.label_dropout = float(label_dropout)
 
     def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        if labels is not None and self.label_dropout > 0:
+            from cmexp.losses.consistency import global_draw
+
+            keep = global_draw(lambda n: torch.rand(n, device=images.device), images.shape[0], self.shard())
+            labels = drop_labels(labels, self.label_dropout, self.label_dim, keep)
         return self.loss(self.model, images, labels, shard=self.shard()).mean(), {}
 
     def sampling_spec(self) -> SamplingSpec:
@@ -88,5 +101,6 @@ class EDMLitModule(DiffusionLitModule):
         samplers = {"heun": sample_heun, "euler": sample_euler, "ddim": sample_ddim, "ddpm": sample_ddpm,
                     "edm_sde": sample_edm_sde}
         kwargs = {"noise": noise.randn_like} if self.sampler in ("ddim", "ddpm", "edm_sde") else {}
-        x = samplers[self.sampler](m, z if torch.isinf(sigmas[0]) else z * sigmas[0], sigmas, **kwargs)
+        x = samplers[self.sampler](m, z if torch.isinf(sigmas[0]) else z * sigmas[0], sigmas,
+                                   class_labels=self.grid_labels(num), **kwargs)
         return {f"{self.sampler}{nfe(plan, self.sampler)}nfe": x.clamp(-1, 1)}

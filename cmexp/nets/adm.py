@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmexp.nets.guidance import GuidanceEmbedding, guidance_term
 from cmexp.nets.unet import prepare_labels, prepare_noise_labels
 
 
@@ -209,6 +210,7 @@ class ADMUNet(nn.Module):
         dropout: float = 0.0,  # 0 for CD/CT students, 0.1 for the EDM teachers.
         use_scale_shift_norm: bool = True,  # FiLM-style embedding; True ImageNet-64, False LSUN.
         resblock_updown: bool = True,  # BigGAN residual up/down blocks; True in both.
+        guidance_embed: bool = False,  # Guidance-scale input w (guided CD students; zero-init).
     ) -> None:
         super().__init__()
         channel_mult, attn_resolutions = (
@@ -237,6 +239,7 @@ class ADMUNet(nn.Module):
             nn.Linear(emb_channels, emb_channels),
         )
         self.label_emb = nn.Embedding(label_dim, emb_channels) if label_dim > 0 else None
+        self.guidance_embed = GuidanceEmbedding(emb_channels) if guidance_embed else None
 
         ch = channel_mult[0] * model_channels
         self.input_blocks = nn.ModuleList(
@@ -293,12 +296,17 @@ class ADMUNet(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None
+        self,
+        x: Tensor,
+        noise_labels: Tensor,
+        class_labels: Tensor | None = None,
+        guidance: Tensor | float | None = None,
     ) -> Tensor:
         """Args:
             x: ``[B, C, H, W]`` scaled input (c_in x).
             noise_labels: ``[B]`` float time input (c_noise).
             class_labels: None or int64 ``[B]`` in ``[0, label_dim]`` (``label_dim`` = null).
+            guidance: None or w (scalar or ``[B]``) of a guided student (``guidance_embed``).
 
         Returns:
             ``[B, C, H, W]``, same dtype as x.
@@ -312,6 +320,9 @@ class ADMUNet(nn.Module):
             emb = emb + self.label_emb(labels.clamp(max=self.label_dim - 1)) * known[:, None].to(
                 emb.dtype
             )
+        w = guidance_term(self.guidance_embed, guidance, b, x.device)
+        if w is not None:
+            emb = emb + w.to(emb.dtype)
         emb = emb.to(x.dtype)
         h, hs = x, []
         for module in self.input_blocks:

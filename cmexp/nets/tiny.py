@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmexp.nets.guidance import GuidanceEmbedding, guidance_term
 from cmexp.nets.layers import (
     GaussianFourierEmbedding,
     PositionalEmbedding,
@@ -43,6 +44,7 @@ class TinyUNet(nn.Module):
         embedding_type: str = "fourier",    # "fourier" (for ln(sigma)/4 labels) or "positional".
         fourier_scale: float = 1.0,         # Std of Fourier frequencies; 1 suits labels of O(1).
         init_scale: float = 1.0,            # Init scale of last convs (0 = near-zero as SongUNet).
+        guidance_embed: bool = False,       # Guidance-scale input w (guided CD students; zero-init).
     ) -> None:
         super().__init__()
         if img_resolution % 2:
@@ -57,6 +59,7 @@ class TinyUNet(nn.Module):
         else:
             self.noise_embed = PositionalEmbedding(emb)
         self.label_embed = nn.Embedding(label_dim + 1, emb) if label_dim > 0 else None
+        self.guidance_embed = GuidanceEmbedding(emb) if guidance_embed else None
         self.map0 = linear(emb, emb)
         self.map1 = linear(emb, emb)
         block = dict(emb_channels=emb, dropout=dropout, init_scale=init_scale)
@@ -69,10 +72,15 @@ class TinyUNet(nn.Module):
         self.register_buffer("box", fir_kernel_2d((1, 1)), persistent=False)
 
     def forward(
-        self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None
+        self,
+        x: Tensor,
+        noise_labels: Tensor,
+        class_labels: Tensor | None = None,
+        guidance: Tensor | float | None = None,
     ) -> Tensor:
         """Args: x ``[B, C, H, W]``; noise_labels float ``[B]``; class_labels None or int64
-        ``[B]`` in ``[0, label_dim]``. Returns ``[B, C, H, W]``."""
+        ``[B]`` in ``[0, label_dim]``; guidance None or w (scalar or ``[B]``, guided students).
+        Returns ``[B, C, H, W]``."""
         b = x.shape[0]
         noise_labels = prepare_noise_labels(noise_labels, b, x.device)
         class_labels = prepare_labels(class_labels, self.label_dim, b, x.device)
@@ -80,6 +88,9 @@ class TinyUNet(nn.Module):
             e = self.noise_embed(noise_labels.float())
             if self.label_embed is not None:
                 e = e + self.label_embed(class_labels)
+            w = guidance_term(self.guidance_embed, guidance, b, x.device)
+            if w is not None:
+                e = e + w
             e = F.silu(self.map1(F.silu(self.map0(e.float()))))
         e = e.to(x.dtype)
         skip = self.enc0(self.conv_in(x), e)

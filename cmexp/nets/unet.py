@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmexp.nets.guidance import GuidanceEmbedding, guidance_term
 from cmexp.nets.layers import (
     SQRT_HALF,
     AttentionBlock,
@@ -115,6 +116,7 @@ class SongUNet(nn.Module):
         init_scale: float = 0.0,                      # Init scale of last convs; 0 -> near-zero (score_sde).
         num_heads: int = 1,                           # Attention heads; 1.
         positional_endpoint: bool = False,            # Positional frequencies ending at 1/10000 (EDM's DDPM++: True).
+        guidance_embed: bool = False,                 # Guidance-scale input w (guided CD students; zero-init).
     ) -> None:
         super().__init__()
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
@@ -150,6 +152,7 @@ class SongUNet(nn.Module):
         self.label_embed = (
             nn.Embedding(label_dim + 1, noise_channels) if label_dim > 0 else None
         )  # row label_dim = "null" label (classifier-free guidance)
+        self.guidance_embed = GuidanceEmbedding(noise_channels) if guidance_embed else None
         self.map0 = linear(noise_channels, emb_channels)
         self.map1 = linear(emb_channels, emb_channels)
 
@@ -202,24 +205,35 @@ class SongUNet(nn.Module):
         self.norm_out = group_norm(cin)
         self.conv_out = conv2d(cin, img_channels, 3, init_scale)
 
-    def embed(self, noise_labels: Tensor, class_labels: Tensor | None) -> Tensor:
-        """Conditioning embedding ``[B] (+ [B]) -> [B, emb_channels]`` (after the final SiLU),
-        always in float32 (autocast off: continuous-time CMs need an fp32 time path, sCM
-        Sec. 4.1 / NVlabs/rcm#10)."""
+    def embed(
+        self, noise_labels: Tensor, class_labels: Tensor | None, guidance: Tensor | None = None
+    ) -> Tensor:
+        """Conditioning embedding ``[B] (+ [B] labels) (+ [B] w) -> [B, emb_channels]`` (after
+        the final SiLU), always in float32 (autocast off: continuous-time CMs need an fp32 time
+        path, sCM Sec. 4.1 / NVlabs/rcm#10)."""
         with torch.autocast(device_type=noise_labels.device.type, enabled=False):
             emb = self.noise_embed(noise_labels.float())
             if self.label_embed is not None:
                 emb = emb + self.label_embed(class_labels)
+            w = guidance_term(self.guidance_embed, guidance, emb.shape[0], emb.device)
+            if w is not None:
+                emb = emb + w
             return F.silu(self.map1(F.silu(self.map0(emb.float()))))
 
     def forward(
-        self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None
+        self,
+        x: Tensor,
+        noise_labels: Tensor,
+        class_labels: Tensor | None = None,
+        guidance: Tensor | float | None = None,
     ) -> Tensor:
         """Args:
             x: ``[B, C, H, W]`` scaled input (c_in x).
             noise_labels: ``[B]`` float c_noise (e.g. ln(sigma)/4).
             class_labels: None or int64 ``[B]`` in ``[0, label_dim]`` (``label_dim`` = null;
                 None on a conditional net = all null).
+            guidance: None or the guidance scale w (scalar or ``[B]``) of a guided CD student
+                (``guidance_embed=True``; :mod:`cmexp.nets.guidance`).
 
         Returns:
             ``[B, C, H, W]``, same dtype as x.
@@ -227,7 +241,7 @@ class SongUNet(nn.Module):
         b = x.shape[0]
         noise_labels = prepare_noise_labels(noise_labels, b, x.device)
         class_labels = prepare_labels(class_labels, self.label_dim, b, x.device)
-        emb = self.embed(noise_labels, class_labels).to(x.dtype)
+        emb = self.embed(noise_labels, class_labels, guidance).to(x.dtype)
 
         aux = x
         h = self.conv_in(x)

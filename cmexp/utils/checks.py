@@ -20,6 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+import cmexp.utils.resolvers  # noqa: F401 - registers ${cmexp_label_dim:...} (dataset.use_labels)
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key and the expected value."""
@@ -161,6 +163,7 @@ DATASET: dict[str, Rule] = {
     "dataset.resolution": Int(4),
     "dataset.channels": OneOf(1, 3),
     "dataset.num_classes": Int(0),
+    "dataset.use_labels": Bool(),   # class-conditional training (nets' label_dim = num_classes)
     "dataset.length": Int(1),
     "dataset.num_components": Int(1),
     "dataset.std": POSITIVE,
@@ -192,6 +195,11 @@ TRAIN: dict[str, Rule] = {
     "net.use_scale_shift_norm": Bool(),  # ADMUNet
     "net.resblock_updown": Bool(),       # ADMUNet
     "net.label_dim": Int(0),
+    "net.guidance_embed": Bool(),        # guided CD students take w (cmexp.nets.guidance)
+    "model.label_dropout": FRACTION,     # EDM teacher: labels -> null label with this probability (CFG)
+    "model.loss.guidance.w_min": Num(0),  # guided CD: w ~ U[w_min, w_max] (w_min <= w_max: check_guidance)
+    "model.loss.guidance.w_max": Num(0),
+    "model.loss.guidance.sample": Num(0),
     "net.width": Int(1),
     "net.feature_dim": Int(1),
     # model (ranges of sigma_min/max, ema_decay: check_train_config)
@@ -333,18 +341,23 @@ _TAUS = {
     "s_noise": Num(0, lo_open=True),
 }
 _FEATURES = {"features.name": Str(empty=True), "features.weights_path": Str(null=True)}
+#: Class-conditional sampling (cmexp.sample / cmexp.eval): labels and the guidance scale w.
+_CONDITIONAL = {
+    "class_labels": Numbers(lo=0, ints=True, min_len=1, example="[3, 7]", null=True),
+    "guidance": Num(0, null=True),
+}
 
 SCHEMAS: dict[str, dict[str, Rule]] = {
     "train": TRAIN,
     "sample": {
-        **_INFERENCE, **_TAUS,
+        **_INFERENCE, **_TAUS, **_CONDITIONAL,
         "grid_size": Int(1),
         "steps": Int(1),
         "tau_indices": Numbers(lo=1, ints=True, example="[11]", null=True),
         "solver_steps": Int(1, null=True),
     },
     "eval": {
-        **_INFERENCE, **_TAUS, **_FEATURES, **DATASET,
+        **_INFERENCE, **_TAUS, **_FEATURES, **DATASET, **_CONDITIONAL,
         "num_samples": Int(2),
         "steps": Rule("an integer >= 1 or a non-empty list of them such as [1, 2]",
                       lambda v: (_is_int(v) and v >= 1) or (isinstance(v, (list, tuple)) and bool(v)
@@ -662,6 +675,7 @@ def check_train_config(cfg: DictConfig) -> None:
                 "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm)"
             )
         check_checkpoint_file(path, "model.teacher_path", "the last.ckpt of an EDM run (+experiment=fmnist_edm)")
+    check_conditional(cfg)
     if target.endswith("ClassifierLitModule") and _sel(cfg, "dataset.num_classes") == 0:
         raise ConfigError("model=classifier needs labelled data: dataset.num_classes must be >= 1, got 0")
     max_steps = _sel(cfg, "trainer.max_steps")
@@ -683,6 +697,30 @@ def check_train_config(cfg: DictConfig) -> None:
         if not path.exists():
             raise ConfigError(f"ckpt_path={ckpt}: no such file (or ckpt_path=auto: the newest readable checkpoint of the run)")
         check_checkpoint_file(ckpt, "ckpt_path", "a checkpoint of this experiment's runs (<run>/checkpoints/last.ckpt)")
+
+
+def check_conditional(cfg: DictConfig) -> None:
+    """Class-conditional training and guided CD: labels exist, the guidance range is ordered,
+    a guided student takes w and learns from labelled data."""
+    use_labels, classes = _sel(cfg, "dataset.use_labels"), _sel(cfg, "dataset.num_classes")
+    if use_labels is True and classes == 0:
+        raise ConfigError(
+            "dataset.use_labels=true but dataset.num_classes=0: this dataset has no class labels "
+            "(dataset=imagefolder: one subfolder per class and dataset.num_classes=<their count>)"
+        )
+    if not _present(cfg, "model.loss.guidance._target_"):
+        return
+    w_min, w_max = _sel(cfg, "model.loss.guidance.w_min"), _sel(cfg, "model.loss.guidance.w_max")
+    sample = _sel(cfg, "model.loss.guidance.sample")
+    if _is_num(w_min) and _is_num(w_max) and w_min > w_max:
+        raise ConfigError(f"model.loss.guidance.w_min={w_min} must be <= model.loss.guidance.w_max={w_max}")
+    if _is_num(w_min) and _is_num(w_max) and _is_num(sample) and not w_min <= sample <= w_max:
+        raise ConfigError(f"model.loss.guidance.sample={sample} must lie in [w_min={w_min}, w_max={w_max}]")
+    if use_labels is not True and not _sel(cfg, "net.label_dim"):
+        raise ConfigError("model.loss.guidance (guided CD) needs class labels: set dataset.use_labels=true "
+                          "(and a class-conditional teacher)")
+    if _sel(cfg, "net.guidance_embed") is not True:
+        raise ConfigError("model.loss.guidance (guided CD) needs a student that takes w: set net.guidance_embed=true")
 
 
 def _check_pd_rounds(cfg: DictConfig, max_steps: int | None) -> None:

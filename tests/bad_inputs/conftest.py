@@ -41,6 +41,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     try:
         ct = _train(["model=ct"], base / "runs" / "ct")
         edm = _train(["model=edm"], base / "runs" / "edm")
+        cond_edm = _train(["model=edm", "dataset.use_labels=true"], base / "runs" / "cond_edm")  # 4 classes
         clf = _train(
             [
                 "model=classifier",
@@ -53,7 +54,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         )
     finally:
         torch.set_num_threads(n)
-    files: dict[str, Path] = {"ct": ct, "edm": edm, "clf": clf, "ct_run": ct.parents[1], "fx": fx}
+    files: dict[str, Path] = {"ct": ct, "edm": edm, "clf": clf, "ct_run": ct.parents[1], "fx": fx, "cond_edm": cond_edm}
 
     # checkpoints: damaged, foreign, slim, another architecture
     raw = ct.read_bytes()
