@@ -310,6 +310,16 @@ CASES: list[Case] = [
     C("tau_search", "ckpt={edm} features.ckpt={clf}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' here (the tau search needs a consistency model: CD, CT, ECT, sCT or sCD)", "load"),
     C("tau_search", "ckpt={empty} features.ckpt={clf}", "ckpt={empty} is an empty file"),
     C("tau_search", "ckpt={ct} features.ckpt={clf} grid_num_scales=18", "grid_num_scales was renamed: use num_scales"),
+    # ------------------------------------------------------------------ export (format=diffusers)
+    C("export", "format=diffusers out={nothere}", "ckpt is required"),
+    C("export", "ckpt={ct} format=onnx", "format must be one of slim, zoo, diffusers, got 'onnx'"),
+    C("export", "ckpt={ct} format=diffusers", "format=diffusers needs out=DIR"),
+    C("export", "ckpt={ct} format=diffusers out={goodimgs}", "out={goodimgs} is a folder that is not empty (0.png, 1.png, 2.png); refusing to overwrite it"),
+    C("export", "ckpt={ct} format=diffusers out={afile}", "out={afile} is a file; format=diffusers writes a folder"),
+    C("export", "ckpt={ct} format=diffusers out={nothere} use_ema=maybe", "use_ema must be true or false, got 'maybe'"),
+    C("export", "ckpt={ncsnpp_ct} format=diffusers out={nothere}", "format=diffusers: ckpt={ncsnpp_ct} uses SongUNet (NCSN++), which diffusers' UNet2DModel cannot represent exactly", "load"),
+    C("export", "ckpt={ct} format=diffusers out={nothere}", "format=diffusers: ckpt={ct} uses TinyUNet, which diffusers' UNet2DModel cannot represent exactly; format=diffusers exports ADMUNet consistency models", "load"),
+    C("export", "ckpt={edm} format=diffusers out={nothere}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' here (format=diffusers exports consistency models)", "load"),
     # ------------------------------------------------------------------ compare
     C("compare", "{nothere}", "{nothere}: no such run or sweep folder"),
     C("compare", "{noimgs}", "no runs with logs (csv/metrics.csv or wandb/offline-run-*) under {noimgs}"),
