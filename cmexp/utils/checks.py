@@ -621,6 +621,12 @@ def _check_dataset(cfg: DictConfig) -> None:
         if not value:
             raise ConfigError("dataset.data_dir is required for dataset=imagefolder: dataset.data_dir=/path/to/images")
         check_folder(value, "dataset.data_dir", images=True)
+    if _target(cfg, "dataset").endswith("ImageNet64DataModule"):  # npz files or class folders of images
+        value = _sel(cfg, "dataset.data_dir")
+        folder = check_folder(value, "dataset.data_dir") if value else None
+        if folder and not any(folder.glob("*.npz")) and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*")):
+            raise ConfigError(f"dataset.data_dir={value}: neither downsampled-ImageNet npz files (Imagenet64_train_part1.npz, ...) "
+                              "nor images in the folder")
     res, channel_mult = _sel(cfg, "dataset.resolution"), _sel(cfg, "net.channel_mult")
     net = _target(cfg, "net")
     if net.endswith(("SongUNet", "ADMUNet")) and _is_int(res) and channel_mult:

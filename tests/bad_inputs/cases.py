@@ -284,6 +284,7 @@ CASES: list[Case] = [
     C("eval", "samples={noimgs} features.ckpt={clf}", "samples={noimgs}: no PNG/JPG images in the folder"),
     C("eval", "samples={imgs} features.ckpt={clf} dataset=gaussian_mixture", "samples={imgs}: {imgs}/notes.png is not a readable image", "load"),
     C("eval", "samples={goodimgs} features.ckpt={clf} dataset=imagefolder", "dataset.data_dir is required for dataset=imagefolder"),
+    C("eval", "samples={goodimgs} features.ckpt={clf} dataset=imagenet64 dataset.data_dir={noimgs}", "dataset.data_dir={noimgs}: neither downsampled-ImageNet npz files"),
     C("eval", "ckpt={ct} features.ckpt={clf} num_samples=0", "num_samples must be an integer >= 2, got 0"),
     C("eval", "ckpt={ct} features.ckpt={clf} num_samples=1", "num_samples must be an integer >= 2, got 1"),
     C("eval", "ckpt={ct} features.ckpt={clf} num_real=0", "num_real must be an integer >= 2, got 0"),
