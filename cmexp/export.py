@@ -1,10 +1,12 @@
-"""Export entry point: ``python -m cmexp.export ckpt=PATH format=slim out=FILE`` or
-``format=zoo name=NAME``.
+"""Export entry point: ``python -m cmexp.export ckpt=PATH format=slim out=FILE``,
+``format=zoo name=NAME`` or ``format=diffusers out=DIR``.
 
 ``slim``: the sampling-EMA weights and the metadata (what sampling, editing and evaluation
 need; a fraction of a training checkpoint). ``zoo``: the same file shipped in ``cmexp/zoo``
 under ``zoo:NAME`` with its SHA-256 in the registry and a provenance file (command, commit,
-steps, images seen, wall time, machine, and the scores given with ``scores=``).
+steps, images seen, wall time, machine, and the scores given with ``scores=``). ``diffusers``: a
+``ConsistencyModelPipeline`` folder (``UNet2DModel`` + ``CMStochasticIterativeScheduler``) of an
+ADMUNet consistency model (:mod:`cmexp.interop.to_diffusers`; docs/interop.md).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cmexp.utils.cli import run_cli
+from cmexp.utils.cli import precheck, run_cli
 
 log = logging.getLogger("cmexp.export")
 
@@ -51,6 +53,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise ValueError("ckpt is required: ckpt=/path/to/last.ckpt of a cmexp.train run")
     fmt = str(cfg.format)
+    if fmt == "diffusers":
+        return export_to_diffusers(cfg)
     ckpt = read_checkpoint(cfg.ckpt, "ckpt", MODEL_KINDS)
     if fmt == "slim":
         if not cfg.out:
@@ -59,7 +63,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         print(f"wrote {dst}")
         return {"path": str(dst)}
     if fmt != "zoo":
-        raise ValueError(f"format must be slim or zoo, got {fmt!r}")
+        raise ValueError(f"format must be slim, zoo or diffusers, got {fmt!r}")
     name = str(cfg.name or "")
     if not name or not name.replace("_", "").isalnum():
         raise ValueError(f"format=zoo needs name=NAME (letters, digits, _), got {name!r}")
@@ -87,6 +91,22 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return {"path": str(dst), "provenance": prov}
 
 
+def export_to_diffusers(cfg: DictConfig) -> dict[str, Any]:
+    """``format=diffusers``: the sampling-EMA (or online) network as a diffusers pipeline folder
+    at ``out`` (refused unless new or empty; nothing is written anywhere else)."""
+    from cmexp.inference.checkpoint import CONSISTENCY_KINDS
+    from cmexp.inference.loader import load_model
+    from cmexp.interop.to_diffusers import export_diffusers
+
+    if not cfg.out:
+        raise ValueError("format=diffusers needs out=DIR (a new or empty folder for the pipeline)")
+    loaded = load_model(cfg.ckpt, use_ema=bool(cfg.use_ema), kinds=CONSISTENCY_KINDS,
+                        purpose="format=diffusers exports consistency models")
+    dst = export_diffusers(loaded, cfg.out)
+    print(f"wrote {dst} (load it with diffusers.ConsistencyModelPipeline.from_pretrained)")
+    return {"path": str(dst)}
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     """Run :func:`export`; bad input ends with one ``error: ...`` line (exit code 2)."""
@@ -94,4 +114,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    run_cli(precheck, "export")  # bad input: one line, exit 2, before anything is written
     main()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fresh-machine setup: Debian's Fashion-MNIST, a venv in .venv with the full stack, cmexp editable.
+# Fresh-machine setup: Debian's Fashion-MNIST, a venv in .venv with the full stack, cmexp editable
+# (its dev extras include diffusers, for the format=diffusers export and its test).
 # Idempotent; about 2-3 minutes on first run (torch 2.14.1 + torchvision 0.29.1 CUDA builds run on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +13,4 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import cmexp, torch, torchvision, lightning, hydra, lpips, torch_fidelity, wandb; print('cmexp', cmexp.__version__, 'torch', torch.__version__)"
+.venv/bin/python -c "import cmexp, torch, torchvision, lightning, hydra, lpips, torch_fidelity, wandb, diffusers; print('cmexp', cmexp.__version__, 'torch', torch.__version__)"

@@ -330,6 +330,61 @@ class ImageFolderDataModule(ImageDataModule):
         return torch.from_numpy(np.stack(out)), torch.tensor(labels, dtype=torch.long)
 
 
+class ImageNet64DataModule(ImageFolderDataModule):
+    """ImageNet 64x64 (``dataset=imagenet64``) from the downsampled-ImageNet npz files of
+    Chrabaszcz et al. (2017) when ``data_dir`` holds them, else from a folder of class
+    subfolders (:class:`ImageFolderDataModule`).
+
+    npz files: ``data`` uint8 ``[N, 3 * 64 * 64]`` (planar: the R plane, then G, then B, each
+    row-major) and ``labels`` 1..1000 (1-based); the train split reads every file whose name holds
+    "train" (``Imagenet64_train_part1.npz``, ``..._part2.npz``), the test split those holding "val"
+    (``Imagenet64_val_data.npz``). Each file is read whole into memory (about 7.9 GB per train part).
+    """
+
+    def load(self, split: str) -> tuple[Tensor, Tensor]:
+        files = sorted(self.data_dir.glob("*.npz")) if self.data_dir.is_dir() else []
+        if not files:
+            return super().load(split)
+        words = ("train",) if split == "train" else ("val", "test")
+        parts = [f for f in files if any(w in f.name.lower() for w in words)]
+        if not parts:
+            raise FileNotFoundError(
+                f"{self.key}={self.data_dir}: no {split} file among its npz files "
+                f"({', '.join(f.name for f in files[:3])}); expected names holding {' or '.join(words)!r}"
+            )
+        images, labels = [], []
+        for f in parts:
+            try:
+                with np.load(f) as npz:
+                    data, lab = np.asarray(npz["data"]), np.asarray(npz["labels"])
+            except (KeyError, ValueError, OSError) as err:
+                raise ValueError(
+                    f"{self.key}={self.data_dir}: {f.name} is not a downsampled-ImageNet npz "
+                    f"('data' uint8 [N, 12288] and 'labels'): {type(err).__name__}"
+                ) from None
+            side = self.resolution
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * side * side or len(lab) != len(data):
+                raise ValueError(
+                    f"{self.key}={self.data_dir}: {f.name} holds 'data' {data.dtype} {list(data.shape)} and "
+                    f"{len(lab)} labels; expected uint8 [N, {3 * side * side}] (3x{side}x{side}, "
+                    f"dataset.resolution={side}) and N labels"
+                )
+            images.append(data.reshape(-1, 3, side, side))
+            labels.append(lab.astype(np.int64).reshape(-1) - 1)  # 1-based in the files
+        y = np.concatenate(labels)
+        if self.num_classes > 0 and (y.min() < 0 or y.max() >= self.num_classes):
+            raise ValueError(
+                f"{self.key}={self.data_dir}: labels run from {y.min() + 1} to {y.max() + 1}; expected "
+                f"1..{self.num_classes} (dataset.num_classes={self.num_classes}, 1-based in the files)"
+            )
+        if self.num_classes == 0:
+            y = np.zeros_like(y)
+        x = np.concatenate(images)
+        if self.channels == 1:
+            x = np.round(x.astype(np.float32).mean(1, keepdims=True)).astype(np.uint8)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
 class GaussianMixtureDataModule(ImageDataModule):
     """Synthetic images from a mixture of ``num_components`` Gaussians in pixel space (for tests),
     ``length`` images per split:

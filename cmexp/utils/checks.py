@@ -396,6 +396,18 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
         "data_dir": Str(null=True),
         "cache_dir": Str(),
     },
+    "export": {
+        "ckpt": Str(null=True),        # required: checked after the values (names the key and the file)
+        "format": OneOf("slim", "zoo", "diffusers"),
+        "out": Str(null=True),         # slim: a new file; diffusers: a new or empty folder
+        "name": Str(null=True),        # zoo
+        "description": Str(null=True),
+        "scores": Rule("a mapping of score names to numbers such as {fd_fmnist_2step: 3.1}",  # zoo
+                       lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
+                       bad=("abc", {"fd": "x"})),
+        "replace": Bool(),
+        "use_ema": Bool(),
+    },
 }
 
 #: Keys of the composed configs that hold numbers or booleans but are not user settings (the
@@ -551,6 +563,9 @@ def check_config(entry: str, cfg: DictConfig) -> None:
         _check_task(cfg)
     if entry == "tau_search" and _sel(cfg, "data_dir"):
         check_folder(_sel(cfg, "data_dir"), "data_dir")
+    if entry == "export":
+        _required_checkpoint(cfg, "ckpt")
+        _check_export_out(cfg)
 
 
 def _required_checkpoint(cfg: DictConfig, key: str) -> None:
@@ -558,6 +573,22 @@ def _required_checkpoint(cfg: DictConfig, key: str) -> None:
     if not value:
         raise ConfigError(f"{key} is required: {key}=/path/to/last.ckpt of a cmexp.train run (or zoo:NAME)")
     check_checkpoint_file(value, key)
+
+
+def _check_export_out(cfg: DictConfig) -> None:
+    """``format=diffusers`` writes a folder at ``out``: required, and new or empty."""
+    if _sel(cfg, "format") != "diffusers":
+        return
+    out = _sel(cfg, "out")
+    if not out:
+        raise ConfigError("format=diffusers needs out=DIR (a new or empty folder for the pipeline)")
+    path = Path(str(out)).expanduser()
+    if path.is_file():
+        raise ConfigError(f"out={out} is a file; format=diffusers writes a folder (give a new or empty one)")
+    if path.is_dir() and any(path.iterdir()):
+        shown = ", ".join(sorted(p.name for p in path.iterdir())[:3])
+        raise ConfigError(f"out={out} is a folder that is not empty ({shown}); refusing to overwrite it: "
+                          "give a new or empty folder")
 
 
 def _check_samples(value: Any) -> None:
@@ -603,6 +634,12 @@ def _check_dataset(cfg: DictConfig) -> None:
         if not value:
             raise ConfigError("dataset.data_dir is required for dataset=imagefolder: dataset.data_dir=/path/to/images")
         check_folder(value, "dataset.data_dir", images=True)
+    if _target(cfg, "dataset").endswith("ImageNet64DataModule"):  # npz files or class folders of images
+        value = _sel(cfg, "dataset.data_dir")
+        folder = check_folder(value, "dataset.data_dir") if value else None
+        if folder and not any(folder.glob("*.npz")) and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*")):
+            raise ConfigError(f"dataset.data_dir={value}: neither downsampled-ImageNet npz files (Imagenet64_train_part1.npz, ...) "
+                              "nor images in the folder")
     res, channel_mult = _sel(cfg, "dataset.resolution"), _sel(cfg, "net.channel_mult")
     net = _target(cfg, "net")
     if net.endswith(("SongUNet", "ADMUNet")) and _is_int(res) and channel_mult:

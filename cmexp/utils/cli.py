@@ -19,6 +19,8 @@ PASSTHROUGH_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-
                      "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
                      "--experimental-rerun", "--shell-completion", "-sc", "--version"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
+#: Entry points that write only the files their config names (``out=``), not a run folder.
+NO_RUN_FOLDER = {"export"}
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -179,6 +181,8 @@ def precheck(entry: str, argv: list[str] | None = None) -> Any:
         return None
     HydraConfig.instance().set_config(cfg)
     check_config(entry, cfg)
+    if entry in NO_RUN_FOLDER:
+        return cfg
     try:
         run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).expanduser().absolute()
     except Exception:  # noqa: BLE001 - an unresolvable run dir: Hydra reports it

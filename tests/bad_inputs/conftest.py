@@ -145,7 +145,25 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         files[name] = run
     files["sample_run"] = sample_run
     files.update(_foreign_files(fx))
+    files["ncsnpp_ct"] = _ncsnpp_ct(ct, fx)
     return {k: str(v) for k, v in files.items()}
+
+
+def _ncsnpp_ct(ct: Path, fx: Path) -> Path:
+    """A slim CT checkpoint whose network is a small NCSN++ (SongUNet), with c_noise_scale 250
+    (what format=diffusers refuses for its network alone)."""
+    from cmexp.diffusion.precond import CMPrecond
+    from cmexp.nets import SongUNet
+
+    meta = torch.load(ct, map_location="cpu", weights_only=True)["cmexp"]
+    net_cfg = {"_target_": "cmexp.nets.SongUNet", "img_resolution": 16, "img_channels": 3,
+               "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8]}
+    meta = {**meta, "c_noise_scale": 250.0, "img_resolution": 16, "img_channels": 3}
+    meta["config"] = {**meta["config"], "config": {**meta["config"]["config"], "net": net_cfg}}
+    model = CMPrecond(SongUNet(**{k: v for k, v in net_cfg.items() if k != "_target_"}), c_noise_scale=250.0)
+    state = {f"ema.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"cmexp": meta, "state_dict": state, "global_step": 2}, fx / "ct_ncsnpp.ckpt")
+    return fx / "ct_ncsnpp.ckpt"
 
 
 def _foreign_files(fx: Path) -> dict[str, Path]:

@@ -61,6 +61,10 @@ def _task(entry: str) -> Callable[..., Any]:
         from cmexp.edit import edit
 
         return edit
+    if entry == "export":
+        from cmexp.export import export
+
+        return export
     from cmexp.tau_search import tau_search
 
     return tau_search
@@ -157,7 +161,7 @@ def test_every_case_names_a_key_or_file() -> None:
         }
         assert any(n and (n in case.fragment) for n in names), case
     assert len(CASES) >= 100
-    assert {c.entry for c in CASES} == {"train", "sample", "eval", "edit", "tau_search", "compare"}
+    assert {c.entry for c in CASES} == {"train", "sample", "eval", "edit", "tau_search", "compare", "export"}
 
 
 # ------------------------------------------------------------------------------ real processes

@@ -101,3 +101,91 @@ def test_distil_from_an_edm_pickle(edm_pickle: Path, tmp_path: Path) -> None:
     )
     assert ckpt["cmexp"]["kind"] == "cd" and ckpt["cmexp"]["teacher_path"] == str(edm_pickle)
     assert not any(k.startswith(("_teacher", "teacher")) for k in ckpt["state_dict"])
+
+
+@pytest.fixture
+def cd_file_and_npz(tmp_path: Path) -> tuple[Path, Path]:
+    """A consistency_models-style class-conditional CD file (64x64 layout, weights perturbed so
+    the network matters) and a downsampled-ImageNet npz folder (train part + val file)."""
+    from cmexp.nets import ADMUNet
+
+    torch.manual_seed(0)
+    state = ADMUNet(64, 3, 1000, 32, (1, 2, 3, 4), 1, (8,), num_head_channels=32).state_dict()
+    g = torch.Generator().manual_seed(1)
+    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    (tmp_path / "models").mkdir()
+    torch.save(state, tmp_path / "models" / "cd_imagenet64_lpips.pt")
+    data = tmp_path / "imagenet64"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("Imagenet64_train_part1.npz", 12), ("Imagenet64_val_data.npz", 4)):
+        np.savez(
+            data / name,
+            data=rng.integers(0, 255, (n, 12288), dtype=np.uint8),
+            labels=rng.integers(1, 1001, n),
+        )
+    return tmp_path / "models" / "cd_imagenet64_lpips.pt", data
+
+
+def test_edit_a_consistency_models_file(
+    cd_file_and_npz: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`cmexp.edit` on a released-style CD file, with ImageNet-64 images from npz files."""
+    from cmexp.edit import edit
+
+    torch.set_num_threads(1)
+    ckpt, data = cd_file_and_npz
+    cfg = compose_train(
+        [
+            "task=inpaint",
+            f"ckpt={ckpt}",
+            f"data_dir={data}",
+            "num_samples=2",
+            "task.num_scales=3",
+            "device=cpu",
+        ],
+        tmp_path / "edit",
+        "edit",
+    )
+    out = edit(cfg)
+    metrics, rows = out["metrics"], out["rows"]
+    assert metrics["kind"] == "cd" and metrics["num_samples"] == 2 and np.isfinite(metrics["psnr"])
+    known = rows["input"] != rows["result"]  # the filled square changed, the rest is the image
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[16:48, 16:48] = True
+    assert known[..., ~mask].sum() == 0 and known[..., mask].float().mean() > 0.9
+    assert (tmp_path / "edit" / "edit_inpaint.png").is_file()
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]
+
+
+def test_tau_search_a_consistency_models_file(
+    cd_file_and_npz: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`cmexp.tau_search` on a released-style CD file: its grid (N = 40 as released, here
+    num_scales=6 to keep it short), scored against npz ImageNet-64 images."""
+    import json
+
+    from cmexp.tau_search import tau_search
+
+    torch.set_num_threads(1)
+    ckpt, data = cd_file_and_npz
+    cfg = compose_train(
+        [
+            f"ckpt={ckpt}",
+            f"data_dir={data}",
+            "num_samples=4",
+            "num_real=8",
+            "batch_size=4",
+            "num_scales=6",
+            "device=cpu",
+            f"cache_dir={tmp_path / 'cache'}",
+        ],
+        tmp_path / "ts",
+        "tau_search",
+    )
+    res = tau_search(cfg)
+    assert res["num_scales"] == 6 and len(res["taus"]) == 1 and 1 <= res["tau_indices"][0] <= 4
+    saved = json.loads((tmp_path / "ts" / "tau_search.json").read_text())
+    scores = [e["fd_fmnist"] for e in saved["evaluated"]]
+    assert res["score"] == min(scores) and len(scores) >= 2 and saved["num_real"] == 8
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]
