@@ -93,7 +93,12 @@ class AutoencoderLitModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, _ = batch
         gen = torch.Generator().manual_seed(_mix(self.seed, self.global_step, 4, self.global_rank))
-        shape = (x.shape[0], self.net.latent_channels, self.net.latent_resolution, self.net.latent_resolution)
+        shape = (
+            x.shape[0],
+            self.net.latent_channels,
+            self.net.latent_resolution,
+            self.net.latent_resolution,
+        )
         noise = torch.randn(shape, generator=gen).to(x)
         recon, mean, logvar = self.net(x, noise)
         rec = self.reconstruction(recon, x)
@@ -104,7 +109,13 @@ class AutoencoderLitModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/rec", rec.mean(), on_step=True, on_epoch=False)
         self.log("train/kl", kl.mean(), on_step=True, on_epoch=False)
-        self.log("train/psnr", psnr(recon.detach(), x).mean(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log(
+            "train/psnr",
+            psnr(recon.detach(), x).mean(),
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+        )
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -127,7 +138,9 @@ class AutoencoderLitModule(pl.LightningModule):
         was = self.net.training
         self.net.eval()
         dev, bs = self.device, self.eval_batch_size
-        means = torch.cat([self.net.encode(train[i : i + bs].to(dev))[0].cpu() for i in range(0, len(train), bs)])
+        means = torch.cat(
+            [self.net.encode(train[i : i + bs].to(dev))[0].cpu() for i in range(0, len(train), bs)]
+        )
         values = []
         for i in range(0, len(test), bs):
             x = test[i : i + bs].to(dev)
@@ -135,9 +148,17 @@ class AutoencoderLitModule(pl.LightningModule):
         self.net.train(was)
         std = float(means.double().std())
         if not std > 0:
-            raise ValueError("the autoencoder's latents have zero variance; train it longer or lower model.kl_weight")
-        return {"scale_factor": 1.0 / std, "latent_mean": float(means.double().mean()), "latent_std": std,
-                "psnr": float(torch.cat(values).mean()), "scale_images": len(train), "psnr_images": len(test)}
+            raise ValueError(
+                "the autoencoder's latents have zero variance; train it longer or lower model.kl_weight"
+            )
+        return {
+            "scale_factor": 1.0 / std,
+            "latent_mean": float(means.double().mean()),
+            "latent_std": std,
+            "psnr": float(torch.cat(values).mean()),
+            "scale_images": len(train),
+            "psnr_images": len(test),
+        }
 
     def current_statistics(self) -> dict[str, float]:
         """:meth:`statistics` on the trainer's data (first ``scale_images`` training and
@@ -145,32 +166,49 @@ class AutoencoderLitModule(pl.LightningModule):
         if self._stats is not None and self._stats[0] == self.global_step:
             return self._stats[1]
         dm = self.trainer.datamodule
-        stats = self.statistics(dm.real_images(self.scale_images, "train"), dm.real_images(self.psnr_images, "test"))
+        stats = self.statistics(
+            dm.real_images(self.scale_images, "train"), dm.real_images(self.psnr_images, "test")
+        )
         self._stats = (self.global_step, stats)
         return stats
 
     # ---------------------------------------------------------------- checkpoints
     def metadata(self) -> dict[str, Any]:
         n = self.net
-        return {"kind": self.kind, "img_resolution": int(n.img_resolution), "img_channels": int(n.img_channels),
-                "latent_resolution": int(n.latent_resolution), "latent_channels": int(n.latent_channels),
-                "kl_weight": self.kl_weight}
+        return {
+            "kind": self.kind,
+            "img_resolution": int(n.img_resolution),
+            "img_channels": int(n.img_channels),
+            "latent_resolution": int(n.latent_resolution),
+            "latent_channels": int(n.latent_channels),
+            "kl_weight": self.kl_weight,
+        }
 
     def on_train_start(self) -> None:
         self._clock = time.perf_counter()
 
     def _elapsed(self) -> float:
-        return self.train_seconds + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
+        return self.train_seconds + (
+            time.perf_counter() - self._clock if self._clock is not None else 0.0
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["cmexp"] = {**self.metadata(), **self.current_statistics(), "images_seen": self.images_seen,
-                               "batches_seen": self.batches_seen, "train_seconds": round(self._elapsed(), 3), "config": self.run_config}
+        checkpoint["cmexp"] = {
+            **self.metadata(),
+            **self.current_statistics(),
+            "images_seen": self.images_seen,
+            "batches_seen": self.batches_seen,
+            "train_seconds": round(self._elapsed(), 3),
+            "config": self.run_config,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("cmexp") or {}
         if meta.get("kind") != self.kind:
-            raise ValueError(f"ckpt_path holds a '{meta.get('kind')}' model but this run trains '{self.kind}'; "
-                             "resume with the same +experiment")
+            raise ValueError(
+                f"ckpt_path holds a '{meta.get('kind')}' model but this run trains '{self.kind}'; "
+                "resume with the same +experiment"
+            )
         self.images_seen = int(meta.get("images_seen", 0))
         self.batches_seen = int(meta.get("batches_seen", 0))
         self.train_seconds = float(meta.get("train_seconds", 0.0))
@@ -187,8 +225,10 @@ class AutoencoderLitModule(pl.LightningModule):
         t0 = time.perf_counter()
         stats = self.current_statistics()
         for logger in self.trainer.loggers:
-            logger.log_metrics({"test/psnr": stats["psnr"], "latent/scale_factor": stats["scale_factor"]},
-                               step=self.global_step)
+            logger.log_metrics(
+                {"test/psnr": stats["psnr"], "latent/scale_factor": stats["scale_factor"]},
+                step=self.global_step,
+            )
         if not (self.trainer.is_global_zero and self.trainer.default_root_dir):
             return
         from cmexp.utils.images import image_grid, save_png
@@ -200,9 +240,21 @@ class AutoencoderLitModule(pl.LightningModule):
             self.net.eval()
             recon = self.net.decode(self.net.encode(x)[0]).clamp(-1, 1)
             self.net.train(was)
-        save_png(image_grid(torch.cat([x, recon]).cpu(), nrow=16), root / "reconstructions.png", scale=2)
-        info = {**self.metadata(), **stats, "steps": self.global_step, "images_seen": self.images_seen,
-                "train_time_s": round(self.train_seconds, 1), "statistics_s": round(time.perf_counter() - t0, 1),
-                "parameters": sum(p.numel() for p in self.net.parameters())}
+        save_png(
+            image_grid(torch.cat([x, recon]).cpu(), nrow=16), root / "reconstructions.png", scale=2
+        )
+        info = {
+            **self.metadata(),
+            **stats,
+            "steps": self.global_step,
+            "images_seen": self.images_seen,
+            "train_time_s": round(self.train_seconds, 1),
+            "statistics_s": round(time.perf_counter() - t0, 1),
+            "parameters": sum(p.numel() for p in self.net.parameters()),
+        }
         (root / "autoencoder.json").write_text(json.dumps(info, indent=2))
-        log.info("autoencoder: test PSNR %.2f dB, scale factor %.4f", stats["psnr"], stats["scale_factor"])
+        log.info(
+            "autoencoder: test PSNR %.2f dB, scale factor %.4f",
+            stats["psnr"],
+            stats["scale_factor"],
+        )

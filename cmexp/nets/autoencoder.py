@@ -85,7 +85,12 @@ class ConvAutoencoder(nn.Module):
                 c = w
             if level < len(widths) - 1:
                 enc.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-        enc += [ResBlock(c, c), _norm(c), nn.SiLU(), nn.Conv2d(c, 2 * latent_channels, 3, padding=1)]
+        enc += [
+            ResBlock(c, c),
+            _norm(c),
+            nn.SiLU(),
+            nn.Conv2d(c, 2 * latent_channels, 3, padding=1),
+        ]
         self.encoder = nn.Sequential(*enc)
 
         dec: list[nn.Module] = [nn.Conv2d(latent_channels, c, 3, padding=1), ResBlock(c, c)]
