@@ -51,7 +51,8 @@ def generate(
     progress: bool = False,
     options: dict[str, float] | None = None,
 ) -> Tensor:
-    """``[num_samples,C,H,W]`` images in [-1,1].
+    """``[num_samples,C,H,W]`` images in [-1,1]. A latent model (``loaded.latent``) samples
+    latents ``[num_samples,z,h,w]`` (never clamped: they are not in [-1, 1]) and decodes them.
 
     Args:
         sigmas: the plan of :func:`cmexp.inference.plan.sigma_plan` / ``solver_plan``:
@@ -86,15 +87,19 @@ def generate(
         n = min(batch_size, num_samples - start)
         noise = SeededNoise(range(seed + start, seed + start + n), device)
         z = noise.randn(shape)
+        clip = loaded.latent is None
         if sampler == "consistency":
-            x = sample_multistep(m, z, sigmas, loaded.spec.sigma_min, noise=noise.randn_like)
+            x = sample_multistep(m, z, sigmas, loaded.spec.sigma_min, noise=noise.randn_like, clip_denoised=clip)
         else:
             sig = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
             x0 = z if torch.isinf(sig[0]) else z * sig[0]  # zero terminal SNR: the VP state z
             kwargs = dict(options)
             if sampler in ("ddim", "ddpm", "edm_sde"):
                 kwargs["noise"] = noise.randn_like
-            x = solvers[sampler](m, x0, sig, **kwargs).clamp(-1, 1)
+            x = solvers[sampler](m, x0, sig, **kwargs)
+            x = x.clamp(-1, 1) if clip else x
+        if loaded.latent is not None:
+            x = loaded.latent.to(device).decode(x).clamp(-1, 1)
         out.append(x.cpu())
     return torch.cat(out)
 
