@@ -312,7 +312,7 @@ TRAIN: dict[str, Rule] = {
     "callbacks.sample_quality.seed": SEED,
     "callbacks.sample_quality.optional": Bool(),
     # latent mode (latent=autoencoder) and its autoencoder stage (+experiment=fmnist_autoencoder)
-    "latent.autoencoder_path": Str(),
+    "latent.autoencoder_path": Str(null=True),  # required in latent mode: _check_latent
     "latent.resolution": Int(1),
     "latent.channels": Int(1),
     "latent.encode_batch_size": Int(1),
