@@ -32,16 +32,19 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.diffusion.sampling import SeededNoise
     from cmexp.inference import CONSISTENCY_KINDS, load_from_config
     from cmexp.inference.data import real_images, restoration_metrics
-    from cmexp.inference.tasks import EditContext
+    from cmexp.inference.tasks import EditContext, check_latent_task
     from cmexp.utils.images import image_grid, save_png
 
     loaded, device = load_from_config(cfg, kinds=CONSISTENCY_KINDS, purpose="editing needs a consistency model: CD, CT, ECT, sCT or sCD")
     task = instantiate(cfg.task)
     name = task_choice(cfg)
+    if loaded.latent is not None:
+        check_latent_task(task, name, str(cfg.ckpt))
     images = real_images(loaded.dataset, int(cfg.num_samples), str(cfg.real_split), loaded.img_resolution,
                          loaded.img_channels, cfg.images_dir, cfg.data_dir).to(device)
     ctx = EditContext(f=loaded.model, images=images, spec=loaded.spec, seed=int(cfg.seed),
-                      noise=SeededNoise(range(int(cfg.seed), int(cfg.seed) + len(images)), device))
+                      noise=SeededNoise(range(int(cfg.seed), int(cfg.seed) + len(images)), device),
+                      latent=loaded.latent)
     t0 = time.perf_counter()
     with torch.no_grad():
         result = task(ctx)

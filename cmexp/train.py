@@ -114,7 +114,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     torch.backends.cudnn.allow_tf32 = False
 
     datamodule = hydra.utils.instantiate(cfg.dataset)
+    codec = latent_codec(cfg)  # latent mode: the autoencoder, checked before the model is built
     model = hydra.utils.instantiate(cfg.model)
+    if codec is not None:
+        from cmexp.data.latent import LatentDataModule
+
+        model.attach_latent(codec)
+        datamodule = LatentDataModule(datamodule, codec, int(cfg.latent.get("encode_batch_size", 500)))
     record = _run_record(cfg)
     model.run_config = record
     if hasattr(datamodule, "setup"):
@@ -193,6 +199,25 @@ def forward_signals_to_child_ranks(trainer: Any) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def latent_codec(cfg: DictConfig) -> Any:
+    """Latent mode (``latent=autoencoder``): the codec of ``latent.autoencoder_path``, its
+    latent shape checked against ``latent.resolution``/``latent.channels`` and the teacher
+    (``model.teacher_path``) checked to live in the same latent space. None in pixel space."""
+    if not cfg.get("latent"):
+        return None
+    from cmexp.inference.latent import check_latent_shape, check_teacher_latent, load_codec
+
+    codec = load_codec(cfg.latent.autoencoder_path, "latent.autoencoder_path")
+    check_latent_shape(codec, cfg.latent.resolution, cfg.latent.channels,
+                       "latent.channels x latent.resolution^2")
+    teacher = OmegaConf.select(cfg, "model.teacher_path", default=None)
+    if teacher:
+        from cmexp.inference.checkpoint import read_checkpoint
+
+        check_teacher_latent(read_checkpoint(teacher, "model.teacher_path").meta, codec, str(teacher))
+    return codec
 
 
 def resume_path(cfg: DictConfig, output_dir: Path, kind: str | None) -> str | None:

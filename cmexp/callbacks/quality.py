@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 class SampleQualityCallback(pl.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of training) sample
-    ``num_samples`` images from fixed seeds with ``pl_module.sample_images`` (sampling EMA;
+    ``num_samples`` images from fixed seeds with ``pl_module.sample_sets`` (sampling EMA, decoded for latent models;
     CD/CT: 1 and 2 steps with the run's tau, EDM: its Heun sampler) and log, per sample set
     ``S``: ``val/fd_<name>_S``, ``val/kid_<name>_S``, ``val/is_<name>_S`` (extractors with
     logits), ``val/precision_S``, ``val/recall_S``, ``<name>`` being the extractor's (``fmnist``).
@@ -86,7 +86,7 @@ class SampleQualityCallback(pl.Callback):
         try:
             for off in range(0, per_rank, self.batch_size):
                 n = min(self.batch_size, per_rank - off)
-                for name, images in pl_module.sample_images(n, seed=start + off).items():
+                for name, images in pl_module.sample_sets(n, seed=start + off).items():
                     sets.setdefault(name, []).append(images)
         finally:
             pl_module.train(was_training)

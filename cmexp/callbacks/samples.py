@@ -13,7 +13,7 @@ from cmexp.utils.images import image_grid, save_png
 
 class SampleGridCallback(pl.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of training) draw
-    ``num_samples`` images from fixed seeds with ``pl_module.sample_images`` (1- and 2-step
+    ``num_samples`` images from fixed seeds with ``pl_module.sample_sets`` (1- and 2-step
     for CD/CT, Heun for EDM), write ``<dirpath>/<name>_step<k>.png`` and log them to W&B.
 
     Args:
@@ -46,7 +46,7 @@ class SampleGridCallback(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            sets = pl_module.sample_images(self.num_samples, seed=self.seed)
+            sets = pl_module.sample_sets(self.num_samples, seed=self.seed)
         finally:
             pl_module.train(was_training)
         for name, images in sets.items():

@@ -53,7 +53,8 @@ def generate(
     class_labels: Sequence[int] | None = None,
     guidance: float | None = None,
 ) -> Tensor:
-    """``[num_samples,C,H,W]`` images in [-1,1].
+    """``[num_samples,C,H,W]`` images in [-1,1]. A latent model (``loaded.latent``) samples
+    latents ``[num_samples,z,h,w]`` (never clamped: they are not in [-1, 1]) and decodes them.
 
     Args:
         sigmas: the plan of :func:`cmexp.inference.plan.sigma_plan` / ``solver_plan``:
@@ -97,15 +98,20 @@ def generate(
         z = noise.randn(shape)
         labels = sample_labels(loaded, range(seed + start, seed + start + n), class_labels, offset=start)
         labels = labels.to(device) if labels is not None else None
+        clip = loaded.latent is None
         if sampler == "consistency":
-            x = sample_multistep(m, z, sigmas, loaded.spec.sigma_min, class_labels=labels, noise=noise.randn_like)
+            x = sample_multistep(m, z, sigmas, loaded.spec.sigma_min, class_labels=labels, noise=noise.randn_like,
+                                 clip_denoised=clip)
         else:
             sig = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
             x0 = z if torch.isinf(sig[0]) else z * sig[0]  # zero terminal SNR: the VP state z
             kwargs = dict(options)
             if sampler in ("ddim", "ddpm", "edm_sde"):
                 kwargs["noise"] = noise.randn_like
-            x = solvers[sampler](m, x0, sig, class_labels=labels, **kwargs).clamp(-1, 1)
+            x = solvers[sampler](m, x0, sig, class_labels=labels, **kwargs)
+            x = x.clamp(-1, 1) if clip else x
+        if loaded.latent is not None:
+            x = loaded.latent.to(device).decode(x).clamp(-1, 1)
         out.append(x.cpu())
     return torch.cat(out)
 

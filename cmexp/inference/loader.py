@@ -63,6 +63,9 @@ class LoadedModel:
     function f(x, sigma) (kinds "cd"/"ct"), in eval mode, without gradients.
     ``spec``: its sampling settings (sigma range, rho, grid N, default taus).
     ``config``: the run's resolved config (dict). ``meta``: ``checkpoint["cmexp"]``.
+    ``latent``: a latent model's codec (:class:`cmexp.inference.latent.LatentCodec`; None in
+    pixel space): ``model`` works on latents, :func:`cmexp.inference.generate` decodes, and
+    ``img_resolution``/``img_channels`` are the images' (the model's own: ``model.img_*``).
     """
 
     model: nn.Module
@@ -72,6 +75,7 @@ class LoadedModel:
     config: dict[str, Any] = field(default_factory=dict)
     path: str = ""
     source: str = ""
+    latent: nn.Module | None = None
 
     @property
     def is_consistency(self) -> bool:
@@ -87,11 +91,12 @@ class LoadedModel:
 
     @property
     def img_resolution(self) -> int:
-        return int(self.model.img_resolution)
+        """Side of the images (decoded ones for a latent model)."""
+        return int((self.latent or self.model).img_resolution)
 
     @property
     def img_channels(self) -> int:
-        return int(self.model.img_channels)
+        return int((self.latent or self.model).img_channels)
 
     @property
     def label_dim(self) -> int:
@@ -178,6 +183,9 @@ def load_model(
         raise
     model = build_model(ckpt, "ema." if use_ema else "model.")
     model.requires_grad_(False).eval().to(device)
+    from cmexp.inference.latent import codec_from_checkpoint
+
+    latent = codec_from_checkpoint(ckpt)
     return LoadedModel(
         model=model,
         kind=ckpt.kind,
@@ -186,6 +194,7 @@ def load_model(
         config=ckpt.config,
         path=str(ckpt.path),
         source=str(source),
+        latent=latent.to(device) if latent is not None else None,
     )
 
 

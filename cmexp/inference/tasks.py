@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,13 +23,16 @@ from cmexp.inference.plan import SamplingSpec, check_plan, sigma_plan
 class EditContext:
     """What every task gets: ``f`` (consistency function), ``images`` ``[B,C,H,W]`` in [-1,1]
     (ground truth), per-image ``noise``, the model's sampling settings ``spec`` (sigma range,
-    rho; ``LoadedModel.spec``) and the base ``seed``."""
+    rho; ``LoadedModel.spec``) and the base ``seed``. ``latent``: a latent model's codec
+    (``LoadedModel.latent``; ``f`` then works on latents, ``images`` stay images): only the
+    tasks with ``latent_space = True`` (interpolate, stroke) accept it."""
 
     f: E.ConsistencyFn
     images: Tensor
     noise: SeededNoise
     spec: SamplingSpec
     seed: int = 0
+    latent: Any = None
 
     @property
     def sigma_min(self) -> float:
@@ -174,7 +178,11 @@ class Denoise:
 
 class Stroke:
     """Stroke-guided generation (SDEdit-style) from coarse colour strokes made from the real
-    images (patch means quantised to ``levels`` values), t = (5.38, 2.24) by default."""
+    images (patch means quantised to ``levels`` values), t = (5.38, 2.24) by default. Latent
+    models start from the encoded strokes and decode the result (latent SDEdit; the sigmas are
+    then in latent units)."""
+
+    latent_space = True
 
     def __init__(
         self, sigmas: Sequence[float] = (5.38, 2.24), factor: int = 4, levels: int = 4
@@ -190,7 +198,13 @@ class Stroke:
         _check_factor(self.factor, y)
         strokes = E.coarse_strokes(y, self.factor, self.levels)
         sig = check_plan(self.sigmas, ctx.spec, key="task.sigmas")
-        out = E.stroke(ctx.f, strokes, sig, ctx.sigma_min, ctx.noise.randn_like)
+        if ctx.latent is None:
+            out = E.stroke(ctx.f, strokes, sig, ctx.sigma_min, ctx.noise.randn_like)
+        else:  # in latent space, never clamped to [-1, 1]
+            z = ctx.latent.encode(strokes)
+            out = E.edit(ctx.f, z, E.IdentityTransform(), torch.ones_like(z[:1, :1]), sig, ctx.sigma_min,
+                         ctx.noise.randn_like, start=z, clip_denoised=False)
+            out = ctx.latent.decode(out).clamp(-1, 1)
         return EditOutput(
             {"before": y, "input": strokes, "result": out, "ground_truth": y},
             restoration=False,
@@ -200,17 +214,45 @@ class Stroke:
 
 class Interpolate:
     """One-step samples along the slerp between latent pairs: image pair (2i, 2i+1) of the
-    seeds gives strip i of ``num`` images (endpoints included)."""
+    seeds gives strip i of ``num`` images (endpoints included). Latent models slerp between
+    noise of the latent shape and decode each one-step sample."""
+
+    latent_space = True
 
     def __init__(self, num: int = 8) -> None:
         self.num = int(num)
 
     def __call__(self, ctx: EditContext) -> EditOutput:
         b, c, h, w = ctx.images.shape
+        f = ctx.f
+        if ctx.latent is not None:  # noise of the latent shape; each one-step sample decoded (then clamped)
+            c, h, w = ctx.latent.channels, ctx.latent.resolution, ctx.latent.resolution
+            f = _decoded(ctx.f, ctx.latent)
         z = ctx.noise.randn((c, h, w)).to(ctx.images)
         pairs = max(1, b // 2)
         strips = {}
         for i in range(pairs):
             z1, z2 = z[(2 * i) % b], z[(2 * i + 1) % b]
-            strips[f"pair{i}"] = E.interpolate(ctx.f, z1, z2, self.num, ctx.sigma_max)
+            strips[f"pair{i}"] = E.interpolate(f, z1, z2, self.num, ctx.sigma_max)
         return EditOutput(strips, restoration=False, info={"num": self.num, "pairs": pairs})
+
+
+def _decoded(f: E.ConsistencyFn, codec: Any) -> E.ConsistencyFn:
+    """``f`` followed by the codec's decoder: one-step latent samples as images."""
+
+    def g(x: Tensor, sigma: float | Tensor, class_labels: Tensor | None = None) -> Tensor:
+        return codec.decode(f(x, sigma, class_labels))
+
+    return g
+
+
+def check_latent_task(task: Any, name: str, ckpt: str) -> None:
+    """Editing a latent model: only tasks that work in latent space (``latent_space = True``:
+    interpolate, stroke). Inpainting, colorization, super-resolution and denoising constrain
+    pixels (masks, luma, patch means, pixel noise), which have no counterpart in the latents:
+    a ValueError naming ``task``."""
+    if not getattr(task, "latent_space", False):
+        raise ValueError(
+            f"task={name} edits pixels (a mask, luma, patch means or pixel noise) but ckpt={ckpt} is a latent-space "
+            "model; latent models support task=interpolate and task=stroke"
+        )

@@ -131,7 +131,8 @@ def reference_features(
     hash, count) and then read from ``cache``."""
     proto = describe(features)
     name = str(getattr(features, "name", "")) or type(features).__name__
-    key = cache.key(type(datamodule).__name__, split, int(datamodule.resolution), int(datamodule.channels), name,
+    data_name = getattr(datamodule, "reference_name", None) or type(datamodule).__name__  # latent runs: the images'
+    key = cache.key(data_name, split, int(datamodule.resolution), int(datamodule.channels), name,
                     proto["weights_sha256"] or proto["extractor"], int(count))
     return cache.get(key, lambda: extract(features, datamodule.real_images(int(count), split), batch_size, device,
                                           progress, "real features"))

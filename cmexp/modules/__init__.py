@@ -1,6 +1,7 @@
 """LightningModules, one per training mode: EDM teacher, CD, CT, ECT, progressive distillation, sCT/sCD (and
-the feature classifier)."""
+the feature classifier, and the autoencoder of latent mode)."""
 
+from cmexp.modules.autoencoder import AutoencoderLitModule
 from cmexp.modules.base import DiffusionLitModule, NonFiniteLossError
 from cmexp.modules.classifier import ClassifierLitModule
 from cmexp.modules.consistency import CDLitModule, ConsistencyLitModule, CTLitModule, load_teacher
@@ -10,6 +11,7 @@ from cmexp.modules.pd import PDLitModule
 from cmexp.modules.scm import SCDLitModule, SCMLitModule, SCTLitModule
 
 __all__ = [
+    "AutoencoderLitModule",
     "CDLitModule",
     "CTLitModule",
     "ClassifierLitModule",

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.ema import ema_update_
-from cmexp.inference.plan import SamplingSpec
+from cmexp.inference.plan import SamplingSpec, nfe, sigma_plan
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -83,6 +83,7 @@ class DiffusionLitModule(pl.LightningModule):
         self.run_config: dict[str, Any] | None = None  # set by cmexp.train for self-description
         self.model: nn.Module
         self.ema: nn.Module
+        self.latent: nn.Module | None = None  # latent mode: the frozen codec (attach_latent)
 
     def _init_ema(self) -> None:
         self.ema = frozen_copy(self.model)
@@ -94,6 +95,19 @@ class DiffusionLitModule(pl.LightningModule):
         if self.compile_net and not getattr(self, "_compiled", False):
             self.model.net.compile()
             self._compiled = True
+
+    def attach_latent(self, codec: nn.Module) -> None:
+        """Train in the latent space of ``codec`` (:class:`cmexp.inference.latent.LatentCodec`,
+        latent mode; called by ``cmexp.train`` before fit): the batches are its scaled latents
+        (``cmexp.data.latent.LatentDataModule``), the network's input shape must be its latent
+        shape, samples are decoded, and the codec is saved in every checkpoint (``latent.*``
+        weights, ``checkpoint["cmexp"]["latent"]``)."""
+        from cmexp.inference.latent import check_latent_shape
+
+        m = self.model
+        check_latent_shape(codec, m.img_resolution, m.img_channels,
+                           "the network's input (net.img_channels x net.img_resolution^2)")
+        self.latent = codec
 
     # ---------------------------------------------------------------- training
     def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
@@ -176,6 +190,28 @@ class DiffusionLitModule(pl.LightningModule):
         """Named sample sets ``{name: [num,C,H,W] in [-1,1]}`` from the sampling EMA."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def sample_sets(self, num: int, seed: int = 0) -> dict[str, Tensor]:
+        """What the sample-grid and sample-quality callbacks show and score: images
+        ``{name: [num,C,H,W] in [-1,1]}``. Pixel models: :meth:`sample_images`. Latent models:
+        the model's own plans (consistency: 1 and 2 steps; diffusion: its sampler and grid)
+        through :func:`cmexp.inference.generate`, which samples latents without clamping them
+        and decodes."""
+        if self.latent is None:
+            return self.sample_images(num, seed)
+        from cmexp.inference.generate import generate
+        from cmexp.inference.loader import LoadedModel
+
+        spec = self.sampling_spec()
+        loaded = LoadedModel(model=self.ema, kind=self.kind, spec=spec, meta={}, latent=self.latent)
+        if loaded.is_consistency:
+            plans = {f"{k}step": (sigma_plan(spec, k), "consistency") for k in (1, 2)}
+        else:
+            plan = sigma_plan(spec)
+            plans = {f"{spec.sampler}{nfe(plan, spec.sampler)}nfe": (plan, spec.sampler)}
+        return {name: generate(loaded, num, sigmas, seed, batch_size=num, sampler=sampler, device=self.device)
+                for name, (sigmas, sampler) in plans.items()}
+
     # ---------------------------------------------------------------- checkpoints
     def metadata(self) -> dict[str, Any]:
         """Everything needed to use the model, read back by :func:`cmexp.inference.load_model`."""
@@ -196,6 +232,7 @@ class DiffusionLitModule(pl.LightningModule):
             "final_zero": spec.final_zero,
             **({"precond": m.describe()} if hasattr(m, "describe") else {}),
             **({"alpha_bars": torch.tensor(spec.alpha_bars, dtype=torch.float64)} if spec.alpha_bars else {}),
+            **({"latent": self.latent.describe()} if self.latent is not None else {}),
         }
 
     def on_train_start(self) -> None:
@@ -230,6 +267,11 @@ class DiffusionLitModule(pl.LightningModule):
                 f"ckpt_path holds a '{meta.get('kind')}' model but this run trains '{self.kind}'; "
                 "resume with the same +experiment"
             )
+        if bool(meta.get("latent")) != (self.latent is not None):
+            space = "latent" if meta.get("latent") else "pixel"
+            raise ValueError(f"ckpt_path holds a {space}-space model but this run trains in "
+                             f"{'latent' if self.latent is not None else 'pixel'} space; resume with the same "
+                             "latent= setting")
         self.batches_seen = int(meta["batches_seen"])
         self.train_seconds = float(meta.get("train_seconds", 0.0))
         rng = meta["rng"]

@@ -5,8 +5,9 @@ compute c_in and c_noise). Each exposes ``img_resolution``, ``img_channels`` and
 """
 
 from cmexp.nets.adm import ADMUNet
+from cmexp.nets.autoencoder import ConvAutoencoder
 from cmexp.nets.classifier import SmallCNN
 from cmexp.nets.tiny import TinyUNet
 from cmexp.nets.unet import SongUNet
 
-__all__ = ["ADMUNet", "SmallCNN", "SongUNet", "TinyUNet"]
+__all__ = ["ADMUNet", "ConvAutoencoder", "SmallCNN", "SongUNet", "TinyUNet"]

@@ -125,6 +125,10 @@ def check_resume_checkpoint(path: str | Path, model: torch.nn.Module, key: str =
     if kind is not None and meta["kind"] != kind:
         raise ConfigError(f"{key}={path} holds a '{meta['kind']}' model but this run trains '{kind}'; "
                           "resume with the same +experiment")
+    if bool(meta.get("latent")) != (getattr(model, "latent", None) is not None):
+        space = ("latent", "pixel") if meta.get("latent") else ("pixel", "latent")
+        raise ConfigError(f"{key}={path} holds a {space[0]}-space '{meta['kind']}' model but this run trains in "
+                          f"{space[1]} space; resume with the same latent= setting")
     saved, expected = ckpt["state_dict"], model.state_dict()
     missing = [k for k in expected if k not in saved]
     extra = [k for k in saved if k not in expected]

@@ -319,6 +319,15 @@ TRAIN: dict[str, Rule] = {
     "callbacks.sample_quality.real_split": SPLIT,
     "callbacks.sample_quality.seed": SEED,
     "callbacks.sample_quality.optional": Bool(),
+    # latent mode (latent=autoencoder) and its autoencoder stage (+experiment=fmnist_autoencoder)
+    "latent.autoencoder_path": Str(null=True),  # required in latent mode: _check_latent
+    "latent.resolution": Int(1),
+    "latent.channels": Int(1),
+    "latent.encode_batch_size": Int(1),
+    "net.latent_channels": Int(1),
+    "model.kl_weight": Num(0),
+    "model.scale_images": Int(2),
+    "model.psnr_images": Int(1),
 }
 
 _INFERENCE: dict[str, Rule] = {
@@ -722,6 +731,7 @@ def check_train_config(cfg: DictConfig) -> None:
         _check_pd_rounds(cfg, max_steps)
     _check_dataset(cfg)
     _check_net(cfg)
+    _check_latent(cfg)
     if _present(cfg, "metric.weights_path"):
         check_file_or_folder(_sel(cfg, "metric.weights_path"), "metric.weights_path",
                              "the backbone file, e.g. vgg16-397923af.pth, or its folder")
@@ -758,6 +768,24 @@ def check_conditional(cfg: DictConfig) -> None:
                           "(and a class-conditional teacher)")
     if _sel(cfg, "net.guidance_embed") is not True:
         raise ConfigError("model.loss.guidance (guided CD) needs a student that takes w: set net.guidance_embed=true")
+
+
+def _check_latent(cfg: DictConfig) -> None:
+    """Latent mode (``latent=autoencoder``): the autoencoder checkpoint exists, and the latent
+    side fits the net's downsampling (its shape is checked against the checkpoint on load)."""
+    if _sel(cfg, "latent") is None:
+        return
+    path = _sel(cfg, "latent.autoencoder_path")
+    if not path:
+        raise ConfigError("latent.autoencoder_path is required in latent mode: latent.autoencoder_path=<run>/checkpoints/"
+                          "last.ckpt of +experiment=fmnist_autoencoder (or latent=none for pixel space)")
+    check_checkpoint_file(path, "latent.autoencoder_path", "the last.ckpt of +experiment=fmnist_autoencoder")
+    res, channel_mult = _sel(cfg, "latent.resolution"), _sel(cfg, "net.channel_mult")
+    if _target(cfg, "net").endswith(("SongUNet", "ADMUNet")) and _is_int(res) and channel_mult:
+        step = 2 ** (len(channel_mult) - 1)
+        if res % step:
+            raise ConfigError(f"latent.resolution={res} must be divisible by {step} for net.channel_mult={channel_mult} "
+                              f"(the net halves it {len(channel_mult) - 1} times)")
 
 
 def _check_pd_rounds(cfg: DictConfig, max_steps: int | None) -> None:

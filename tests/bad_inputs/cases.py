@@ -83,6 +83,19 @@ CASES: list[Case] = [
     C("train", f"{T} model=sct model.optimizer.betas=[0.9]", "model.optimizer.betas must be a list of two numbers in [0, 1)"),
     C("train", f"{T} model=sct tangent=finite_difference tangent.eps=0", "tangent.eps must be a number in (0, 0.1], got 0"),
     C("train", f"{T} model=sct tangent=nope", "Could not find 'tangent/nope'"),
+    # ------------------------------------------------------------------ train: latent mode (latent=autoencoder)
+    C("train", f"{T} latent=autoencoder", "latent.autoencoder_path is required in latent mode"),
+    C("train", f"{T} latent=autoencoder latent.autoencoder_path={{nothere}}", "latent.autoencoder_path={nothere}: no such checkpoint file"),
+    C("train", f"{T} latent=autoencoder latent.autoencoder_path={{corrupt}}", "latent.autoencoder_path={corrupt} is not a PyTorch checkpoint"),
+    C("train", f"{T} latent=autoencoder latent.autoencoder_path={{ae}} latent.resolution=0", "latent.resolution must be an integer >= 1, got 0"),
+    C("train", f"{T} latent=autoencoder latent.autoencoder_path={{ae}} latent.channels=abc", "latent.channels must be an integer >= 1, got 'abc'"),
+    C("train", f"{T} latent=autoencoder latent.autoencoder_path={{ct}}", "latent.autoencoder_path={ct} holds a 'ct' model; expected 'autoencoder'", "load"),
+    C("train", f"{T} latent=autoencoder latent.autoencoder_path={{ae}} latent.resolution=4", "latent.autoencoder_path={ae} encodes to 4x8x8 latents but latent.channels x latent.resolution^2 is 4x4x4; set latent.resolution=8 latent.channels=4", "load"),
+    C("train", f"{T} latent=autoencoder latent.autoencoder_path={{ae}} latent.channels=3", "latent.autoencoder_path={ae} encodes to 4x8x8 latents but latent.channels x latent.resolution^2 is 3x8x8", "load"),
+    C("train", f"{T} latent=autoencoder latent.autoencoder_path={{ae}} model=cd model.teacher_path={{edm}}", "model.teacher_path={edm} is a pixel-space teacher but this run trains in latent space", "load"),
+    C("train", f"{T} model=ct ckpt_path={{latent_ct}}", "ckpt_path={latent_ct} holds a latent-space 'ct' model but this run trains in pixel space", "load"),
+    C("train", f"{T} model=autoencoder net=autoencoder_kl model.kl_weight=-1", "model.kl_weight must be a number >= 0, got -1"),
+    C("train", f"{T} model=autoencoder net=autoencoder_kl net.latent_channels=0", "net.latent_channels must be an integer >= 1, got 0"),
     # ------------------------------------------------------------------ train: other code bases' teachers (cmexp.interop)
     C("train", f"{T} model=cd model.teacher_path={{evil_pkl}}", "model.teacher_path={evil_pkl} was refused: it needs os.system", "load"),
     C("train", f"{T} model=cd model.teacher_path={{iddpm_pkl}}", "model.teacher_path={iddpm_pkl} is not supported: its network is a iDDPMPrecond", "load"),
@@ -246,6 +259,8 @@ CASES: list[Case] = [
     C("sample", "ckpt={ct} hydra.run.dir={afile}", "hydra.run.dir={afile} is a file"),
     # ------------------------------------------------------------------ edit
     C("edit", "task=inpaint", "ckpt is required"),
+    C("edit", "task=inpaint ckpt={latent_ct}", "task=inpaint edits pixels (a mask, luma, patch means or pixel noise) but ckpt={latent_ct} is a latent-space model; latent models support task=interpolate and task=stroke", "load"),
+    C("edit", "task=denoise ckpt={latent_ct}", "task=denoise edits pixels", "load"),
     C("edit", "task=inpaint ckpt={edm}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' here (editing needs a consistency model: CD, CT, ECT, sCT or sCD)", "load"),
     C("edit", "task=inpaint ckpt={clf}", "ckpt={clf} holds a 'classifier' model", "load"),
     C("edit", "task=inpaint ckpt={corrupt}", "ckpt={corrupt} is not a PyTorch checkpoint"),

@@ -52,9 +52,16 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             ],
             base / "runs" / "clf",
         )
+        ae = _train(  # latent mode: a tiny autoencoder (32x32x3 -> 8x8x4) and a CT model on its latents
+            ["model=autoencoder", "net=autoencoder_kl", "net.model_channels=4", "model.scale_images=16",
+             "model.psnr_images=4", "~callbacks.sample_grid"],
+            base / "runs" / "ae",
+        )
+        latent_ct = _train(["model=ct", "latent=autoencoder", f"latent.autoencoder_path={ae}"], base / "runs" / "latent_ct")
     finally:
         torch.set_num_threads(n)
-    files: dict[str, Path] = {"ct": ct, "edm": edm, "clf": clf, "ct_run": ct.parents[1], "fx": fx, "cond_edm": cond_edm}
+    files: dict[str, Path] = {"ct": ct, "edm": edm, "clf": clf, "ct_run": ct.parents[1], "fx": fx, "cond_edm": cond_edm,
+                              "ae": ae, "latent_ct": latent_ct}
 
     # checkpoints: damaged, foreign, slim, another architecture
     raw = ct.read_bytes()

@@ -52,7 +52,8 @@ def _fake_teacher(cfg, cache: dict[str, Path]) -> Path:
         teacher = EDMPrecond(net)
         path = cache["_dir"] / f"teacher{len(cache)}.ckpt"
         meta = {"kind": "edm", "img_resolution": net.img_resolution, "img_channels": net.img_channels,
-                "label_dim": net.label_dim, "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5,
+                "label_dim": net.label_dim, "sigma_min": 0.002, "sigma_max": 80.0,
+                "sigma_data": float(cfg.model.sigma_data),  # 0.5; latent experiments 1.0
                 "c_noise_scale": 0.25}
         state = {f"ema.{k}": v for k, v in teacher.state_dict().items()}
         torch.save({"cmexp": meta, "state_dict": state}, path)
@@ -70,9 +71,10 @@ def test_experiment_composes_and_instantiates(name, composer, teachers, fake_wei
     datamodule = hydra.utils.instantiate(cfg.dataset)
     assert datamodule.batch_size == cfg.dataset.batch_size
     model = hydra.utils.instantiate(cfg.model)
-    net = model.model if hasattr(model, "model") else model.net  # classifier: a bare net
-    assert net.img_resolution == cfg.dataset.resolution
-    assert net.img_channels == cfg.dataset.channels
+    net = model.model if hasattr(model, "model") else model.net  # classifier, autoencoder: a bare net
+    shape = cfg.latent if cfg.get("latent") else cfg.dataset  # latent mode: the net sees the latents
+    assert net.img_resolution == shape.resolution
+    assert net.img_channels == shape.channels
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert trainer_cfg["max_steps"] > 0
     for cb in cfg.callbacks.values():
