@@ -217,3 +217,22 @@ def test_latent_shape_and_teacher_space_mismatches_name_the_key(runs, tmp_path: 
         match=r"ckpt_path=.* holds a latent-space 'edm' model but this run trains in pixel",
     ):
         train(compose_train([*TINY, "model=edm", f"ckpt_path={runs['edm']}"], tmp_path / "d"))
+
+
+def test_latent_consistency_model_guided_and_conditional(runs, tmp_path: Path) -> None:
+    """fmnist_lcm's recipe in tiny form: a class-conditional latent teacher with label dropout,
+    guided CD from it into a student that takes w, in the same latent space; the student samples
+    given classes at a chosen scale in 2 steps and returns decoded images."""
+    from cmexp.sample import sample
+
+    ae = runs["ae"]
+    labels = ["dataset.use_labels=true"]
+    teacher = _run(["model=edm", "model.label_dropout=0.1", *labels, *_latent(ae)], tmp_path / "teacher")
+    student = _run(["model=cd_guided", "net.guidance_embed=true", *labels, *_latent(ae),
+                    f"model.teacher_path={teacher}"], tmp_path / "lcm")
+    meta = torch.load(student, map_location="cpu", weights_only=True)["cmexp"]
+    assert meta["latent"]["resolution"] == 8 and meta["guidance"]["w_max"] == 4.0 and meta["label_dim"] > 0
+    out = sample(compose_train([f"ckpt={student}", "num_samples=4", "steps=2", "class_labels=[0,1]", "guidance=3"],
+                               tmp_path / "sample", config_name="sample"))
+    assert out["images"].shape == (4, 3, 32, 32) and out["info"]["nfe"] == 2
+    assert np.load(tmp_path / "sample" / "samples.npz")["arr_1"].tolist() == [0, 1, 0, 1]
