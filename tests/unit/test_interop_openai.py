@@ -122,3 +122,40 @@ def test_missing_extra_and_unnamed_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"holds a 'edm' model; expected 'cd' or 'ct'"):
         _fake(tmp_path / "edm_imagenet64_ema.pt")
         load_model(tmp_path / "edm_imagenet64_ema.pt", kinds=("cd", "ct"))
+
+
+def test_cd_distils_from_the_released_edm_teacher(tmp_path: Path) -> None:
+    """``model.teacher_path=edm_imagenet64_ema.pt``: the teacher is the file's ADM network with the
+    release's preconditioning (c_noise 250 ln sigma); a CD student of the same architecture starts
+    as it (f = D at sigma >> eps) and takes a training step on class-conditional data."""
+    from cmexp.diffusion.schedules import FixedSchedule
+    from cmexp.diffusion.solvers import heun_step
+    from cmexp.losses.consistency import ConsistencyDistillationLoss
+    from cmexp.losses.distances import L2Distance
+    from cmexp.modules.consistency import CDLitModule
+
+    _fake(tmp_path / "edm_imagenet64_ema.pt", label_dim=10)
+    loss = ConsistencyDistillationLoss(metric=L2Distance(), solver=heun_step)
+    module = CDLitModule(
+        ADMUNet(64, 3, 10, **SMALL),
+        loss,
+        FixedSchedule(40, 0.0),
+        torch.optim.RAdam,
+        teacher_path=str(tmp_path / "edm_imagenet64_ema.pt"),
+        c_noise_scale=250.0,
+    )
+    teacher = load_model(tmp_path / "edm_imagenet64_ema.pt").model
+    x, labels = torch.randn(2, 3, 64, 64), torch.tensor([3, 7])
+    sigma = torch.tensor([20.0, 40.0])
+    with torch.no_grad():
+        # c_skip/c_out of f and D differ by O(eps / sigma) at large sigma
+        torch.testing.assert_close(
+            module.model(x, sigma, labels), teacher(x, sigma, labels), rtol=1e-3, atol=1e-3
+        )
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    value, _ = module.compute_loss(images, labels)
+    value.backward()
+    assert torch.isfinite(value) and any(p.grad is not None for p in module.model.parameters())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "edm_imagenet64_ema.pt"
+    ]  # nothing written beside it
