@@ -14,16 +14,17 @@ import torch
 from tests import edm_format as ef
 from tests.integration.conftest import compose_train
 
-SMALL = {"model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (8,)}
+SMALL = {"model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (16,)}
 
 
 @pytest.fixture
 def edm_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     gen = torch.Generator().manual_seed(0)
-    pre = ef.precond("VPPrecond", ef.song_unet(16, 3, gen, **SMALL), 16, 3)
+    # CIFAR-10's shape and EDM's VP file name; DDPM++ shrunk to a few channels
+    pre = ef.precond("VPPrecond", ef.song_unet(32, 3, gen, **SMALL), 32, 3)
     (tmp_path / "models").mkdir()
     path = ef.write_edm_pickle(
-        tmp_path / "models" / "edm-tiny-16x16-uncond-vp.pkl", pre, monkeypatch
+        tmp_path / "models" / "edm-cifar10-32x32-uncond-vp.pkl", pre, monkeypatch
     )
     for mod in ("torch_utils", "torch_utils.persistence"):
         monkeypatch.delitem(sys.modules, mod)
@@ -42,7 +43,7 @@ def test_sample_an_edm_pickle(edm_pickle: Path, tmp_path: Path) -> None:
     info = sample(cfg)["info"]
     assert info["kind"] == "edm" and info["sampler"] == "heun" and info["nfe"] == 4  # 2 Heun steps
     images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
-    assert images.shape == (2, 16, 16, 3)
+    assert images.shape == (2, 32, 32, 3)
     assert sorted(p.name for p in edm_pickle.parent.iterdir()) == [edm_pickle.name]
 
 
@@ -90,9 +91,9 @@ def test_distil_from_an_edm_pickle(edm_pickle: Path, tmp_path: Path) -> None:
         "net.model_channels=16",
         "net.channel_mult=[1,2]",
         "net.num_blocks=1",
-        "net.attn_resolutions=[8]",
+        "net.attn_resolutions=[16]",
         "net.label_dim=0",
-        "dataset.resolution=16",
+        "dataset.resolution=32",
         "trainer.max_steps=2",
     ]
     train(compose_train(overrides, tmp_path / "run"))
