@@ -109,7 +109,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     class_labels = guidance = labels = None
     passes = 1
     if cfg.ckpt:
-        from cmexp.inference.conditional import check_class_labels, check_guidance, conditioned_model, sample_labels
+        from cmexp.inference.conditional import (
+            check_class_labels,
+            check_guidance,
+            conditioned_model,
+            sample_labels,
+        )
 
         loaded, device = load_from_config(cfg)
         class_labels = check_class_labels(loaded, list_or_none(cfg.get("class_labels"), "class_labels"))

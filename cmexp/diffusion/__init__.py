@@ -55,9 +55,9 @@ from cmexp.diffusion.vp import (
 __all__ = [
     "AdaptiveSchedule",
     "CMPrecond",
-    "ECTPrecond",
     "Denoiser",
     "DenoiserTrigFlow",
+    "ECTPrecond",
     "EDMPrecond",
     "EDMTrigFlowPrecond",
     "FixedSchedule",

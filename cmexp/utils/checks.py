@@ -238,7 +238,6 @@ TRAIN: dict[str, Rule] = {
     "model.loss.metric.c": Num(0, lo_open=True, null=True),
     "model.double_kimg": POSITIVE,
     "model.edm_scalings_in_training": Bool(),
-    "model.num_scales": Int(2),
     "model.loss.index_sampler.P_mean": Num(),
     "model.loss.index_sampler.P_std": POSITIVE,
     "model.teacher_path": Str(null=True),

@@ -177,8 +177,6 @@ def _foreign_files(fx: Path) -> dict[str, Path]:
     """Checkpoints of other code bases (cmexp.interop): a 16x16 NVlabs/edm pickle, one that
     would run code, an unsupported preconditioner, and openai/consistency_models state dicts
     whose name does not say what they hold or that lack a key."""
-    import pickle
-
     from cmexp.nets import ADMUNet
     from tests import edm_format as ef
 
