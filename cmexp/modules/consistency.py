@@ -94,16 +94,28 @@ class ConsistencyLitModule(DiffusionLitModule):
 
     @torch.no_grad()
     def sample_images(self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)) -> dict[str, Tensor]:
-        m, spec = self.sampling_model(), self.sampling_spec()
-        shape = (m.img_channels, m.img_resolution, m.img_resolution)
-        labels = self.grid_labels(num)
-        out: dict[str, Tensor] = {}
-        for k in steps:
-            noise = SeededNoise(range(seed, seed + num), self.device)
-            z = noise.randn(shape)
-            out[f"{k}step"] = sample_multistep(m, z, sigma_plan(spec, steps=k), spec.sigma_min, class_labels=labels,
-                                               noise=noise.randn_like)
-        return out
+        return consistency_samples(self, self.sampling_model(), num, seed, steps)
+
+
+@torch.no_grad()
+def consistency_samples(
+    module: DiffusionLitModule, model: nn.Module, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)
+) -> dict[str, Tensor]:
+    """In-training samples of a consistency model (CM paper Alg. 1): for each k in ``steps``,
+    ``num`` images ``[num, C, H, W]`` from seeds ``seed..seed+num-1`` at ``sigma_plan(k)``,
+    under key ``"{k}step"``; a class-conditional module samples image i with class
+    ``i mod label_dim`` (``module.grid_labels``)."""
+    spec = module.sampling_spec()
+    shape = (model.img_channels, model.img_resolution, model.img_resolution)
+    labels = module.grid_labels(num)
+    out: dict[str, Tensor] = {}
+    for k in steps:
+        noise = SeededNoise(range(seed, seed + num), module.device)
+        z = noise.randn(shape)
+        out[f"{k}step"] = sample_multistep(
+            model, z, sigma_plan(spec, steps=k), spec.sigma_min, class_labels=labels, noise=noise.randn_like
+        )
+    return out
 
 
 class CTLitModule(ConsistencyLitModule):

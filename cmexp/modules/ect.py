@@ -11,11 +11,10 @@ from torch import Tensor, nn
 
 from cmexp.diffusion.ema import ema_update_
 from cmexp.diffusion.precond import ECTPrecond
-from cmexp.diffusion.sampling import SeededNoise, sample_multistep
-from cmexp.inference.plan import SamplingSpec, sigma_plan
+from cmexp.inference.plan import SamplingSpec
 from cmexp.losses.ect import ECTLoss
 from cmexp.modules.base import DiffusionLitModule, OptimizerFactory
-from cmexp.modules.consistency import check_preconditioning, load_teacher
+from cmexp.modules.consistency import check_preconditioning, consistency_samples, load_teacher
 
 
 class ECTLitModule(DiffusionLitModule):
@@ -117,21 +116,12 @@ class ECTLitModule(DiffusionLitModule):
     def sample_images(
         self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)
     ) -> dict[str, Tensor]:
-        m, spec = self.ema, self.sampling_spec()
-        was_training = m.training
-        m.eval()  # the boundary scalings: sampling uses f(x, sigma_min) = x
+        was_training = self.ema.training
+        self.ema.eval()  # the boundary scalings: sampling uses f(x, sigma_min) = x
         try:
-            shape = (m.img_channels, m.img_resolution, m.img_resolution)
-            out: dict[str, Tensor] = {}
-            for k in steps:
-                noise = SeededNoise(range(seed, seed + num), self.device)
-                z = noise.randn(shape)
-                out[f"{k}step"] = sample_multistep(
-                    m, z, sigma_plan(spec, steps=k), spec.sigma_min, noise=noise.randn_like
-                )
+            return consistency_samples(self, self.ema, num, seed, steps)
         finally:
-            m.train(was_training)
-        return out
+            self.ema.train(was_training)
 
     def metadata(self) -> dict[str, Any]:
         return {

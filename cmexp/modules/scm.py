@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.ema import ema_update_
-from cmexp.diffusion.sampling import SeededNoise, sample_multistep
 from cmexp.diffusion.trigflow import EDMTrigFlowPrecond, TrigFlowPrecond, check_trigflow_times
-from cmexp.inference.plan import SamplingSpec, sigma_plan
+from cmexp.inference.plan import SamplingSpec
 from cmexp.losses.scm import SCMLoss, trigflow_sigma_taus
 from cmexp.modules.base import DiffusionLitModule, OptimizerFactory
+from cmexp.modules.consistency import consistency_samples
 
 
 class SCMLitModule(DiffusionLitModule):
@@ -124,16 +124,7 @@ class SCMLitModule(DiffusionLitModule):
     def sample_images(
         self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)
     ) -> dict[str, Tensor]:
-        m, spec = self.ema, self.sampling_spec()
-        shape = (m.img_channels, m.img_resolution, m.img_resolution)
-        out: dict[str, Tensor] = {}
-        for k in steps:
-            noise = SeededNoise(range(seed, seed + num), self.device)
-            z = noise.randn(shape)
-            out[f"{k}step"] = sample_multistep(
-                m, z, sigma_plan(spec, steps=k), spec.sigma_min, noise=noise.randn_like
-            )
-        return out
+        return consistency_samples(self, self.ema, num, seed, steps)
 
 
 class SCTLitModule(SCMLitModule):

@@ -119,3 +119,26 @@ def test_eval_scores_per_class_and_class_accuracy(ckpts, tmp_path: Path) -> None
     assert out["protocol"]["guidance"] == 2.0 and out["protocol"]["label_counts"] == [4, 4, 0, 0]
     data = np.load(tmp_path / "eval" / "samples_1step.npz")
     assert data["arr_1"].tolist() == [0, 1] * 4
+
+
+@pytest.mark.parametrize("mode", ["cd", "ect", "sct", "scd"])
+def test_in_training_grids_show_every_class(ckpts, mode: str, tmp_path: Path) -> None:
+    """The sample grids of every consistency mode draw image i with class i mod label_dim:
+    exactly what the inference seam samples with class_labels=[0, 1, 2, 3] and the same seeds."""
+    from cmexp.inference import generate, load_model
+    from cmexp.inference.plan import sigma_plan
+
+    extra = [] if mode == "sct" else [f"model.teacher_path={ckpts['edm']}"]
+    out = train(compose_train([*TINY, f"model={mode}", *extra], tmp_path / mode))
+    module = out["model"]
+    grids = module.sample_images(4, seed=3, steps=(1, 2))
+    loaded = load_model(tmp_path / mode / "checkpoints" / "last.ckpt")
+    for k in (1, 2):
+        ref = generate(
+            loaded, 4, sigma_plan(loaded.spec, steps=k), seed=3, class_labels=[0, 1, 2, 3]
+        )
+        torch.testing.assert_close(grids[f"{k}step"].clamp(-1, 1), ref, atol=1e-5, rtol=1e-5)
+    unlabelled = module.grid_labels
+    module.grid_labels = lambda num: None  # the null label: other images
+    assert not torch.allclose(module.sample_images(4, seed=3, steps=(1,))["1step"], grids["1step"])
+    module.grid_labels = unlabelled
