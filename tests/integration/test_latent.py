@@ -1,5 +1,5 @@
 """Latent mode end to end on the synthetic 3 x 32 x 32 set with tiny nets: the autoencoder
-stage, latent EDM / CD / CT / ECT runs, and sample / eval / edit on a latent checkpoint (decoded
+stage, latent EDM / CD / CT / ECT / sCT / sCD runs, and sample / eval / edit on a latent checkpoint (decoded
 images of the dataset's shape), plus the latent-shape and teacher-space errors."""
 
 from __future__ import annotations
@@ -109,6 +109,25 @@ def test_latent_cd_ct_and_ect_train_from_the_latent_teacher(runs) -> None:
     path = _run(["model=ct", *_latent(ae)], base / "ct")
     assert torch.load(path, map_location="cpu", weights_only=True)["cmexp"]["latent"]
     runs["ct"] = path
+
+
+def test_latent_sct_and_scd_train_and_sample_decoded_images(runs) -> None:
+    """The continuous-time modes in latent space: sCT from scratch and sCD from the latent EDM
+    teacher (converted to TrigFlow) train on the latents, record the codec and sample decoded
+    images through the inference seam."""
+    from cmexp.inference import generate, load_model
+    from cmexp.inference.plan import sigma_plan
+
+    base, ae = runs["base"], runs["ae"]
+    for model, extra in (("sct", []), ("scd", [f"model.teacher_path={runs['edm']}"])):
+        path = _run([f"model={model}", *_latent(ae), *extra], base / model)
+        meta = torch.load(path, map_location="cpu", weights_only=True)["cmexp"]
+        assert meta["kind"] == model and meta["latent"]["resolution"] == 8
+        assert (path.parents[1] / "samples" / "1step_last.png").is_file()
+        loaded = load_model(path)
+        assert loaded.latent is not None and loaded.model.img_resolution == 8
+        images = generate(loaded, 2, sigma_plan(loaded.spec, steps=2), seed=0)
+        assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
 
 
 def test_sample_on_a_latent_checkpoint_returns_decoded_images(runs, tmp_path: Path) -> None:
@@ -227,12 +246,31 @@ def test_latent_consistency_model_guided_and_conditional(runs, tmp_path: Path) -
 
     ae = runs["ae"]
     labels = ["dataset.use_labels=true"]
-    teacher = _run(["model=edm", "model.label_dropout=0.1", *labels, *_latent(ae)], tmp_path / "teacher")
-    student = _run(["model=cd_guided", "net.guidance_embed=true", *labels, *_latent(ae),
-                    f"model.teacher_path={teacher}"], tmp_path / "lcm")
+    teacher = _run(
+        ["model=edm", "model.label_dropout=0.1", *labels, *_latent(ae)], tmp_path / "teacher"
+    )
+    student = _run(
+        [
+            "model=cd_guided",
+            "net.guidance_embed=true",
+            *labels,
+            *_latent(ae),
+            f"model.teacher_path={teacher}",
+        ],
+        tmp_path / "lcm",
+    )
     meta = torch.load(student, map_location="cpu", weights_only=True)["cmexp"]
-    assert meta["latent"]["resolution"] == 8 and meta["guidance"]["w_max"] == 4.0 and meta["label_dim"] > 0
-    out = sample(compose_train([f"ckpt={student}", "num_samples=4", "steps=2", "class_labels=[0,1]", "guidance=3"],
-                               tmp_path / "sample", config_name="sample"))
+    assert (
+        meta["latent"]["resolution"] == 8
+        and meta["guidance"]["w_max"] == 4.0
+        and meta["label_dim"] > 0
+    )
+    out = sample(
+        compose_train(
+            [f"ckpt={student}", "num_samples=4", "steps=2", "class_labels=[0,1]", "guidance=3"],
+            tmp_path / "sample",
+            config_name="sample",
+        )
+    )
     assert out["images"].shape == (4, 3, 32, 32) and out["info"]["nfe"] == 2
     assert np.load(tmp_path / "sample" / "samples.npz")["arr_1"].tolist() == [0, 1, 0, 1]
