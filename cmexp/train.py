@@ -84,6 +84,17 @@ def _check_accelerator(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+def best_checkpoints_first(callbacks: list) -> list:
+    """Order the callbacks so that monitored ``ModelCheckpoint`` s (``callbacks.best_checkpoint``)
+    run before the periodic one that writes ``last.ckpt`` (Lightning keeps the relative order of
+    checkpoint callbacks): a ``last.ckpt`` written at the step of an evaluation then holds the
+    best checkpoint's updated state, so a resumed run compares against the best so far instead
+    of starting afresh and keeping a worse "best"."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monitored = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor is not None]
+    return monitored + [c for c in callbacks if not any(c is m for m in monitored)]
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one run from a composed config. Returns the final logged metrics and objects.
 
@@ -132,7 +143,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from cmexp.diffusion.schedules import describe_curriculum
 
         log.info("schedule: %s", describe_curriculum(model.schedule))
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    callbacks = best_checkpoints_first(instantiate_dict(cfg.get("callbacks")))
     _wandb_offline_if_needed(cfg)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(

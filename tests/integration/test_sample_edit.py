@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cmexp.edit import edit
 from cmexp.sample import sample
@@ -184,7 +185,14 @@ def test_sample_quality_callback_logs_metrics_and_keeps_the_best_checkpoint(clas
         assert {f"val/fd_fmnist_{s}", f"val/kid_fmnist_{s}", f"val/is_fmnist_{s}", f"val/precision_{s}", f"val/recall_{s}"} <= keys
     # logged once per evaluation (steps 2 and 4), not repeated on every later row
     assert sorted(int(r["step"]) for r in rows if r.get("val/fd_fmnist_1step")) == [2, 4]
-    assert any(p.name.startswith("best_fd1step") for p in (tmp_path / "run" / "checkpoints").iterdir())
+    best = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("best_fd1step")]
+    assert len(best) == 1
+    # last.ckpt, written at the same step as the evaluation, holds the best checkpoint's updated
+    # state: a resumed run compares against the best so far instead of starting afresh
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    states = [v for k, v in last["callbacks"].items() if "val/fd_fmnist_1step" in k]
+    assert len(states) == 1 and states[0]["best_model_path"] == str(best[0])
+    assert states[0]["best_model_score"] is not None
     final = json.loads((tmp_path / "run" / "sample_quality.json").read_text())
     assert final["step"] == 4 and final["weights_sha256"] and final["seconds_total"] > 0
     cached = list((tmp_path / ".cache" / "real_features").glob("*.pt"))
