@@ -95,6 +95,7 @@ def best_checkpoints_first(callbacks: list) -> list:
     monitored = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor is not None]
     return monitored + [c for c in callbacks if not any(c is m for m in monitored)]
 
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one run from a composed config. Returns the final logged metrics and objects.
 
