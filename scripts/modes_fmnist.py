@@ -32,8 +32,10 @@ def train(out: Path, teacher: str, steps: int, every: int) -> None:
         f"trainer.max_steps={steps}",
         f"callbacks.sample_quality.every_n_steps={every}",
     ]
+    # "++": Hydra first composes a multirun's sweep config without the swept +experiment (the
+    # default model has no teacher_path), where a plain override is refused as a new key.
     groups = [
-        (DISTILLED, [f"model.teacher_path={teacher}"], "distilled"),
+        (DISTILLED, [f"++model.teacher_path={teacher}"], "distilled"),
         (FROM_SCRATCH, [], "scratch"),
     ]
     for experiments, extra, name in groups:

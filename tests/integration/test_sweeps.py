@@ -197,7 +197,7 @@ def test_modes_sweep_trains_every_mode_at_equal_images_seen(composer, tmp_path: 
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     cmds = out.stdout.splitlines()
-    assert "+experiment=fmnist_cd_l2,fmnist_ect,fmnist_scd" in cmds[0] and "model.teacher_path=T.ckpt" in cmds[0]
+    assert "+experiment=fmnist_cd_l2,fmnist_ect,fmnist_scd" in cmds[0] and "++model.teacher_path=T.ckpt" in cmds[0]
     assert "+experiment=fmnist_ct_pseudo_huber,fmnist_sct" in cmds[1] and "teacher_path" not in cmds[1]
     for name, fd in (("fmnist_ect", 3.0), ("fmnist_sct", 5.0)):
         run = tmp_path / "runs" / "x" / name
