@@ -33,11 +33,12 @@ def provenance_record(ckpt: Any, name: str, description: str, scores: dict[str, 
     accum = (config.get("trainer") or {}).get("accumulate_grad_batches") or 1
     steps = int(ckpt.global_step or 0)
     images = int(meta.get("batches_seen", 0)) * int(batch or 0) * int(accum or 1)
+    # the keys of the shipped records (cmexp/zoo/*.json; tests/unit/test_zoo.py checks them)
     return {
-        "name": name, "kind": meta.get("kind"), "description": description,
-        "command": prov.get("command", ""), "commit": prov.get("commit", ""), "dirty": prov.get("dirty"),
-        "machine": prov.get("machine", {}), "started": prov.get("started", ""),
-        "steps": steps, "images_seen": images, "train_seconds": meta.get("train_seconds"),
+        "name": name, "file": f"{name}.pt", "kind": meta.get("kind"), "description": description,
+        "command": prov.get("command", ""), "git_commit": prov.get("commit", ""), "git_dirty": prov.get("dirty"),
+        "seed": config.get("seed"), "machine": prov.get("machine", {}), "started": prov.get("started", ""),
+        "steps": steps, "batch_size": batch, "images_seen": images, "train_seconds": meta.get("train_seconds"),
         "settings": {k: meta.get(k) for k in ("sigma_min", "sigma_max", "sigma_data", "rho", "num_scales", "taus",
                                                "img_resolution", "img_channels", "label_dim")},
         "scores": scores,

@@ -47,6 +47,8 @@ def test_export_slim_and_zoo_entries(ct_ckpt: Path, tmp_path: Path, monkeypatch:
     prov = entry["provenance"]
     assert prov["steps"] == 2 and prov["images_seen"] == 16 and prov["scores"] == {"fd_fmnist_2step": 1.5}
     assert prov["command"].startswith("python -m cmexp.train") and prov["train_seconds"] > 0
+    # the shipped records' schema (tests/unit/test_zoo.py checks every registered model)
+    assert prov["file"] == "tiny_ct.pt" and len(prov["git_commit"]) == 40 and prov["seed"] is not None
     assert load_model("zoo:tiny_ct").kind == "ct"  # every ckpt= takes the name
     assert "fmnist_classifier" in json.loads((copy / "zoo.json").read_text())["models"]  # others kept
     with pytest.raises(FileExistsError, match="zoo:tiny_ct exists; pass replace=true"):
