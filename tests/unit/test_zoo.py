@@ -230,3 +230,29 @@ def test_random_translate_shifts_each_image_with_background_fill() -> None:
         )
         ref[:, yd, xd] = x[i][:, ys, xs]
         assert torch.equal(y[i], ref)
+
+
+def test_the_shipped_edm_teacher_loads_by_name_and_denoises_real_images() -> None:
+    """zoo:fmnist_edm: an EDM model every ckpt=/model.teacher_path= takes by name, with a
+    provenance record, that removes noise from real test images (a trained denoiser)."""
+    from cmexp.data import FashionMNISTDataModule
+    from cmexp.inference.loader import load_model
+
+    prov = zoo.info("zoo:fmnist_edm")["provenance"]
+    assert prov["kind"] == "edm" and prov["steps"] * prov["batch_size"] == prov["images_seen"]
+    assert "+experiment=fmnist_edm" in prov["command"] and prov["scores"]
+    model = load_model("zoo:fmnist_edm")
+    assert model.kind == "edm" and (model.img_channels, model.img_resolution) == (1, 32)
+    assert model.label_dim == 0 and model.sigma_data == 0.5
+    try:
+        test = FashionMNISTDataModule(data_dir=str(ROOT / "data")).dataset("test")
+    except (FileNotFoundError, RuntimeError, OSError) as err:
+        pytest.skip(f"Fashion-MNIST not available: {err}")
+    x = test.images[:16].float() / 127.5 - 1  # uint8 -> [-1, 1], the training range
+    gen = torch.Generator().manual_seed(0)
+    for sigma in (0.2, 1.0):
+        noisy = x + sigma * torch.randn(x.shape, generator=gen)
+        with torch.no_grad():
+            d = model.model(noisy, torch.full((16,), sigma))
+        mse_noisy, mse_d = (noisy - x).pow(2).mean().item(), (d - x).pow(2).mean().item()
+        assert mse_d < 0.5 * mse_noisy, (sigma, mse_d, mse_noisy)
