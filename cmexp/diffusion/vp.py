@@ -140,7 +140,7 @@ class VPSchedule:
     def __init__(
         self, alpha_bars: Tensor | Sequence[float], zero_terminal_snr: bool = False
     ) -> None:
-        ab = check_alpha_bars(alpha_bars)
+        ab = check_alpha_bars(alpha_bars, key="vp_schedule.alpha_bars")
         if zero_terminal_snr:
             ab = rescale_zero_terminal_snr(ab)
         self.alpha_bars = ab
@@ -240,12 +240,12 @@ class VPrecond(_Precond):
         super().__init__(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
         if prediction not in PREDICTIONS:
             raise ValueError(
-                f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}"
+                f"model.precond.prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}"
             )
         if prediction == "eps" and math.isinf(self.sigma_max):
             raise ValueError(
-                "prediction=eps cannot be used with a zero-terminal-SNR schedule (sigma_max = inf): "
-                "use prediction=v (Lin et al. 2024)"
+                "model.precond.prediction=eps cannot be used with a zero-terminal-SNR schedule "
+                "(vp_schedule.zero_terminal_snr=true, sigma_max = inf): use prediction=v (Lin et al. 2024)"
             )
         self.prediction = prediction
 

@@ -227,11 +227,14 @@ def test_published_schedule_values_and_the_sigma_mapping() -> None:
     [
         (
             [0.9, 0.95, 0.5],
-            r"alpha_bars must be strictly decreasing .* got alpha_bars\[1\]=0.95 >= alpha_bars\[0\]=0.9",
+            (
+                r"^vp_schedule.alpha_bars must be strictly decreasing .* "
+                r"got vp_schedule.alpha_bars\[1\]=0.95 >= vp_schedule.alpha_bars\[0\]=0.9"
+            ),
         ),
-        ([0.9, 0.9], "alpha_bars must be strictly decreasing"),
-        ([1.5, 0.5], r"alpha_bars must lie in \[0, 1\]"),
-        ([0.5], "alpha_bars must hold at least 2"),
+        ([0.9, 0.9], "^vp_schedule.alpha_bars must be strictly decreasing"),
+        ([1.5, 0.5], r"^vp_schedule.alpha_bars must lie in \[0, 1\]"),
+        ([0.5], "^vp_schedule.alpha_bars must hold at least 2"),
     ],
 )
 def test_bad_schedules_name_the_key(alpha_bars, message) -> None:
@@ -278,9 +281,11 @@ def test_v_eps_and_x0_prediction_agree_on_the_exact_gaussian_denoiser() -> None:
     # at zero terminal SNR (sigma = inf) the input is the VP state and D is E[x0] = 0 here
     v = VPrecond(_ExactVPNet("v"), sigma_max=math.inf, prediction="v")
     assert v(x, math.inf).abs().max().item() == 0.0
-    with pytest.raises(ValueError, match="prediction=eps cannot"):
+    with pytest.raises(
+        ValueError, match="^model.precond.prediction=eps cannot be used with a zero-terminal"
+    ):
         VPrecond(_ExactVPNet("eps"), sigma_max=math.inf, prediction="eps")
-    with pytest.raises(ValueError, match="prediction must be one of eps, v, x0"):
+    with pytest.raises(ValueError, match="^model.precond.prediction must be one of eps, v, x0"):
         VPrecond(_ExactVPNet("v"), prediction="score")
 
 
