@@ -2,13 +2,16 @@
 
     .venv/bin/python scripts/modes_fmnist.py TEACHER_CKPT [--out OUT] [--steps 1000] [--every 250]
     .venv/bin/python scripts/modes_fmnist.py --table OUT        # (re)write OUT/modes.{md,csv,png}
+    .venv/bin/python scripts/modes_fmnist.py --grids OUT        # (re)write OUT/modes_grid.png
 
 1. trains CD (fmnist_cd_l2), ECT (fmnist_ect) and sCD (fmnist_scd) from TEACHER_CKPT, and
    iCT-style CT (fmnist_ct_pseudo_huber) and sCT (fmnist_sct) from scratch, all with
    ``+sweep=modes`` (batch 64, ``--steps`` steps, fd_fmnist of 1- and 2-step samples every
    ``--every`` steps with the shipped classifier, the same seeds everywhere);
 2. writes OUT/modes.csv (every evaluation), OUT/modes.md (the last evaluation per mode) and
-   OUT/modes.png (fd_fmnist against images seen, 1 and 2 steps).
+   OUT/modes.png (fd_fmnist against images seen, 1 and 2 steps);
+3. writes OUT/modes_grid.png: each mode's last checkpoint (sampling EMA), 1 and 2 steps (its
+   default tau), the same seeds 0..N-1 in every row.
 DRY_RUN=1 prints the training commands instead of running them.
 """
 
@@ -132,6 +135,47 @@ def table(out: Path) -> None:
     print((out / "modes.md").read_text())
 
 
+def grids(out: Path, num: int = 12) -> None:
+    """One row per mode and step count: ``num`` samples of each run's last checkpoint, image i
+    from seed i in every row (1 step: f(T z, T); 2 steps: the checkpoint's default tau)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from cmexp.inference import generate, load_model, sigma_plan
+
+    runs = []
+    for ckpt in sorted((out / "runs").glob("*/*/checkpoints/last.ckpt")):
+        run = ckpt.parents[1]
+        overrides = run / ".hydra" / "overrides.yaml"
+        text = overrides.read_text() if overrides.is_file() else ""
+        mode = next(
+            (e for e in (*DISTILLED, *FROM_SCRATCH) if f"experiment={e}" in text), run.name
+        )
+        runs.append((mode, ckpt))
+    if not runs:
+        raise SystemExit(f"no checkpoints under {out / 'runs'}: train first")
+    rows = []
+    with torch.no_grad():
+        for mode, ckpt in runs:
+            loaded = load_model(str(ckpt))
+            for steps in (1, 2):
+                x = generate(loaded, num, sigma_plan(loaded.spec, steps), seed=0)
+                strip = torch.cat(list(((x[:, 0] + 1) / 2).clamp(0, 1)), dim=1)
+                rows.append((f"{mode}, {steps} step{'s' * (steps > 1)}", strip))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(num * 0.6, len(rows) * 0.75))
+    for ax, (label, strip) in zip(axes, rows, strict=True):
+        ax.imshow(strip.numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "modes_grid.png", dpi=100)
+    print(f"wrote {out / 'modes_grid.png'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,15 +189,22 @@ def main() -> None:
     parser.add_argument(
         "--table", type=Path, default=None, help="only (re)write the table and plot of this folder"
     )
+    parser.add_argument(
+        "--grids", type=Path, default=None, help="only (re)write the sample grids of this folder"
+    )
     args = parser.parse_args()
     if args.table is not None:
         table(args.table)
+        return
+    if args.grids is not None:
+        grids(args.grids)
         return
     if not args.teacher:
         parser.error("TEACHER_CKPT is required (last.ckpt of +experiment=fmnist_edm, or zoo:NAME)")
     train(args.out, args.teacher, args.steps, args.every)
     if os.environ.get("DRY_RUN") != "1":
         table(args.out)
+        grids(args.out)
 
 
 if __name__ == "__main__":

@@ -214,3 +214,28 @@ def test_modes_sweep_trains_every_mode_at_equal_images_seen(composer, tmp_path: 
     md = (tmp_path / "modes.md").read_text()
     assert "| fmnist_ect | 32.0 | 3.00 | 1.50 |" in md and "| fmnist_sct | 32.0 | 5.00 | 2.50 |" in md
     assert (tmp_path / "modes.png").stat().st_size > 1000
+
+
+def test_modes_script_draws_every_runs_samples_with_the_same_seeds(tmp_path: Path) -> None:
+    """scripts/modes_fmnist.py --grids: one row per mode and step count from each run's
+    last.ckpt (here a tiny CT run laid out as a +sweep=modes multirun job)."""
+    from cmexp.train import train
+
+    from .conftest import compose_train
+
+    run = tmp_path / "runs" / "scratch" / "0"
+    train(compose_train(["debug=tiny", "model=ct", "trainer.max_steps=2"], run))
+    (run / ".hydra").mkdir(exist_ok=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- +experiment=fmnist_ct_pseudo_huber\n")
+    out = subprocess.run([sys.executable, "scripts/modes_fmnist.py", "--grids", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from PIL import Image
+
+    png = tmp_path / "modes_grid.png"
+    assert png.is_file() and Image.open(png).size[1] > 50
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, "scripts/modes_fmnist.py", "--grids", str(empty)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "no checkpoints under" in out.stderr
