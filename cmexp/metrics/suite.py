@@ -63,11 +63,17 @@ def frechet_distance(real: dict[str, Tensor], fake: dict[str, Tensor]) -> float:
 def score(
     real: dict[str, Tensor], fake: dict[str, Tensor], name: str = "fmnist", kid_subsets: int = 100,
     kid_subset_size: int = 1000, prc_neighborhood: int = 3, isc_splits: int = 10, seed: int = 2020,
+    prc_batch_size: int | None = None,
 ) -> dict[str, float]:
     """Metrics of generated features ``fake`` against real features ``real``
     (outputs of :func:`extract`). Keys: ``fd_<name>``, ``kid_<name>`` (+``_std``),
     ``precision``, ``recall``, and ``is_<name>`` (+``_std``) when logits exist; with
-    ``name=""`` (Inception) the usual ``fid``, ``kid``, ``is``."""
+    ``name=""`` (Inception) the usual ``fid``, ``kid``, ``is``.
+
+    Precision/recall need every set's k-th neighbour distances: torch-fidelity's row-block
+    computation (``save_cpu_ram``) with ``prc_batch_size`` rows per block (default: blocks of
+    at most 2.5e8 distances, ~1 GB; the full 50k x 50k matrix of 50k real images needs 10 GB
+    and, with kthvalue's copy, overflowed 24 GB). Same numbers as the full matrix (tested)."""
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
@@ -80,8 +86,10 @@ def score(
                                  kid_gamma=None, kid_coef0=1, kid_kernel="poly", rng_seed=seed, verbose=False)
     out[f"kid{sfx}"], out[f"kid{sfx}_std"] = float(kid["kernel_inception_distance_mean"]), float(kid["kernel_inception_distance_std"])
     k = min(prc_neighborhood, len(fr) - 1, len(ff) - 1)
-    prc = prc_features_to_metric(ff.float(), fr.float(), prc_neighborhood=k, prc_batch_size=10000,
-                                 save_cpu_ram=False, verbose=False)
+    if prc_batch_size is None:
+        prc_batch_size = max(1, min(10_000, 250_000_000 // max(len(fr), len(ff))))
+    prc = prc_features_to_metric(ff.float(), fr.float(), prc_neighborhood=k, prc_batch_size=int(prc_batch_size),
+                                 save_cpu_ram=True, verbose=False)
     out["precision"], out["recall"] = float(prc["precision"]), float(prc["recall"])
     if "logits" in fake:
         isc = isc_features_to_metric(fake["logits"], splits=min(isc_splits, len(ff)), shuffle=True, rng_seed=seed)
