@@ -9,7 +9,8 @@
 # 1. trains CD (+experiment=fmnist_cd_l2) and PD (+experiment=fmnist_pd: 64 teacher DDIM steps
 #    halved in 6 rounds) with +sweep=fig4 metric=l2, both STEPS optimizer steps at batch 64
 #    (equal images seen; LPIPS arms: metric=l2,lpips with the VGG16 weights in $TORCH_HOME);
-# 2. scores fd_fmnist with cmexp.eval (NUM_SAMPLES images, the same seeds everywhere): CD at
+# 2. scores fd_fmnist with cmexp.eval (NUM_SAMPLES images, the same seeds everywhere, against the
+#    10,000 Fashion-MNIST test images as docs/results.md): CD at
 #    NFE 1, 2, 4; PD's students of rounds 3-6 (NFE 8, 4, 2, 1); the teacher with DDIM, Euler and
 #    Heun on the same Karras levels as the PD students (solver_steps; Heun: NFE 2, 4, 8; DDIM
 #    with eta = 0 and Euler are the same sampler in sigma, the Euler row checks it);
@@ -84,7 +85,7 @@ $RUN -m cmexp.train +experiment=fmnist_pd +sweep=fig4 metric=l2 "model.teacher_p
   trainer.max_steps=$STEPS model.steps_per_round=$LEN $Q "hydra.sweep.dir=$OUT/pd"
 
 # 2. fd_fmnist at equal NFE (image i uses seed i in every set)
-EV="features.ckpt=$CLF num_samples=$NUM_SAMPLES"
+EV="features.ckpt=$CLF num_samples=$NUM_SAMPLES num_real=10000 real_split=test"
 $RUN -m cmexp.eval "ckpt=$OUT/cd/0/checkpoints/last.ckpt" 'steps=[1,2,4]' $EV "hydra.run.dir=$OUT/eval/cd"
 for r in 3 4 5 6; do  # the students of 8, 4, 2 and 1 steps, checkpointed at their round's end
   $RUN -m cmexp.eval "ckpt=$OUT/pd/0/checkpoints/step$(printf %07d $((r * LEN))).ckpt" $EV "hydra.run.dir=$OUT/eval/pd_round$r"

@@ -165,6 +165,7 @@ def test_fig4_script_commands_compose_with_equal_budgets_and_the_table_reads_eva
             assert cfg.model.teacher_steps // 2**cfg.model.num_rounds == 1
     assert budgets[0] == budgets[1] == 1200 * 64
     assert any("solver_steps=[1,2,4,8]" in a and "sampler=ddim" in a for a in evals)
+    assert all("num_real=10000" in e and "real_split=test" in e for e in evals)  # the results.md protocol
     assert sum(any(a.startswith("ckpt=") and "/pd/0/checkpoints/step" in a for a in e) for e in evals) == 4
     # --table: fd_fmnist against NFE from the eval folders
     for name, sets in {"cd": {"1step": (1, "consistency", 30.0), "2step": (2, "consistency", 20.0)},
