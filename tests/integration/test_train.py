@@ -231,6 +231,19 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(composer
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
+def test_last_checkpoint_holds_the_final_step_when_it_is_not_a_checkpoint_step(composer) -> None:
+    """5 steps with a checkpoint every 2: last.ckpt is step 5 (Lightning alone left step 4 there,
+    and a 1200-step run with checkpoints every 500 lost its last 200 steps)."""
+    cfg = composer([*TINY, "model=ct", "trainer.max_steps=5", "callbacks.checkpoint.every_n_train_steps=2"])
+    train(cfg)
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 5 and last["cmexp"]["batches_seen"] == 5
+    assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step0000002.ckpt", "step0000004.ckpt"]
+    step4 = torch.load(ckpts / "step0000004.ckpt", map_location="cpu", weights_only=False)
+    assert any(not torch.equal(v, step4["state_dict"][k]) for k, v in last["state_dict"].items())
+
+
 def test_wandb_offline_run_logs_metrics_and_uint8_grids(composer, monkeypatch, tmp_path) -> None:
     """Without an API key, logger=wandb logs offline into the run folder (syncable later)."""
     from lightning.pytorch.loggers import WandbLogger
