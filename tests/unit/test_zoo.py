@@ -256,3 +256,18 @@ def test_the_shipped_edm_teacher_loads_by_name_and_denoises_real_images() -> Non
             d = model.model(noisy, torch.full((16,), sigma))
         mse_noisy, mse_d = (noisy - x).pow(2).mean().item(), (d - x).pow(2).mean().item()
         assert mse_d < 0.5 * mse_noisy, (sigma, mse_d, mse_noisy)
+
+
+def test_the_shipped_cd_student_loads_by_name_and_samples_in_one_step() -> None:
+    """zoo:fmnist_cd: the CD student of zoo:fmnist_edm (docs/zoo.md), a consistency model with
+    the paper's 2-step tau; one step maps noise to images in [-1, 1] that are not noise."""
+    from cmexp.inference import generate, load_model, sigma_plan
+
+    prov = zoo.info("zoo:fmnist_cd")["provenance"]
+    assert prov["kind"] == "cd" and prov["steps"] == 1200 and prov["teacher"].startswith("zoo:fmnist_edm")
+    model = load_model("zoo:fmnist_cd")
+    assert model.is_consistency and list(model.spec.taus) == [0.585]
+    x = generate(model, 4, sigma_plan(model.spec, 1), seed=0)
+    assert x.shape == (4, 1, 32, 32) and bool(torch.isfinite(x).all()) and x.abs().max() <= 1
+    # a garment on a dark background: the border is darker than the centre
+    assert x[..., :3, :].mean() < x[..., 10:22, 10:22].mean()
