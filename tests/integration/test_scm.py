@@ -79,7 +79,7 @@ def test_fmnist_sct_trains_and_its_checkpoint_describes_the_trigflow_model(runs)
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses.values())
     with open(runs["sct_run"] / "csv" / "metrics.csv") as fh:
         warm = [float(r["train/warmup"]) for r in csv.DictReader(fh) if r.get("train/warmup")]
-    assert warm == pytest.approx([0.0, 1 / 500, 2 / 500, 3 / 500])  # fmnist_sct: 500-step warm-up
+    assert warm == pytest.approx([0.0, 1 / 200, 2 / 200, 3 / 200])  # fmnist_sct: 200-step warm-up
     loaded = load_model(runs["sct"])
     assert isinstance(loaded.model, TrigFlowPrecond) and loaded.is_consistency
     assert loaded.spec.taus == pytest.approx((0.5 * math.tan(1.1),))
