@@ -58,18 +58,17 @@ def train(out: Path, teacher: str, steps: int, every: int) -> None:
         subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def run_mode(run: Path) -> str:
+    """The experiment a multirun job folder trained (from its .hydra/overrides.yaml)."""
+    overrides = run / ".hydra" / "overrides.yaml"
+    text = overrides.read_text() if overrides.is_file() else ""
+    return next((e for e in (*DISTILLED, *FROM_SCRATCH) if f"experiment={e}" in text), run.name)
+
+
 def collect(out: Path) -> list[dict]:
     rows = []
     for metrics in sorted((out / "runs").glob("*/*/csv/metrics.csv")):
-        run = metrics.parents[1]
-        overrides = (
-            (run / ".hydra" / "overrides.yaml").read_text()
-            if (run / ".hydra" / "overrides.yaml").is_file()
-            else ""
-        )
-        mode = next(
-            (e for e in (*DISTILLED, *FROM_SCRATCH) if f"experiment={e}" in overrides), run.name
-        )
+        mode = run_mode(metrics.parents[1])
         kimg_at: dict[int, float] = {}
         evals: dict[int, dict] = {}
         with open(metrics) as fh:
@@ -146,15 +145,10 @@ def grids(out: Path, num: int = 12) -> None:
 
     from cmexp.inference import generate, load_model, sigma_plan
 
-    runs = []
-    for ckpt in sorted((out / "runs").glob("*/*/checkpoints/last.ckpt")):
-        run = ckpt.parents[1]
-        overrides = run / ".hydra" / "overrides.yaml"
-        text = overrides.read_text() if overrides.is_file() else ""
-        mode = next(
-            (e for e in (*DISTILLED, *FROM_SCRATCH) if f"experiment={e}" in text), run.name
-        )
-        runs.append((mode, ckpt))
+    runs = [
+        (run_mode(c.parents[1]), c)
+        for c in sorted((out / "runs").glob("*/*/checkpoints/last.ckpt"))
+    ]
     if not runs:
         raise SystemExit(f"no checkpoints under {out / 'runs'}: train first")
     rows = []
