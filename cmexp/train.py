@@ -25,7 +25,7 @@ from cmexp.utils.cli import override_key, precheck, reject_renamed_keys, run_cli
 log = logging.getLogger("cmexp.train")
 
 #: The README's main job: `python -m cmexp.train` with no +experiment trains this experiment.
-MAIN_EXPERIMENT = "fmnist_ct_pseudo_huber"
+MAIN_EXPERIMENT = "fmnist_cd_quick"
 
 
 def train_overrides(argv: list[str], main_experiment: bool = True) -> list[str]:

@@ -717,7 +717,8 @@ def check_train_config(cfg: DictConfig) -> None:
                     "ECTLitModule": "easy consistency tuning (model=ect starts from an EDM teacher)"}[target.rsplit(".", 1)[-1]]
             raise ConfigError(
                 f"model.teacher_path is required for {what}: set "
-                "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm)"
+                "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm), "
+                "or model.teacher_path=zoo:fmnist_edm (the shipped Fashion-MNIST teacher)"
             )
         check_checkpoint_file(path, "model.teacher_path", "the last.ckpt of an EDM run (+experiment=fmnist_edm)")
     check_conditional(cfg)

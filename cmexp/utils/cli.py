@@ -79,7 +79,7 @@ RENAMED_KEYS: dict[str, dict[str, str]] = {
     "train": {
         "model.sample_sigmas": "model.taus",
         "dataset.num_samples": "dataset.length",
-        "preset": "removed: the main job is +experiment=fmnist_ct_pseudo_huber (chosen when no +experiment is given)",
+        "preset": "removed: the main job is +experiment=fmnist_cd_quick (chosen when no +experiment is given)",
     },
     "sample": {"grid_num_scales": "num_scales"},
     "eval": {"grid_num_scales": "num_scales"},

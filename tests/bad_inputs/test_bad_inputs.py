@@ -30,6 +30,7 @@ from cmexp.utils.cli import precheck, run_cli
 from .cases import CASES, Case
 
 ROOT = Path(__file__).resolve().parents[2]
+CT = "+experiment=fmnist_ct_pseudo_huber"  # training cases: a CT run (the main job distils the zoo teacher)
 
 
 def _tree(path: Path) -> dict[str, tuple[int, int]] | None:
@@ -76,6 +77,8 @@ def _argv(case: Case, args: list[str]) -> list[str]:
         return args
     from cmexp.train import train_overrides
 
+    if not any(a.lstrip("+").startswith("experiment=") for a in args):
+        args = [CT, *args]  # the cases were written for a CT run (the main job is CD from the zoo teacher)
     return train_overrides(args)
 
 
@@ -206,6 +209,7 @@ def test_cli_config_error_fails_in_a_second_without_a_folder(
     assert seconds < 20  # about 1 s on an idle machine; generous for a loaded CI box
     out, _ = _cli(
         "cmexp.train",
+        CT,
         "debug=tiny",
         f"ckpt_path={bad_files['truncated']}",
         f"paths.root_dir={tmp_path}",
@@ -238,7 +242,7 @@ def test_cli_never_writes_into_another_run(bad_files) -> None:
     before = _tree(run)
     for entry, extra in (
         ("cmexp.sample", [f"ckpt={bad_files['ct']}"]),
-        ("cmexp.train", ["debug=tiny"]),
+        ("cmexp.train", [CT, "debug=tiny"]),
     ):
         out, _ = _cli(entry, *extra, f"hydra.run.dir={run}")
         assert f"error: hydra.run.dir={run} already holds a train run" in _one_error_line(out)
@@ -254,6 +258,7 @@ def test_second_training_on_a_locked_folder_fails_at_once(tmp_path: Path) -> Non
             sys.executable,
             "-m",
             "cmexp.train",
+            CT,
             "debug=tiny",
             "trainer.max_steps=100000",
             f"hydra.run.dir={run}",
@@ -272,6 +277,7 @@ def test_second_training_on_a_locked_folder_fails_at_once(tmp_path: Path) -> Non
         for resume in ([], ["ckpt_path=auto"]):
             out, _ = _cli(
                 "cmexp.train",
+                CT,
                 "debug=tiny",
                 *resume,
                 f"hydra.run.dir={run}",

@@ -17,6 +17,7 @@ from .conftest import CONF_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 ROOT = CONF_DIR.parent
+CT = "+experiment=fmnist_ct_pseudo_huber"  # a CT run (the main job distils the zoo teacher)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -94,17 +95,34 @@ def test_experiment_composes_and_instantiates(name, composer, teachers, fake_wei
         assert cfg.trainer.gradient_clip_val == 1.0 and cfg.model.ema_decay == 0.0
 
 
-def test_main_job_is_the_quick_fashion_mnist_ct(composer) -> None:
+def test_main_job_is_the_quick_fashion_mnist_cd_from_the_zoo_teacher(composer) -> None:
     from cmexp.train import MAIN_EXPERIMENT, train_overrides
 
+    assert MAIN_EXPERIMENT == "fmnist_cd_quick"
     assert train_overrides([]) == [f"+experiment={MAIN_EXPERIMENT}"]
     cfg = composer(train_overrides([]))
     assert cfg.dataset._target_.endswith("FashionMNISTDataModule") and cfg.dataset.batch_size == 64
-    assert cfg.model._target_ == "cmexp.modules.CTLitModule" and cfg.trainer.max_steps == 4000
-    assert cfg.schedule._target_ == "cmexp.diffusion.ImprovedSchedule" and cfg.schedule.mu == 0.0
+    assert cfg.model._target_ == "cmexp.modules.CDLitModule" and cfg.trainer.max_steps == 700
+    assert cfg.model.teacher_path == "zoo:fmnist_edm" and cfg.net.model_channels == 16  # ncsnpp_small
+    assert cfg.schedule.num_scales == 18 and cfg.schedule.mu == 0.0
+    assert cfg.solver._target_ == "cmexp.diffusion.heun_step" and list(cfg.model.taus) == [3.2568]
     # an explicit experiment is kept as given; debug configs are applied after the experiment
     assert train_overrides(["+experiment=fmnist_edm", "debug=tiny", "seed=1"]) == ["+experiment=fmnist_edm", "seed=1", "+debug=tiny"]
-    assert composer(train_overrides(["debug=tiny"])).dataset.batch_size == 8
+    assert composer(train_overrides([CT, "debug=tiny"])).dataset.batch_size == 8
+
+
+def test_main_job_starts_from_the_zoo_teacher(composer) -> None:
+    """The main job needs no teacher run: its student, target and sampling EMA start as copies of
+    the shipped teacher's weights (CM paper App. C)."""
+    from cmexp.train import train_overrides
+
+    cfg = composer(train_overrides([]))
+    model = hydra.utils.instantiate(cfg.model)
+    teacher = model._teacher[0].state_dict()
+    for net in (model.model, model.target, model.ema):
+        student = net.state_dict()
+        assert student.keys() == teacher.keys()
+        assert all(torch.equal(student[k], teacher[k]) for k in teacher)
 
 
 def test_main_job_values_do_not_leak_into_other_experiments(composer) -> None:
@@ -133,13 +151,13 @@ def test_cfg_job_prints_resolved_config(name: str) -> None:
 
 
 def test_unknown_group_option_and_bad_values_fail_with_one_clear_line(tmp_path: Path) -> None:
-    out = _cli("net=resnet9000", f"paths.root_dir={tmp_path}")
+    out = _cli(CT, "net=resnet9000", f"paths.root_dir={tmp_path}")
     assert out.returncode != 0
     assert "Could not find 'net/resnet9000'" in out.stderr
-    out = _cli("schedule.s1=1", f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r"))
+    out = _cli(CT, "schedule.s1=1", f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r"))
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "error: schedule.s1=1 must be >= schedule.s0=10"
-    out = _cli("dataset=cifar10", f"dataset.data_dir={tmp_path / 'nothing'}", "net=tiny",
+    out = _cli(CT, "dataset=cifar10", f"dataset.data_dir={tmp_path / 'nothing'}", "net=tiny",
                f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r2"))
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]

@@ -70,7 +70,8 @@ def test_tiny_multirun_runs_every_job_and_compare_reads_it(tmp_path: Path) -> No
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     out = subprocess.run(
-        [sys.executable, "-m", "cmexp.train", "debug=tiny", "model=ct", "trainer.max_steps=2", "+sweep=seeds", "logger=wandb",
+        [sys.executable, "-m", "cmexp.train", "+experiment=fmnist_ct_pseudo_huber", "debug=tiny", "model=ct",
+         "trainer.max_steps=2", "+sweep=seeds", "logger=wandb",
          f"hydra.sweep.dir={tmp_path}", f"paths.root_dir={tmp_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -109,7 +110,8 @@ def test_wandb_sweep_files_match_the_hydra_sweeps(name: str) -> None:
 def test_submitit_local_launcher_runs_a_sweep(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     out = subprocess.run(
-        [sys.executable, "-m", "cmexp.train", "-m", "debug=tiny", "model=ct", "trainer.max_steps=1", "seed=0,1",
+        [sys.executable, "-m", "cmexp.train", "-m", "+experiment=fmnist_ct_pseudo_huber", "debug=tiny", "model=ct",
+         "trainer.max_steps=1", "seed=0,1",
          "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={tmp_path}", f"paths.root_dir={tmp_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
