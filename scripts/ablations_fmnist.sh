@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The reduced Fashion-MNIST reproduction of CM paper Fig. 3 (docs/ablations.md):
 #   bash scripts/ablations_fmnist.sh TEACHER_CKPT [OUT_DIR]
-# TEACHER_CKPT: last.ckpt of `python -m cmexp.train +experiment=fmnist_edm`. The fd_fmnist
-# curves need checkpoints/fmnist_classifier.ckpt (`+experiment=fmnist_classifier`).
+# TEACHER_CKPT: last.ckpt of `python -m cmexp.train +experiment=fmnist_edm`, or zoo:fmnist_edm
+# (the shipped teacher). The fd_fmnist curves use the shipped classifier (zoo:fmnist_classifier).
 # Each panel is one `+sweep=figXX` command; the reductions (steps, N values, the metric) are
 # command-line overrides of the sweep's parameters. About 2 hours on 2 CPU cores; set
 # STEPS_CD / STEPS_CT to change the run lengths. Then the comparison tables and plots:
@@ -20,7 +20,7 @@ plots() {
 if [ "${1:-}" = "--compare" ]; then plots "$2"; exit 0; fi
 TEACHER=$1
 OUT=${2:-logs/ablations_fmnist/$(date +%Y-%m-%d_%H-%M-%S)}
-[ -f "$TEACHER" ] || { echo "error: teacher checkpoint $TEACHER not found (run +experiment=fmnist_edm first)" >&2; exit 2; }
+[[ "$TEACHER" == zoo:* ]] || [ -f "$TEACHER" ] || { echo "error: teacher checkpoint $TEACHER not found (run +experiment=fmnist_edm first, or use zoo:fmnist_edm)" >&2; exit 2; }
 if [ -e "$OUT" ]; then echo "error: $OUT exists; give a new output folder" >&2; exit 2; fi
 STEPS_CD=${STEPS_CD:-300}; STEPS_CT=${STEPS_CT:-800}
 Q="callbacks.sample_quality.every_n_steps=100 callbacks.sample_quality.num_samples=500 trainer.enable_progress_bar=false"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the sampling and editing figures of docs/sampling_editing.md from two checkpoints:
 #   bash scripts/docs_figures.sh CT_CKPT CD_CKPT [CLASSIFIER_CKPT]
+# (a checkpoint, a slim export or zoo:NAME; '-' skips that model and keeps its figures)
 # Each picture is written by the suite's own command lines (cmexp.sample, cmexp.edit,
 # cmexp.tau_search) into logs/, then copied to docs/img/. Runs in a few minutes on 2 CPU cores.
 set -euo pipefail
@@ -11,6 +12,7 @@ OUT=logs/docs_figures/$(date +%Y-%m-%d_%H-%M-%S)
 mkdir -p docs/img "$OUT"
 for pair in "ct:$CT" "cd:$CD"; do
   name=${pair%%:*}; ckpt=${pair#*:}
+  [ "$ckpt" = "-" ] && continue
   for steps in 1 2 4; do
     $PY -m cmexp.sample ckpt="$ckpt" num_samples=64 steps=$steps hydra.run.dir="$OUT/${name}_sample_${steps}step"
     cp "$OUT/${name}_sample_${steps}step/samples_grid.png" "docs/img/fmnist_${name}_sample_${steps}step.png"
