@@ -81,7 +81,7 @@ def table(out: Path, items: list[str]) -> list[dict]:
     for r in rows:
         is_ = f"{r['is_fmnist']:.2f}" if r["is_fmnist"] is not None else "-"
         lines.append(
-            f"| {r['model']} | {r['set']} | {r['nfe'] or '-'} | {r['sigmas'] or '-'} | {r['fd_fmnist']:.3g} | "
+            f"| {r['model']} | {r['set']} | {r['nfe'] or '-'} | {r['sigmas'] or '-'} | {r['fd_fmnist']:.4g} | "
             f"{r['kid_fmnist']:.3f} | {is_} | {r['precision']:.3f} | {r['recall']:.3f} | "
             f"{r['num_samples']} | {r['reference']} |"
         )

@@ -62,10 +62,10 @@ def test_table_reads_every_sample_set_of_the_eval_folders(tmp_path: Path) -> Non
     assert out.returncode == 0, out.stderr
     md = (tmp_path / "out" / "results_table.md").read_text().splitlines()
     assert md[2].startswith(
-        "| teacher | heun35nfe | 11 | heun on 6 levels 80 ... 0.002 | 11.3 | 1.132 |"
+        "| teacher | heun35nfe | 11 | heun on 6 levels 80 ... 0.002 | 11.32 | 1.132 |"
     )
-    assert md[3].startswith("| CD | 1step | 1 | 80 | 44.2 |") and md[4].startswith(
-        "| CD | 2step | 2 | 80 3.257 | 31.4 |"
+    assert md[3].startswith("| CD | 1step | 1 | 80 | 44.16 |") and md[4].startswith(
+        "| CD | 2step | 2 | 80 3.257 | 31.38 |"
     )
     assert md[4].endswith("| 0.800 | 0.500 | 10000 | 10000 test |")
     missing = _script("table", str(tmp_path / "out"), f"x={tmp_path / 'nothing'}")
