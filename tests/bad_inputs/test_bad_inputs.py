@@ -25,12 +25,12 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict, read_write
 
 from cmexp.utils import runs
-from cmexp.utils.cli import precheck, run_cli
+from cmexp.utils.cli import override_key, precheck, run_cli
+from tests.integration.conftest import CT_EXPERIMENT as CT
 
 from .cases import CASES, Case
 
 ROOT = Path(__file__).resolve().parents[2]
-CT = "+experiment=fmnist_ct_pseudo_huber"  # training cases: a CT run (the main job distils the zoo teacher)
 
 
 def _tree(path: Path) -> dict[str, tuple[int, int]] | None:
@@ -77,7 +77,7 @@ def _argv(case: Case, args: list[str]) -> list[str]:
         return args
     from cmexp.train import train_overrides
 
-    if not any(a.lstrip("+").startswith("experiment=") for a in args):
+    if not any(override_key(a) == "experiment" for a in args):
         args = [CT, *args]  # the cases were written for a CT run (the main job is CD from the zoo teacher)
     return train_overrides(args)
 

@@ -12,6 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+#: a training without a teacher (the main job distils the zoo teacher, which debug=tiny cannot shrink)
+CT_EXPERIMENT = "+experiment=fmnist_ct_pseudo_huber"
 
 pytestmark = pytest.mark.integration
 

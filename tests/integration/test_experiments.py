@@ -14,10 +14,10 @@ import torch
 from omegaconf import OmegaConf
 
 from .conftest import CONF_DIR
+from .conftest import CT_EXPERIMENT as CT
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 ROOT = CONF_DIR.parent
-CT = "+experiment=fmnist_ct_pseudo_huber"  # a CT run (the main job distils the zoo teacher)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

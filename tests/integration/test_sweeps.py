@@ -13,7 +13,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from .conftest import CONF_DIR
+from .conftest import CONF_DIR, CT_EXPERIMENT
 
 ROOT = CONF_DIR.parent
 NS = ["9", "12", "18", "36", "50", "60", "80", "120"]
@@ -70,7 +70,7 @@ def test_tiny_multirun_runs_every_job_and_compare_reads_it(tmp_path: Path) -> No
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     out = subprocess.run(
-        [sys.executable, "-m", "cmexp.train", "+experiment=fmnist_ct_pseudo_huber", "debug=tiny", "model=ct",
+        [sys.executable, "-m", "cmexp.train", CT_EXPERIMENT, "debug=tiny", "model=ct",
          "trainer.max_steps=2", "+sweep=seeds", "logger=wandb",
          f"hydra.sweep.dir={tmp_path}", f"paths.root_dir={tmp_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -110,7 +110,7 @@ def test_wandb_sweep_files_match_the_hydra_sweeps(name: str) -> None:
 def test_submitit_local_launcher_runs_a_sweep(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     out = subprocess.run(
-        [sys.executable, "-m", "cmexp.train", "-m", "+experiment=fmnist_ct_pseudo_huber", "debug=tiny", "model=ct",
+        [sys.executable, "-m", "cmexp.train", "-m", CT_EXPERIMENT, "debug=tiny", "model=ct",
          "trainer.max_steps=1", "seed=0,1",
          "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={tmp_path}", f"paths.root_dir={tmp_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
