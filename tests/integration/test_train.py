@@ -144,6 +144,25 @@ def test_resume_reproduces_the_uninterrupted_losses(composer) -> None:
         assert value == pytest.approx(full_losses[step], rel=1e-5, abs=1e-7), step
 
 
+def test_resume_into_the_same_folder_keeps_the_earlier_metrics(composer) -> None:
+    """Lightning's CSVLogger deletes metrics.csv when its folder is not empty; the suite's
+    logger keeps the rows logged before the checkpoint and replaces those after it."""
+    common = [*TINY, "model=ct", "schedule=adaptive", "trainer.max_steps=6",
+              "callbacks.checkpoint.every_n_train_steps=3", "dataset.length=40"]
+    first = composer(common, name="same")
+    train(first)
+    run_dir = Path(first.paths.output_dir)
+    full_losses = _losses(run_dir)
+    assert sorted(full_losses) == [0, 1, 2, 3, 4, 5]
+    resumed = composer([*common, f"ckpt_path={run_dir / 'checkpoints' / 'step0000003.ckpt'}"], name="same")
+    assert Path(resumed.paths.output_dir) == run_dir
+    train(resumed)
+    rows = [r for r in _metrics(run_dir) if r.get("train/loss")]
+    assert sorted(int(r["step"]) for r in rows) == [0, 1, 2, 3, 4, 5]  # 0-2 kept, 3-5 logged once more
+    for r in rows:
+        assert float(r["train/loss"]) == pytest.approx(full_losses[int(r["step"])], rel=1e-5, abs=1e-7)
+
+
 def test_fashion_mnist_subset_runs_all_modes(composer, teacher_ckpt: Path) -> None:
     fm = ["dataset=fashion_mnist", "dataset.subset=32", "dataset.batch_size=8", "trainer.max_steps=2"]
     edm = composer([*TINY, *fm, "model=edm"], name="fm_edm")
