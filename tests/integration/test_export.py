@@ -53,5 +53,5 @@ def test_export_slim_and_zoo_entries(ct_ckpt: Path, tmp_path: Path, monkeypatch:
     assert "fmnist_classifier" in json.loads((copy / "zoo.json").read_text())["models"]  # others kept
     with pytest.raises(FileExistsError, match="zoo:tiny_ct exists; pass replace=true"):
         export(cfg)
-    with pytest.raises(ValueError, match="unknown zoo model 'nope'; the zoo has: zoo:fmnist_cd, zoo:fmnist_classifier, zoo:fmnist_edm, zoo:tiny_ct"):
+    with pytest.raises(ValueError, match="unknown zoo model 'nope'; the zoo has: zoo:fmnist_cd, zoo:fmnist_classifier, zoo:fmnist_ct, zoo:fmnist_edm, zoo:tiny_ct"):
         load_model("zoo:nope")

@@ -271,3 +271,19 @@ def test_the_shipped_cd_student_loads_by_name_and_samples_in_one_step() -> None:
     assert x.shape == (4, 1, 32, 32) and bool(torch.isfinite(x).all()) and x.abs().max() <= 1
     # a garment on a dark background: the border is darker than the centre
     assert x[..., :3, :].mean() < x[..., 10:22, 10:22].mean()
+
+
+def test_the_shipped_ct_model_loads_by_name_and_samples_in_one_step() -> None:
+    """zoo:fmnist_ct: CT from random weights (no teacher; docs/zoo.md), a consistency model
+    whose one step maps noise to images in [-1, 1] that are garments, not noise."""
+    from cmexp.inference import generate, load_model, sigma_plan
+
+    prov = zoo.info("zoo:fmnist_ct")["provenance"]
+    assert prov["kind"] == "ct" and "+experiment=fmnist_ct_pseudo_huber" in prov["command"]
+    assert prov["steps"] * prov["batch_size"] == prov["images_seen"] and prov["scores"]
+    model = load_model("zoo:fmnist_ct")
+    assert model.is_consistency and model.kind == "ct" and (model.img_channels, model.img_resolution) == (1, 32)
+    x = generate(model, 4, sigma_plan(model.spec, 1), seed=0)
+    assert x.shape == (4, 1, 32, 32) and bool(torch.isfinite(x).all()) and x.abs().max() <= 1
+    # a garment on a dark background: the border is darker than the centre
+    assert x[..., :3, :].mean() < x[..., 10:22, 10:22].mean()
