@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cmexp  # noqa: F401 - the config tree's resolvers
-from benchmarks.training_and_sampling import _sync
+import cmexp  # noqa: E402, F401 - the config tree's resolvers
+from benchmarks.training_and_sampling import _sync  # noqa: E402
 
 
 def fake_teacher(cfg, folder: Path) -> Path:

@@ -20,6 +20,7 @@ from cmexp.diffusion.sampling import SeededNoise, sample_multistep
 from cmexp.diffusion.solvers import sample_euler, sample_heun
 from cmexp.inference.loader import LoadedModel
 from cmexp.inference.plan import check_sampler
+from cmexp.utils.images import image_grid, save_png, to_uint8
 
 #: Options of the stochastic samplers (command-line keys of cmexp.sample / cmexp.eval).
 SAMPLER_OPTIONS = {"ddim": ("eta",), "edm_sde": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
@@ -36,7 +37,6 @@ def sampler_options(sampler: str, values: Any) -> dict[str, float]:
     if tmin is not None and tmax is not None and not float(tmax) >= float(tmin):
         raise ValueError(f"s_tmax must be >= s_tmin, got s_tmax={tmax} < s_tmin={tmin}")
     return {k: float(values[k]) for k in SAMPLER_OPTIONS.get(sampler, ()) if values.get(k) is not None}
-from cmexp.utils.images import image_grid, save_png, to_uint8
 
 
 @torch.no_grad()
