@@ -37,31 +37,51 @@ def build(overrides: list[str]):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--classifier", required=True, help="last.ckpt of +experiment=fmnist_classifier")
+    ap.add_argument(
+        "--classifier", required=True, help="last.ckpt of +experiment=fmnist_classifier"
+    )
     ap.add_argument("--experiment", default="fmnist_ct_pseudo_huber")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
     import lightning.pytorch as pl
 
-    cfg = build([f"+experiment={args.experiment}", "quality=fmnist", f"callbacks.sample_quality.features.ckpt={args.classifier}"])
+    cfg = build(
+        [
+            f"+experiment={args.experiment}",
+            "quality=fmnist",
+            f"callbacks.sample_quality.features.ckpt={args.classifier}",
+        ]
+    )
     dm = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
     cb = instantiate(cfg.callbacks.sample_quality)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[],
+    )
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
-    step = (time.perf_counter() - t0) / args.steps  # includes the first step's warm-up: an upper bound
+    step = (
+        time.perf_counter() - t0
+    ) / args.steps  # includes the first step's warm-up: an upper bound
     cb._real(trainer, model.device)  # the real features are computed once per key and cached
     t0 = time.perf_counter()
     metrics = cb.evaluate(trainer, model)
     evaluation = time.perf_counter() - t0
     k = cb.every_n_steps
     frac = evaluation / (k * step + evaluation)
-    line = (f"| {datetime.date.today()} | {args.experiment} | {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads | {step:.3f} s | {evaluation:.1f} s ({cb.num_samples} samples x "
-            f"{len([m for m in metrics if m.startswith('val/fd_')])} sets) | {k} | **{100 * frac:.2f}%** |")
+    line = (
+        f"| {datetime.date.today()} | {args.experiment} | {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads | {step:.3f} s | {evaluation:.1f} s ({cb.num_samples} samples x "
+        f"{len([m for m in metrics if m.startswith('val/fd_')])} sets) | {k} | **{100 * frac:.2f}%** |"
+    )
     print(line)
     out = Path(args.write)
     if args.write:

@@ -34,14 +34,23 @@ from tests.fakes import write_fake_vgg16  # noqa: E402  (random VGG16 in the tor
 def measure(kind: str, variant: str, args: argparse.Namespace, vgg16: str, micro: int) -> dict:
     """Images/s and peak memory of full training steps of ``kind`` in ``variant``."""
     metric = args.metric if kind == "cd" else args.ct_metric
-    module, _, opt, x = build(kind, args.net, micro, args.device, channels=args.channels, metric=metric,
-                              weights_path=vgg16)
+    module, _, opt, x = build(
+        kind,
+        args.net,
+        micro,
+        args.device,
+        channels=args.channels,
+        metric=metric,
+        weights_path=vgg16,
+    )
     module.train()
     if variant == "compiled":
         module.compile_net = True
         module.configure_model()
     accum = args.batch // micro
-    amp = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=variant == "bf16")
+    amp = torch.autocast(
+        device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=variant == "bf16"
+    )
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -68,9 +77,22 @@ def measure(kind: str, variant: str, args: argparse.Namespace, vgg16: str, micro
         _sync()
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else float("nan")
-    return {"kind": kind, "metric": metric, "variant": variant, "micro_batch": micro, "accumulation": accum,
-            "step_s": sec, "images_per_s": args.batch / sec, "first_step_s": first, "peak_mb": peak}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if args.device.startswith("cuda")
+        else float("nan")
+    )
+    return {
+        "kind": kind,
+        "metric": metric,
+        "variant": variant,
+        "micro_batch": micro,
+        "accumulation": accum,
+        "step_s": sec,
+        "images_per_s": args.batch / sec,
+        "first_step_s": first,
+        "peak_mb": peak,
+    }
 
 
 def run(kind: str, variant: str, args: argparse.Namespace, vgg16: str) -> dict:
@@ -92,29 +114,49 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--net", default="ncsnpp")
     ap.add_argument("--channels", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=512, help="global batch (micro-batch x accumulation)")
+    ap.add_argument(
+        "--batch", type=int, default=512, help="global batch (micro-batch x accumulation)"
+    )
     ap.add_argument("--metric", default="lpips", help="CD metric (lpips, l2, l1, pseudo_huber)")
     ap.add_argument("--ct-metric", default="lpips", help="CT metric")
     ap.add_argument("--kinds", default="cd,ct")
     ap.add_argument("--variants", default="fp32,bf16,compiled")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--vgg16", default=None, help="torchvision VGG16 file (default: random weights, timing only)")
+    ap.add_argument(
+        "--vgg16",
+        default=None,
+        help="torchvision VGG16 file (default: random weights, timing only)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"), help="append the table here ('' = do not)")
+    ap.add_argument(
+        "--write", default=str(ROOT / "BENCHMARKS.md"), help="append the table here ('' = do not)"
+    )
     args = ap.parse_args()
     for v in args.variants.split(","):
         if v not in ("fp32", "bf16", "compiled"):
-            raise SystemExit(f"error: --variants: unknown variant {v!r} (expected fp32, bf16, compiled)")
+            raise SystemExit(
+                f"error: --variants: unknown variant {v!r} (expected fp32, bf16, compiled)"
+            )
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (as cmexp.train)
         torch.backends.cudnn.allow_tf32 = False
     with tempfile.TemporaryDirectory() as tmp:
         vgg16 = args.vgg16 or str(write_fake_vgg16(Path(tmp)))
-        rows = [run(k, v, args, vgg16) for k in args.kinds.split(",") for v in args.variants.split(",")]
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({args.device})"
-    res = {"machine": machine, "torch": torch.__version__, "net": args.net, "batch": args.batch,
-           "vgg16": "file " + args.vgg16 if args.vgg16 else "random (timing only)", "rows": rows}
+        rows = [
+            run(k, v, args, vgg16) for k in args.kinds.split(",") for v in args.variants.split(",")
+        ]
+    machine = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({args.device})"
+    )
+    res = {
+        "machine": machine,
+        "torch": torch.__version__,
+        "net": args.net,
+        "batch": args.batch,
+        "vgg16": "file " + args.vgg16 if args.vgg16 else "random (timing only)",
+        "rows": rows,
+    }
     print(json.dumps(res, indent=2))
     if args.write:
         lines = [
@@ -125,12 +167,20 @@ def main() -> None:
             "|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            name = "CD (Heun, N=18, " + r["metric"] + ")" if r["kind"] == "cd" else "CT (" + r["metric"] + ")"
+            name = (
+                "CD (Heun, N=18, " + r["metric"] + ")"
+                if r["kind"] == "cd"
+                else "CT (" + r["metric"] + ")"
+            )
             peak = "n/a (CPU)" if r["peak_mb"] != r["peak_mb"] else f"{r['peak_mb']:.0f} MB"
-            lines.append(f"| {name} | {r['variant']} | {r['micro_batch']} x {r['accumulation']} | {r['step_s']:.3f} s | "
-                         f"{r['images_per_s']:.0f} | {peak} | {r['first_step_s']:.1f} s |")
+            lines.append(
+                f"| {name} | {r['variant']} | {r['micro_batch']} x {r['accumulation']} | {r['step_s']:.3f} s | "
+                f"{r['images_per_s']:.0f} | {peak} | {r['first_step_s']:.1f} s |"
+            )
         out = Path(args.write)
-        out.write_text((out.read_text() if out.exists() else "# Benchmarks\n") + "\n".join(lines) + "\n")
+        out.write_text(
+            (out.read_text() if out.exists() else "# Benchmarks\n") + "\n".join(lines) + "\n"
+        )
 
 
 if __name__ == "__main__":

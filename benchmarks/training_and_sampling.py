@@ -50,8 +50,15 @@ def timeit(fn, repeat: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def build(kind: str, net_name: str, batch: int, device: str, channels: int = 1, metric: str = "l2",
-          weights_path: str | None = None):
+def build(
+    kind: str,
+    net_name: str,
+    batch: int,
+    device: str,
+    channels: int = 1,
+    metric: str = "l2",
+    weights_path: str | None = None,
+):
     """A CD (Heun, N = 18) or CT module around ``net_name`` with ``metric``, and a batch of images.
 
     Network weights do not matter for timing: the CD teacher is a second random network of the
@@ -65,8 +72,14 @@ def build(kind: str, net_name: str, batch: int, device: str, channels: int = 1, 
     from cmexp.modules.base import frozen_copy
 
     GlobalHydra.instance().clear()
-    over = [f"net={net_name}", "dataset=gaussian_mixture", f"dataset.channels={channels}",
-            f"metric={metric}", "schedule=fixed", "model=ct"]
+    over = [
+        f"net={net_name}",
+        "dataset=gaussian_mixture",
+        f"dataset.channels={channels}",
+        f"metric={metric}",
+        "schedule=fixed",
+        "model=ct",
+    ]
     if metric == "lpips":
         over.append(f"metric.weights_path={weights_path}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -80,8 +93,17 @@ def build(kind: str, net_name: str, batch: int, device: str, channels: int = 1, 
         teacher = frozen_copy(EDMPrecond(instantiate(cfg.net))).to(device).eval()
         module.loss = ConsistencyDistillationLoss(module.loss.metric, heun_step, teacher=teacher)
     opt = module.optimizer_factory(params=module.model.parameters())
-    x = torch.rand(batch, module.model.img_channels, module.model.img_resolution, module.model.img_resolution,
-                   device=device) * 2 - 1
+    x = (
+        torch.rand(
+            batch,
+            module.model.img_channels,
+            module.model.img_resolution,
+            module.model.img_resolution,
+            device=device,
+        )
+        * 2
+        - 1
+    )
     return module, teacher, opt, x
 
 
@@ -126,10 +148,16 @@ def step_overhead(kind: str, net_name: str, batch: int, device: str, repeat: int
         br.append(bare())
     full_s = statistics.median([a + b for a, b in zip(lb, os_)])
     bare_s = statistics.median(br)
-    return {"kind": kind, "full_s": full_s, "bare_s": bare_s, "ratio": full_s / bare_s,
-            "loss_backward_s": statistics.median(lb), "optimizer_ema_s": statistics.median(os_),
-            "ratio_loss_backward": statistics.median(lb) / bare_s,
-            "pair_ratio_median": statistics.median([(a + b) / c for a, b, c in zip(lb, os_, br)])}
+    return {
+        "kind": kind,
+        "full_s": full_s,
+        "bare_s": bare_s,
+        "ratio": full_s / bare_s,
+        "loss_backward_s": statistics.median(lb),
+        "optimizer_ema_s": statistics.median(os_),
+        "ratio_loss_backward": statistics.median(lb) / bare_s,
+        "pair_ratio_median": statistics.median([(a + b) / c for a, b, c in zip(lb, os_, br)]),
+    }
 
 
 def sampling_ratio(net_name: str, batch: int, device: str, repeat: int) -> dict:
@@ -144,15 +172,23 @@ def sampling_ratio(net_name: str, batch: int, device: str, repeat: int) -> dict:
     with torch.no_grad():
         t_cm = timeit(lambda: sample_onestep(cm, x), repeat)
         t_heun = timeit(lambda: sample_heun(edm, x * 80, sig), max(2, repeat // 4), warmup=1)
-    return {"onestep_img_per_s": batch / t_cm, "heun35_img_per_s": batch / t_heun, "ratio": t_heun / t_cm}
+    return {
+        "onestep_img_per_s": batch / t_cm,
+        "heun35_img_per_s": batch / t_heun,
+        "ratio": t_heun / t_cm,
+    }
 
 
 def startup(repeat: int = 3) -> dict:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cmexp.train", "+experiment=cifar10_cd_lpips", "--cfg", "job"],
-                       cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "cmexp.train", "+experiment=cifar10_cd_lpips", "--cfg", "job"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "all_s": times}
 
@@ -161,7 +197,7 @@ def peak_memory(mode: str, net_name: str, batch: int, device: str) -> float:
     """Peak memory (MB) of one process doing ``mode`` ("cd" or "plain") twice."""
     code = f"""
 import resource, torch, sys
-sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
+sys.path.insert(0, {str(ROOT / "benchmarks")!r})
 from training_and_sampling import build
 kind = {mode!r}
 module, teacher, opt, x = build('cd' if kind == 'cd' else 'ct', {net_name!r}, {batch}, {device!r})
@@ -178,7 +214,9 @@ if torch.cuda.is_available():
 else:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -188,40 +226,50 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     ap.add_argument("--skip-startup", action="store_true", help="leave out the start-up benchmark")
     ap.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = (torch.cuda.get_device_name() if args.device == "cuda" else
-               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    )
     res = {
-        "machine": machine, "torch": torch.__version__, "net": args.net, "batch": args.batch,
+        "machine": machine,
+        "torch": torch.__version__,
+        "net": args.net,
+        "batch": args.batch,
         "cd_step": step_overhead("cd", args.net, args.batch, args.device, args.repeat),
         "ct_step": step_overhead("ct", args.net, args.batch, args.device, args.repeat),
         "sampling": sampling_ratio(args.net, args.batch, args.device, args.repeat),
         "startup": {"median_s": float("nan")} if args.skip_startup else startup(),
-        "memory_mb": {"cd_step": peak_memory("cd", args.net, args.batch, args.device),
-                      "plain_fwd_bwd": peak_memory("plain", args.net, args.batch, args.device)},
+        "memory_mb": {
+            "cd_step": peak_memory("cd", args.net, args.batch, args.device),
+            "plain_fwd_bwd": peak_memory("plain", args.net, args.batch, args.device),
+        },
     }
     print(json.dumps(res, indent=2))
     if args.write:
         m = res["memory_mb"]
         block = f"""
-## Training, sampling, start-up, memory (issue 7) -- {time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}
+## Training, sampling, start-up, memory (issue 7) -- {time.strftime("%Y-%m-%d")}, {machine}, torch {torch.__version__}
 
 `benchmarks/training_and_sampling.py --net {args.net} --batch {args.batch}` (medians of {args.repeat} runs, full and bare steps timed alternately, fp32):
 
 | benchmark | measured | target |
 |---|---|---|
-| CD step (Heun, l2) / bare passes (2 teacher fwd + target fwd + online fwd/bwd) | {res['cd_step']['full_s']:.3f} s / {res['cd_step']['bare_s']:.3f} s = **{res['cd_step']['ratio']:.3f}** (median of per-pair ratios {res['cd_step']['pair_ratio_median']:.3f}) | <= 1.05 |
-| of which loss + backward / bare passes; optimizer + target/EMA updates | {res['cd_step']['ratio_loss_backward']:.3f}; {1000 * res['cd_step']['optimizer_ema_s']:.1f} ms | |
-| CT step / bare passes (target fwd + online fwd/bwd) | {res['ct_step']['full_s']:.3f} s / {res['ct_step']['bare_s']:.3f} s = **{res['ct_step']['ratio']:.3f}** (median of per-pair ratios {res['ct_step']['pair_ratio_median']:.3f}) | <= 1.05 |
-| of which loss + backward / bare passes; optimizer + target/EMA updates | {res['ct_step']['ratio_loss_backward']:.3f}; {1000 * res['ct_step']['optimizer_ema_s']:.1f} ms | |
-| 1-step sampling vs Heun N = 18 (NFE 35), images/s | {res['sampling']['onestep_img_per_s']:.1f} vs {res['sampling']['heun35_img_per_s']:.2f} = **{res['sampling']['ratio']:.1f}x** | >= 30x |
-| start-up `+experiment=cifar10_cd_lpips --cfg job` | **{res['startup']['median_s']:.2f} s** | <= 3 s |
-| peak memory: CD step vs plain online fwd/bwd | {m['cd_step']:.0f} MB vs {m['plain_fwd_bwd']:.0f} MB = **{m['cd_step'] / m['plain_fwd_bwd']:.2f}x** | (report) |
+| CD step (Heun, l2) / bare passes (2 teacher fwd + target fwd + online fwd/bwd) | {res["cd_step"]["full_s"]:.3f} s / {res["cd_step"]["bare_s"]:.3f} s = **{res["cd_step"]["ratio"]:.3f}** (median of per-pair ratios {res["cd_step"]["pair_ratio_median"]:.3f}) | <= 1.05 |
+| of which loss + backward / bare passes; optimizer + target/EMA updates | {res["cd_step"]["ratio_loss_backward"]:.3f}; {1000 * res["cd_step"]["optimizer_ema_s"]:.1f} ms | |
+| CT step / bare passes (target fwd + online fwd/bwd) | {res["ct_step"]["full_s"]:.3f} s / {res["ct_step"]["bare_s"]:.3f} s = **{res["ct_step"]["ratio"]:.3f}** (median of per-pair ratios {res["ct_step"]["pair_ratio_median"]:.3f}) | <= 1.05 |
+| of which loss + backward / bare passes; optimizer + target/EMA updates | {res["ct_step"]["ratio_loss_backward"]:.3f}; {1000 * res["ct_step"]["optimizer_ema_s"]:.1f} ms | |
+| 1-step sampling vs Heun N = 18 (NFE 35), images/s | {res["sampling"]["onestep_img_per_s"]:.1f} vs {res["sampling"]["heun35_img_per_s"]:.2f} = **{res["sampling"]["ratio"]:.1f}x** | >= 30x |
+| start-up `+experiment=cifar10_cd_lpips --cfg job` | **{res["startup"]["median_s"]:.2f} s** | <= 3 s |
+| peak memory: CD step vs plain online fwd/bwd | {m["cd_step"]:.0f} MB vs {m["plain_fwd_bwd"]:.0f} MB = **{m["cd_step"] / m["plain_fwd_bwd"]:.2f}x** | (report) |
 """
         out = Path(args.write)
         out.write_text((out.read_text() if out.exists() else "# Benchmarks\n") + block)

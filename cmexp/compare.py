@@ -60,7 +60,11 @@ def _label(run_dir: Path) -> str:
     over = run_dir / ".hydra" / "overrides.yaml"
     if over.is_file():
         items = yaml.safe_load(over.read_text()) or []
-        keep = [o for o in items if not o.startswith(("hydra.", "paths.", "+experiment=", "model.teacher_path="))]
+        keep = [
+            o
+            for o in items
+            if not o.startswith(("hydra.", "paths.", "+experiment=", "model.teacher_path="))
+        ]
         if keep:
             return ",".join(keep)
     choices = run_dir / "choices.yaml"
@@ -109,12 +113,16 @@ def read_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
                 try:
                     step = int(float(row.get("step") or 0))
                 except (TypeError, ValueError):
-                    raise ValueError(f"{path}: line {line} has step={row.get('step')!r}; expected a number") from None
+                    raise ValueError(
+                        f"{path}: line {line} has step={row.get('step')!r}; expected a number"
+                    ) from None
                 for key, value in row.items():
                     if key not in ("step", "epoch") and value not in (None, ""):
                         _add(series, step, key, value)
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not a UTF-8 CSV file (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+        raise ValueError(
+            f"{path} is not a UTF-8 CSV file (byte {err.object[err.start]:#04x} at offset {err.start})"
+        ) from None
     except csv.Error as err:
         raise ValueError(f"{path} is not a readable CSV file ({err})") from None
     return series
@@ -122,7 +130,9 @@ def read_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 def read_wandb_offline(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """History records of the W&B offline run under ``run_dir`` (``wandb leet inspect --json``)."""
-    offline = sorted((run_dir / "wandb").glob("offline-run-*")) if (run_dir / "wandb").is_dir() else []
+    offline = (
+        sorted((run_dir / "wandb").glob("offline-run-*")) if (run_dir / "wandb").is_dir() else []
+    )
     if not offline:
         return {}
     exe = Path(sys.executable).with_name("wandb")
@@ -153,20 +163,31 @@ def find_runs(paths: list[str], label_keys: list[str] | None = None) -> list[Run
         root = Path(p).expanduser()
         if not root.exists():
             raise FileNotFoundError(f"{p}: no such run or sweep folder")
-        candidates = [root] if (root / "config_resolved.yaml").is_file() else sorted(
-            d.parent for d in root.rglob("config_resolved.yaml"))
+        candidates = (
+            [root]
+            if (root / "config_resolved.yaml").is_file()
+            else sorted(d.parent for d in root.rglob("config_resolved.yaml"))
+        )
         for d in candidates:
-            series = read_csv(d / "csv" / "metrics.csv") if (d / "csv" / "metrics.csv").is_file() else read_wandb_offline(d)
+            series = (
+                read_csv(d / "csv" / "metrics.csv")
+                if (d / "csv" / "metrics.csv").is_file()
+                else read_wandb_offline(d)
+            )
             if series:
                 runs.append(Run(d, _label(d), series))
     if not runs:
-        raise FileNotFoundError(f"no runs with logs (csv/metrics.csv or wandb/offline-run-*) under {', '.join(paths)}")
+        raise FileNotFoundError(
+            f"no runs with logs (csv/metrics.csv or wandb/offline-run-*) under {', '.join(paths)}"
+        )
     if label_keys:
         for r in runs:
             values = {k: config_value(r.path, k) for k in label_keys}
             missing = [k for k, v in values.items() if v is None]
             if missing:
-                raise KeyError(f"--label {','.join(missing)}: not a config group or key of the run {r.path}")
+                raise KeyError(
+                    f"--label {','.join(missing)}: not a config group or key of the run {r.path}"
+                )
             r.label = ",".join(f"{k}={v}" for k, v in values.items())
         return runs
     # label runs by what differs between them (a sweep's parameters), not by shared overrides
@@ -179,14 +200,26 @@ def find_runs(paths: list[str], label_keys: list[str] | None = None) -> list[Run
 
 
 def table(runs: list[Run], keys: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
-    keys = keys or sorted({k for r in runs for k in r.series if k.startswith(("val/", "train/loss", "train/kimg", "test/"))})
+    keys = keys or sorted(
+        {
+            k
+            for r in runs
+            for k in r.series
+            if k.startswith(("val/", "train/loss", "train/kimg", "test/"))
+        }
+    )
     header = ["run", *keys]
-    rows = [[r.label, *("" if r.final(k) is None else f"{r.final(k):.4g}" for k in keys)] for r in runs]
+    rows = [
+        [r.label, *("" if r.final(k) is None else f"{r.final(k):.4g}" for k in keys)] for r in runs
+    ]
     return header, rows
 
 
 def compare(
-    paths: list[str], out: str | Path, metric: str | list[str] | None = None, label_keys: list[str] | None = None,
+    paths: list[str],
+    out: str | Path,
+    metric: str | list[str] | None = None,
+    label_keys: list[str] | None = None,
     title: str | None = None,
 ) -> dict[str, Path]:
     """Write compare.md, compare.csv and compare.png for the runs under ``paths``.
@@ -204,7 +237,9 @@ def compare(
     metrics = [metric] if isinstance(metric, str) else list(metric)
     unknown = [m for m in metrics if not any(m in r.series for r in runs)]
     if unknown:
-        raise KeyError(f"--metric {','.join(unknown)}: not logged by any run (logged: {', '.join(sorted({k for r in runs for k in r.series}))})")
+        raise KeyError(
+            f"--metric {','.join(unknown)}: not logged by any run (logged: {', '.join(sorted({k for r in runs for k in r.series}))})"
+        )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,13 +252,17 @@ def compare(
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     (out / "compare.md").write_text("\n".join(md) + "\n")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=120, squeeze=False
+    )
     for ax, m in zip(axes[0], metrics):
         for r in runs:
             x, y = r.curve(m)
             if x:
                 ax.plot(x, y, label=r.label, marker="o" if len(x) < 20 else None)
-        ax.set_xlabel("images seen (kimg)" if any("train/kimg" in r.series for r in runs) else "step")
+        ax.set_xlabel(
+            "images seen (kimg)" if any("train/kimg" in r.series for r in runs) else "step"
+        )
         ax.set_ylabel(m)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -239,9 +278,15 @@ def check_out_folder(out: Path) -> None:
     """``--out`` is a new folder or one that holds only earlier comparisons, never a file or
     another command's run folder."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; expected a folder for compare.md, compare.csv and compare.png")
-    if out.is_dir() and any((out / name).exists() for name in (".hydra", "config_resolved.yaml", "checkpoints")):
-        raise FileExistsError(f"--out {out} is a run folder; refusing to write into it: use another folder")
+        raise FileExistsError(
+            f"--out {out} is a file; expected a folder for compare.md, compare.csv and compare.png"
+        )
+    if out.is_dir() and any(
+        (out / name).exists() for name in (".hydra", "config_resolved.yaml", "checkpoints")
+    ):
+        raise FileExistsError(
+            f"--out {out} is a run folder; refusing to write into it: use another folder"
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -255,18 +300,36 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> None:
     ap = _Parser(prog="python -m cmexp.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="run folders or sweep (multirun) folders")
-    ap.add_argument("--metric", default=None,
-                    help="metric(s) to plot, comma-separated, one panel each (default: the first val/*1step, else train/loss)")
-    ap.add_argument("--label", default=None,
-                    help="config keys that label the runs, comma-separated (group choices such as metric, solver, "
-                         "schedule, or dotted keys such as schedule.num_scales); default: the differing overrides")
+    ap.add_argument(
+        "--metric",
+        default=None,
+        help="metric(s) to plot, comma-separated, one panel each (default: the first val/*1step, else train/loss)",
+    )
+    ap.add_argument(
+        "--label",
+        default=None,
+        help="config keys that label the runs, comma-separated (group choices such as metric, solver, "
+        "schedule, or dotted keys such as schedule.num_scales); default: the differing overrides",
+    )
     ap.add_argument("--title", default=None, help="figure title")
     ap.add_argument("--out", default="compare", help="output folder (default ./compare)")
     args = ap.parse_args(argv)
     try:
-        files = compare(args.paths, args.out, args.metric.split(",") if args.metric else None,
-                        args.label.split(",") if args.label else None, args.title)
-    except (FileNotFoundError, FileExistsError, RuntimeError, KeyError, ValueError, yaml.YAMLError) as err:
+        files = compare(
+            args.paths,
+            args.out,
+            args.metric.split(",") if args.metric else None,
+            args.label.split(",") if args.label else None,
+            args.title,
+        )
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        RuntimeError,
+        KeyError,
+        ValueError,
+        yaml.YAMLError,
+    ) as err:
         print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         sys.exit(2)
     print((files["md"]).read_text())

@@ -35,16 +35,32 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.inference.tasks import EditContext, check_latent_task
     from cmexp.utils.images import image_grid, save_png
 
-    loaded, device = load_from_config(cfg, kinds=CONSISTENCY_KINDS, purpose="editing needs a consistency model: CD, CT, ECT, sCT or sCD")
+    loaded, device = load_from_config(
+        cfg,
+        kinds=CONSISTENCY_KINDS,
+        purpose="editing needs a consistency model: CD, CT, ECT, sCT or sCD",
+    )
     task = instantiate(cfg.task)
     name = task_choice(cfg)
     if loaded.latent is not None:
         check_latent_task(task, name, str(cfg.ckpt))
-    images = real_images(loaded.dataset, int(cfg.num_samples), str(cfg.real_split), loaded.img_resolution,
-                         loaded.img_channels, cfg.images_dir, cfg.data_dir).to(device)
-    ctx = EditContext(f=loaded.model, images=images, spec=loaded.spec, seed=int(cfg.seed),
-                      noise=SeededNoise(range(int(cfg.seed), int(cfg.seed) + len(images)), device),
-                      latent=loaded.latent)
+    images = real_images(
+        loaded.dataset,
+        int(cfg.num_samples),
+        str(cfg.real_split),
+        loaded.img_resolution,
+        loaded.img_channels,
+        cfg.images_dir,
+        cfg.data_dir,
+    ).to(device)
+    ctx = EditContext(
+        f=loaded.model,
+        images=images,
+        spec=loaded.spec,
+        seed=int(cfg.seed),
+        noise=SeededNoise(range(int(cfg.seed), int(cfg.seed) + len(images)), device),
+        latent=loaded.latent,
+    )
     t0 = time.perf_counter()
     with torch.no_grad():
         result = task(ctx)
@@ -53,16 +69,32 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r.cpu() for r in result.rows.values()]
     width = max(len(r) for r in rows)
-    padded = [torch.cat([r, torch.ones(width - len(r), *r.shape[1:])]) if len(r) < width else r for r in rows]
-    grid = save_png(image_grid(torch.cat(padded), nrow=width), out_dir / f"edit_{name}.png", scale=2)
+    padded = [
+        torch.cat([r, torch.ones(width - len(r), *r.shape[1:])]) if len(r) < width else r
+        for r in rows
+    ]
+    grid = save_png(
+        image_grid(torch.cat(padded), nrow=width), out_dir / f"edit_{name}.png", scale=2
+    )
     metrics: dict[str, Any] = {
-        "task": name, "ckpt": str(cfg.ckpt), "kind": loaded.kind, "num_samples": len(images),
-        "seed": int(cfg.seed), "rows": list(result.rows), "settings": result.info,
-        "seconds": round(seconds, 3), "grid": str(grid),
+        "task": name,
+        "ckpt": str(cfg.ckpt),
+        "kind": loaded.kind,
+        "num_samples": len(images),
+        "seed": int(cfg.seed),
+        "rows": list(result.rows),
+        "settings": result.info,
+        "seconds": round(seconds, 3),
+        "grid": str(grid),
     }
     if result.restoration:
-        metrics.update(restoration_metrics(result.rows["result"].cpu(), result.rows["ground_truth"].cpu(),
-                                           cfg.metric.weights_path))
+        metrics.update(
+            restoration_metrics(
+                result.rows["result"].cpu(),
+                result.rows["ground_truth"].cpu(),
+                cfg.metric.weights_path,
+            )
+        )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     log.info("%s: %s", name, {k: metrics[k] for k in ("psnr", "ssim", "lpips") if k in metrics})
     print(f"wrote {grid} and {out_dir / 'metrics.json'}")

@@ -23,7 +23,9 @@ from cmexp.utils.cli import precheck, run_cli
 log = logging.getLogger("cmexp.export")
 
 
-def provenance_record(ckpt: Any, name: str, description: str, scores: dict[str, Any]) -> dict[str, Any]:
+def provenance_record(
+    ckpt: Any, name: str, description: str, scores: dict[str, Any]
+) -> dict[str, Any]:
     """The provenance of a zoo model from its training checkpoint's metadata."""
     meta = ckpt.meta
     record = meta.get("config") or {}
@@ -35,12 +37,34 @@ def provenance_record(ckpt: Any, name: str, description: str, scores: dict[str, 
     images = int(meta.get("batches_seen", 0)) * int(batch or 0) * int(accum or 1)
     # the keys of the shipped records (cmexp/zoo/*.json; tests/unit/test_zoo.py checks them)
     return {
-        "name": name, "file": f"{name}.pt", "kind": meta.get("kind"), "description": description,
-        "command": prov.get("command", ""), "git_commit": prov.get("commit", ""), "git_dirty": prov.get("dirty"),
-        "seed": config.get("seed"), "machine": prov.get("machine", {}), "started": prov.get("started", ""),
-        "steps": steps, "batch_size": batch, "images_seen": images, "train_seconds": meta.get("train_seconds"),
-        "settings": {k: meta.get(k) for k in ("sigma_min", "sigma_max", "sigma_data", "rho", "num_scales", "taus",
-                                               "img_resolution", "img_channels", "label_dim")},
+        "name": name,
+        "file": f"{name}.pt",
+        "kind": meta.get("kind"),
+        "description": description,
+        "command": prov.get("command", ""),
+        "git_commit": prov.get("commit", ""),
+        "git_dirty": prov.get("dirty"),
+        "seed": config.get("seed"),
+        "machine": prov.get("machine", {}),
+        "started": prov.get("started", ""),
+        "steps": steps,
+        "batch_size": batch,
+        "images_seen": images,
+        "train_seconds": meta.get("train_seconds"),
+        "settings": {
+            k: meta.get(k)
+            for k in (
+                "sigma_min",
+                "sigma_max",
+                "sigma_data",
+                "rho",
+                "num_scales",
+                "taus",
+                "img_resolution",
+                "img_channels",
+                "label_dim",
+            )
+        },
         "scores": scores,
     }
 
@@ -70,12 +94,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     registry_path = zoo.ZOO_DIR / zoo.REGISTRY
     registry = json.loads(registry_path.read_text()) if registry_path.is_file() else {"models": {}}
     if name in registry["models"] and not cfg.replace:
-        raise FileExistsError(f"name={name}: zoo:{name} exists; pass replace=true to ship a new version")
+        raise FileExistsError(
+            f"name={name}: zoo:{name} exists; pass replace=true to ship a new version"
+        )
     file, prov_file = f"{name}.pt", f"{name}.json"
     dst = zoo.ZOO_DIR / file
     if dst.exists():
         if not cfg.replace:
-            raise FileExistsError(f"name={name}: {dst} exists (not in the registry); remove it or pass replace=true")
+            raise FileExistsError(
+                f"name={name}: {dst} exists (not in the registry); remove it or pass replace=true"
+            )
         dst.unlink()
     export_weights(cfg.ckpt, dst, use_ema=bool(cfg.use_ema))
     scores = OmegaConf.to_container(cfg.scores, resolve=True) if cfg.scores else {}
@@ -83,11 +111,18 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     prov["sha256"] = zoo.sha256(dst)
     prov["size_bytes"] = dst.stat().st_size
     (zoo.ZOO_DIR / prov_file).write_text(json.dumps(prov, indent=2) + "\n")
-    registry["models"][name] = {"file": file, "sha256": prov["sha256"], "kind": prov["kind"],
-                                "description": prov["description"], "provenance": prov_file}
+    registry["models"][name] = {
+        "file": file,
+        "sha256": prov["sha256"],
+        "kind": prov["kind"],
+        "description": prov["description"],
+        "provenance": prov_file,
+    }
     registry["models"] = dict(sorted(registry["models"].items()))
     registry_path.write_text(json.dumps(registry, indent=2) + "\n")
-    print(f"wrote {dst} ({prov['size_bytes'] / 1e6:.2f} MB, sha256 {prov['sha256'][:12]}) as zoo:{name}")
+    print(
+        f"wrote {dst} ({prov['size_bytes'] / 1e6:.2f} MB, sha256 {prov['sha256'][:12]}) as zoo:{name}"
+    )
     return {"path": str(dst), "provenance": prov}
 
 
@@ -100,8 +135,12 @@ def export_to_diffusers(cfg: DictConfig) -> dict[str, Any]:
 
     if not cfg.out:
         raise ValueError("format=diffusers needs out=DIR (a new or empty folder for the pipeline)")
-    loaded = load_model(cfg.ckpt, use_ema=bool(cfg.use_ema), kinds=CONSISTENCY_KINDS,
-                        purpose="format=diffusers exports consistency models")
+    loaded = load_model(
+        cfg.ckpt,
+        use_ema=bool(cfg.use_ema),
+        kinds=CONSISTENCY_KINDS,
+        purpose="format=diffusers exports consistency models",
+    )
     dst = export_diffusers(loaded, cfg.out)
     print(f"wrote {dst} (load it with diffusers.ConsistencyModelPipeline.from_pretrained)")
     return {"path": str(dst)}

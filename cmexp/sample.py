@@ -44,39 +44,78 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     )
 
     loaded, device = load_from_config(cfg)
-    class_labels = check_class_labels(loaded, list_or_none(cfg.get("class_labels"), "class_labels"))
+    class_labels = check_class_labels(
+        loaded, list_or_none(cfg.get("class_labels"), "class_labels")
+    )
     guidance = check_guidance(loaded, cfg.get("guidance"))
     passes = conditioned_model(loaded, guidance)[1]
     if loaded.is_consistency:
         sampler, options = "consistency", {}
-        sigmas = sigma_plan(loaded.spec, int(cfg.steps), list_or_none(cfg.taus, "taus"),
-                            list_or_none(cfg.tau_indices, "tau_indices"))
+        sigmas = sigma_plan(
+            loaded.spec,
+            int(cfg.steps),
+            list_or_none(cfg.taus, "taus"),
+            list_or_none(cfg.tau_indices, "tau_indices"),
+        )
     else:
         sampler = check_sampler(str(cfg.sampler or loaded.spec.sampler), loaded.spec)
         options = sampler_options(sampler, cfg)
         steps = cfg.get("solver_steps")
         sigmas = sigma_plan(loaded.spec) if steps is None else solver_plan(loaded.spec, steps)
     t0 = time.perf_counter()
-    images = generate(loaded, int(cfg.num_samples), sigmas, int(cfg.seed), int(cfg.batch_size), sampler, device,
-                      progress=True, options=options, class_labels=class_labels, guidance=guidance)
+    images = generate(
+        loaded,
+        int(cfg.num_samples),
+        sigmas,
+        int(cfg.seed),
+        int(cfg.batch_size),
+        sampler,
+        device,
+        progress=True,
+        options=options,
+        class_labels=class_labels,
+        guidance=guidance,
+    )
     seconds = time.perf_counter() - t0
     out_dir = Path(cfg.paths.output_dir)
     seeds = range(int(cfg.seed), int(cfg.seed) + int(cfg.num_samples))
     labels = sample_labels(loaded, seeds, class_labels)
     files = save_samples(images, out_dir, int(cfg.grid_size), labels=labels)
     info = {
-        "ckpt": str(cfg.ckpt), "kind": loaded.kind, "weights": "ema" if cfg.use_ema else "online",
-        "sampler": sampler, "options": options, "sigmas": [float(s) for s in sigmas],
+        "ckpt": str(cfg.ckpt),
+        "kind": loaded.kind,
+        "weights": "ema" if cfg.use_ema else "online",
+        "sampler": sampler,
+        "options": options,
+        "sigmas": [float(s) for s in sigmas],
         "nfe": nfe(sigmas, sampler, passes),
-        **({"class_labels": labels.tolist(), "guidance": guidance, "label_source": "class_labels" if class_labels
-            else "seed"} if labels is not None else {}),
-        "rho": loaded.spec.rho, "num_scales": loaded.spec.num_scales,
-        "num_samples": int(cfg.num_samples), "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.num_samples) - 1],
-        "seconds": round(seconds, 3), "images_per_second": round(int(cfg.num_samples) / max(seconds, 1e-9), 2),
-        "device": device, "files": files,
+        **(
+            {
+                "class_labels": labels.tolist(),
+                "guidance": guidance,
+                "label_source": "class_labels" if class_labels else "seed",
+            }
+            if labels is not None
+            else {}
+        ),
+        "rho": loaded.spec.rho,
+        "num_scales": loaded.spec.num_scales,
+        "num_samples": int(cfg.num_samples),
+        "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.num_samples) - 1],
+        "seconds": round(seconds, 3),
+        "images_per_second": round(int(cfg.num_samples) / max(seconds, 1e-9), 2),
+        "device": device,
+        "files": files,
     }
     (out_dir / "sample.json").write_text(json.dumps(info, indent=2))
-    log.info("%d images (%s, NFE %d) in %.1f s -> %s", cfg.num_samples, sampler, info["nfe"], seconds, out_dir)
+    log.info(
+        "%d images (%s, NFE %d) in %.1f s -> %s",
+        cfg.num_samples,
+        sampler,
+        info["nfe"],
+        seconds,
+        out_dir,
+    )
     print(f"wrote {files['npz']} and {files['grid']}")
     return {"images": images, "info": info}
 

@@ -34,40 +34,71 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.inference.data import reference_datamodule
     from cmexp.metrics.suite import RealFeatureCache, extract, frechet_distance, reference_features
 
-    loaded, device = load_from_config(cfg, kinds=CONSISTENCY_KINDS, purpose="the tau search needs a consistency model: CD, CT, ECT, sCT or sCD")
+    loaded, device = load_from_config(
+        cfg,
+        kinds=CONSISTENCY_KINDS,
+        purpose="the tau search needs a consistency model: CD, CT, ECT, sCT or sCD",
+    )
     features = instantiate(cfg.features).to(device)
     name = f"fd_{getattr(features, 'name', '') or 'features'}"
     dm = reference_datamodule(loaded.dataset, cfg.data_dir)
-    real = reference_features(RealFeatureCache(cfg.cache_dir), features, dm, str(cfg.real_split), int(cfg.num_real),
-                              int(cfg.batch_size), device)
+    real = reference_features(
+        RealFeatureCache(cfg.cache_dir),
+        features,
+        dm,
+        str(cfg.real_split),
+        int(cfg.num_real),
+        int(cfg.batch_size),
+        device,
+    )
     spec = loaded.spec
     grid = spec.grid()
 
     def score(indices: tuple[int, ...]) -> float:
         sigmas = sigma_plan(spec, len(indices), tau_indices=indices[1:])
-        images = generate(loaded, int(cfg.num_samples), sigmas, int(cfg.seed), int(cfg.batch_size), device=device)
+        images = generate(
+            loaded, int(cfg.num_samples), sigmas, int(cfg.seed), int(cfg.batch_size), device=device
+        )
         value = frechet_distance(real, extract(features, images, int(cfg.batch_size), device))
-        log.info("indices %s taus %s: %s = %.4f", indices[1:], [round(s, 4) for s in sigmas[1:]], name, value)
+        log.info(
+            "indices %s taus %s: %s = %.4f",
+            indices[1:],
+            [round(s, 4) for s in sigmas[1:]],
+            name,
+            value,
+        )
         return value
 
     t0 = time.perf_counter()
     indices, evaluated = greedy_tau_search(score, spec.num_scales, int(cfg.steps) - 1)
     taus = [float(grid[j]) for j in indices]
     result = {
-        "ckpt": str(cfg.ckpt), "metric": name, "features": getattr(features, "source", ""),
-        "steps": int(cfg.steps), "num_scales": spec.num_scales, "rho": spec.rho,
-        "tau_indices": indices, "taus": taus, "score": evaluated[(0, *indices)],
-        "evaluated": [{"tau_indices": list(k[1:]), "taus": [float(grid[j]) for j in k[1:]], name: v}
-                      for k, v in sorted(evaluated.items())],
-        "num_samples": int(cfg.num_samples), "num_real": len(real["features"]), "real_split": str(cfg.real_split),
+        "ckpt": str(cfg.ckpt),
+        "metric": name,
+        "features": getattr(features, "source", ""),
+        "steps": int(cfg.steps),
+        "num_scales": spec.num_scales,
+        "rho": spec.rho,
+        "tau_indices": indices,
+        "taus": taus,
+        "score": evaluated[(0, *indices)],
+        "evaluated": [
+            {"tau_indices": list(k[1:]), "taus": [float(grid[j]) for j in k[1:]], name: v}
+            for k, v in sorted(evaluated.items())
+        ],
+        "num_samples": int(cfg.num_samples),
+        "num_real": len(real["features"]),
+        "real_split": str(cfg.real_split),
         "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.num_samples) - 1],
         "seconds": round(time.perf_counter() - t0, 2),
     }
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tau_search.json").write_text(json.dumps(result, indent=2))
-    print(f"chosen tau_indices={indices} taus={[round(t, 4) for t in taus]} ({name} = {result['score']:.4f}); "
-          f"use: python -m cmexp.sample ckpt={cfg.ckpt} steps={cfg.steps} taus=[{','.join(f'{t:.4f}' for t in taus)}]")
+    print(
+        f"chosen tau_indices={indices} taus={[round(t, 4) for t in taus]} ({name} = {result['score']:.4f}); "
+        f"use: python -m cmexp.sample ckpt={cfg.ckpt} steps={cfg.steps} taus=[{','.join(f'{t:.4f}' for t in taus)}]"
+    )
     return result
 
 
@@ -78,5 +109,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(precheck, "tau_search")  # bad input: one line, exit 2, before Hydra makes the run folder
+    run_cli(
+        precheck, "tau_search"
+    )  # bad input: one line, exit 2, before Hydra makes the run folder
     main()

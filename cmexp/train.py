@@ -33,8 +33,14 @@ def train_overrides(argv: list[str], main_experiment: bool = True) -> list[str]:
     ``+experiment=MAIN_EXPERIMENT`` appended when none is selected (``main_experiment``), and
     ``debug=X`` moved last as ``+debug=X``, so a debug config beats every experiment's values."""
     args = [a for a in argv if a.startswith("-") or override_key(a) != "debug"]
-    debug = [a.split("=", 1)[1] for a in argv if not a.startswith("-") and override_key(a) == "debug" and "=" in a]
-    if main_experiment and not any(not a.startswith("-") and override_key(a) == "experiment" for a in args):
+    debug = [
+        a.split("=", 1)[1]
+        for a in argv
+        if not a.startswith("-") and override_key(a) == "debug" and "=" in a
+    ]
+    if main_experiment and not any(
+        not a.startswith("-") and override_key(a) == "experiment" for a in args
+    ):
         args.append(f"+experiment={MAIN_EXPERIMENT}")
     return [*args, *(f"+debug={d}" for d in debug if d not in ("null", "none", ""))]
 
@@ -60,11 +66,19 @@ def _run_record(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     choices: dict[str, Any] = {}
     if HydraConfig.initialized():
-        choices = {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra/")}
+        choices = {
+            k: v
+            for k, v in HydraConfig.get().runtime.choices.items()
+            if not k.startswith("hydra/")
+        }
     from cmexp.utils.provenance import run_provenance
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    return {"config": resolved, "choices": choices, "provenance": run_provenance("cmexp.train", overrides)}
+    return {
+        "config": resolved,
+        "choices": choices,
+        "provenance": run_provenance("cmexp.train", overrides),
+    }
 
 
 def _write_record(record: dict[str, Any], output_dir: Path) -> None:
@@ -78,10 +92,14 @@ def _check_accelerator(cfg: DictConfig) -> None:
 
     acc = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
     if acc in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={acc} but no CUDA device is available here; use trainer=cpu")
+        raise ConfigError(
+            f"trainer.accelerator={acc} but no CUDA device is available here; use trainer=cpu"
+        )
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     if acc in ("gpu", "cuda") and isinstance(devices, int) and devices > torch.cuda.device_count():
-        raise ConfigError(f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(
+            f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
 
 
 def best_checkpoints_first(callbacks: list) -> list:
@@ -132,12 +150,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from cmexp.data.latent import LatentDataModule
 
         model.attach_latent(codec)
-        datamodule = LatentDataModule(datamodule, codec, int(cfg.latent.get("encode_batch_size", 500)))
+        datamodule = LatentDataModule(
+            datamodule, codec, int(cfg.latent.get("encode_batch_size", 500))
+        )
     record = _run_record(cfg)
     model.run_config = record
     if hasattr(datamodule, "setup"):
-        datamodule.setup("fit")  # read the data now: a bad file stops the run before its folder is written
-    ckpt_path = resume_path(cfg, output_dir, getattr(model, "kind", None)) if auto_resume else cfg.get("ckpt_path")
+        datamodule.setup(
+            "fit"
+        )  # read the data now: a bad file stops the run before its folder is written
+    ckpt_path = (
+        resume_path(cfg, output_dir, getattr(model, "kind", None))
+        if auto_resume
+        else cfg.get("ckpt_path")
+    )
     if ckpt_path:
         check_resume_checkpoint(ckpt_path, model, "ckpt_path")
     if hasattr(model, "schedule"):
@@ -148,10 +174,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _wandb_offline_if_needed(cfg)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, accumulate_grad_batches=accumulation_steps(cfg),
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        accumulate_grad_batches=accumulation_steps(cfg),
         plugins=[AtomicCheckpointIO()],
     )
-    locked_here = runs.lock_run_folder(output_dir) if rank_zero else False  # held until the run ends
+    locked_here = (
+        runs.lock_run_folder(output_dir) if rank_zero else False
+    )  # held until the run ends
     try:
         _write_record(record, output_dir)
         for lg in loggers:
@@ -177,7 +208,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             runs.release_run_folder(output_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     log.info("run folder: %s", output_dir)
-    return {"metrics": metrics, "model": model, "trainer": trainer, "datamodule": datamodule, "preempted": preempted}
+    return {
+        "metrics": metrics,
+        "model": model,
+        "trainer": trainer,
+        "datamodule": datamodule,
+        "preempted": preempted,
+    }
 
 
 @contextlib.contextmanager
@@ -222,13 +259,16 @@ def latent_codec(cfg: DictConfig) -> Any:
     from cmexp.inference.latent import check_latent_shape, check_teacher_latent, load_codec
 
     codec = load_codec(cfg.latent.autoencoder_path, "latent.autoencoder_path")
-    check_latent_shape(codec, cfg.latent.resolution, cfg.latent.channels,
-                       "latent.channels x latent.resolution^2")
+    check_latent_shape(
+        codec, cfg.latent.resolution, cfg.latent.channels, "latent.channels x latent.resolution^2"
+    )
     teacher = OmegaConf.select(cfg, "model.teacher_path", default=None)
     if teacher:
         from cmexp.inference.checkpoint import read_checkpoint
 
-        check_teacher_latent(read_checkpoint(teacher, "model.teacher_path").meta, codec, str(teacher))
+        check_teacher_latent(
+            read_checkpoint(teacher, "model.teacher_path").meta, codec, str(teacher)
+        )
     return codec
 
 
@@ -239,11 +279,17 @@ def resume_path(cfg: DictConfig, output_dir: Path, kind: str | None) -> str | No
     from cmexp.utils.checkpoint_io import find_resume_checkpoint
 
     runs = output_dir.parent
-    siblings = sorted((p for p in runs.iterdir() if p.is_dir() and p != output_dir), reverse=True) if runs.is_dir() else []
+    siblings = (
+        sorted((p for p in runs.iterdir() if p.is_dir() and p != output_dir), reverse=True)
+        if runs.is_dir()
+        else []
+    )
     found = find_resume_checkpoint([output_dir, *siblings], kind)
     if found is None:
         if str(cfg.ckpt_path) == "last":
-            raise ConfigError(f"ckpt_path=last: no readable checkpoint in {output_dir}/checkpoints or in the runs under {runs}")
+            raise ConfigError(
+                f"ckpt_path=last: no readable checkpoint in {output_dir}/checkpoints or in the runs under {runs}"
+            )
         log.info("ckpt_path=auto: no checkpoint to resume from under %s; starting afresh", runs)
         return None
     log.info("ckpt_path=%s: resuming from %s", cfg.ckpt_path, found)
@@ -272,5 +318,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     reject_renamed_keys("train")
     sys.argv[1:] = train_overrides(sys.argv[1:])
-    run_cli(precheck, "train")  # bad input: one line, exit 2, before Hydra writes the run folder; locks it
+    run_cli(
+        precheck, "train"
+    )  # bad input: one line, exit 2, before Hydra writes the run folder; locks it
     main()

@@ -9,9 +9,21 @@ import lightning.pytorch as pl
 import torch
 
 # torchvision vgg16 `features` convolutions: index -> (in, out)
-VGG16_CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256),
-               14: (256, 256), 17: (256, 512), 19: (512, 512), 21: (512, 512), 24: (512, 512),
-               26: (512, 512), 28: (512, 512)}
+VGG16_CONVS = {
+    0: (3, 64),
+    2: (64, 64),
+    5: (64, 128),
+    7: (128, 128),
+    10: (128, 256),
+    12: (256, 256),
+    14: (256, 256),
+    17: (256, 512),
+    19: (512, 512),
+    21: (512, 512),
+    24: (512, 512),
+    26: (512, 512),
+    28: (512, 512),
+}
 
 
 def fake_vgg16_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -19,7 +31,9 @@ def fake_vgg16_state(seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for i, (cin, cout) in VGG16_CONVS.items():
-        state[f"features.{i}.weight"] = torch.randn(cout, cin, 3, 3, generator=gen) * (2 / (9 * cin)) ** 0.5
+        state[f"features.{i}.weight"] = (
+            torch.randn(cout, cin, 3, 3, generator=gen) * (2 / (9 * cin)) ** 0.5
+        )
         state[f"features.{i}.bias"] = torch.randn(cout, generator=gen) * 0.01
     return state
 
@@ -32,7 +46,6 @@ def write_fake_vgg16(folder: Path, seed: int = 0) -> Path:
     return path
 
 
-
 class SignalAtStep(pl.Callback):
     """Sends ``signum`` to its own process at the start of optimizer step ``step`` (a stand-in
     for a scheduler's preemption signal arriving in the middle of a step); with ``rank``, only
@@ -41,8 +54,9 @@ class SignalAtStep(pl.Callback):
     def __init__(self, step: int, signum: int = 15, rank: int | None = None) -> None:
         self.step, self.signum, self.sent, self.rank = int(step), int(signum), False, rank
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, batch_idx: int
+    ) -> None:
         if self.rank is not None and trainer.global_rank != self.rank:
             return  # only this rank is signalled (a scheduler reaching one process first)
         if trainer.global_step == self.step and not self.sent:
@@ -83,5 +97,7 @@ class NoForwardADTinyUNet(torch.nn.Module):
         self.img_resolution, self.img_channels = self.body.img_resolution, self.body.img_channels
         self.label_dim = self.body.label_dim
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels=None
+    ) -> torch.Tensor:
         return self.quant(self.body(x, noise_labels, class_labels))

@@ -37,17 +37,33 @@ class SampleQualityCallback(pl.Callback):
             default: the classifier is trained separately).
     """
 
-    def __init__(self, features: nn.Module | Callable[[], nn.Module], cache_dir: str, every_n_steps: int = 1000,
-                 num_samples: int = 1000, num_real: int = 10000, real_split: str = "train", seed: int = 0,
-                 batch_size: int = 250, kid_subset_size: int = 1000, optional: bool = False) -> None:
+    def __init__(
+        self,
+        features: nn.Module | Callable[[], nn.Module],
+        cache_dir: str,
+        every_n_steps: int = 1000,
+        num_samples: int = 1000,
+        num_real: int = 10000,
+        real_split: str = "train",
+        seed: int = 0,
+        batch_size: int = 250,
+        kid_subset_size: int = 1000,
+        optional: bool = False,
+    ) -> None:
         if every_n_steps < 0 or num_samples < 2 or num_real < 2 or batch_size < 1:
-            raise ValueError("callbacks.sample_quality: every_n_steps >= 0, num_samples >= 2, num_real >= 2, batch_size >= 1")
+            raise ValueError(
+                "callbacks.sample_quality: every_n_steps >= 0, num_samples >= 2, num_real >= 2, batch_size >= 1"
+            )
         self._factory = None if isinstance(features, nn.Module) else features
         self.features = features.eval() if isinstance(features, nn.Module) else None
         self.optional = bool(optional)
         self.disabled = False
         self.cache = RealFeatureCache(cache_dir)
-        self.every_n_steps, self.num_samples, self.num_real = int(every_n_steps), int(num_samples), int(num_real)
+        self.every_n_steps, self.num_samples, self.num_real = (
+            int(every_n_steps),
+            int(num_samples),
+            int(num_real),
+        )
         self.real_split, self.seed, self.batch_size = str(real_split), int(seed), int(batch_size)
         self.kid_subset_size = int(kid_subset_size)
         self.name = str(getattr(self.features, "name", "features"))
@@ -69,8 +85,15 @@ class SampleQualityCallback(pl.Callback):
         self.name = str(getattr(self.features, "name", "features"))
 
     def _real(self, trainer: pl.Trainer, device: torch.device) -> dict[str, torch.Tensor]:
-        return reference_features(self.cache, self.features, trainer.datamodule, self.real_split, self.num_real,
-                                  self.batch_size, device)
+        return reference_features(
+            self.cache,
+            self.features,
+            trainer.datamodule,
+            self.real_split,
+            self.num_real,
+            self.batch_size,
+            device,
+        )
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -95,12 +118,21 @@ class SampleQualityCallback(pl.Callback):
         for name, chunks in sets.items():
             fake = extract(self.features, torch.cat(chunks), self.batch_size, device)
             if world > 1:  # every rank gets every rank's features, in seed order
-                fake = {k: pl_module.all_gather(v.to(device)).flatten(0, 1).cpu() for k, v in fake.items()}
+                fake = {
+                    k: pl_module.all_gather(v.to(device)).flatten(0, 1).cpu()
+                    for k, v in fake.items()
+                }
             fake = {k: v[: self.num_samples] for k, v in fake.items()}
             metrics = score(real, fake, self.name, kid_subset_size=self.kid_subset_size)
-            out.update({f"val/{k}_{name}": v for k, v in metrics.items() if not k.endswith("_std")})
+            out.update(
+                {f"val/{k}_{name}": v for k, v in metrics.items() if not k.endswith("_std")}
+            )
         self.seconds += time.perf_counter() - t0
-        log.info("step %d sample quality: %s", trainer.global_step, {k: round(v, 4) for k, v in out.items()})
+        log.info(
+            "step %d sample quality: %s",
+            trainer.global_step,
+            {k: round(v, 4) for k, v in out.items()},
+        )
         return out
 
     @staticmethod
@@ -111,11 +143,18 @@ class SampleQualityCallback(pl.Callback):
             lg.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object
+    ) -> None:
         if self.disabled:
             return
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if (
+            self.every_n_steps
+            and step > 0
+            and step % self.every_n_steps == 0
+            and step != self._last_step
+        ):
             self._last_step = step
             self._last = self.evaluate(trainer, pl_module)
             self._publish(trainer, self._last)
@@ -131,6 +170,18 @@ class SampleQualityCallback(pl.Callback):
             import json
 
             out = Path(trainer.default_root_dir or ".") / "sample_quality.json"
-            out.write_text(json.dumps({"step": trainer.global_step, **self._last, "num_samples": self.num_samples,
-                                       "num_real": self.num_real, "real_split": self.real_split, "seed": self.seed,
-                                       **describe(self.features), "seconds_total": round(self.seconds, 2)}, indent=2))
+            out.write_text(
+                json.dumps(
+                    {
+                        "step": trainer.global_step,
+                        **self._last,
+                        "num_samples": self.num_samples,
+                        "num_real": self.num_real,
+                        "real_split": self.real_split,
+                        "seed": self.seed,
+                        **describe(self.features),
+                        "seconds_total": round(self.seconds, 2),
+                    },
+                    indent=2,
+                )
+            )

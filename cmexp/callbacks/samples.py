@@ -22,17 +22,33 @@ class SampleGridCallback(pl.Callback):
         num_samples: images per grid. seed: first seed (seeds are seed..seed+num-1).
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int = 500, num_samples: int = 64, seed: int = 0, scale: int = 2) -> None:
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_steps: int = 500,
+        num_samples: int = 64,
+        seed: int = 0,
+        scale: int = 2,
+    ) -> None:
         if every_n_steps < 0 or num_samples < 1:
-            raise ValueError("callbacks.sample_grid: every_n_steps must be >= 0 and num_samples >= 1")
+            raise ValueError(
+                "callbacks.sample_grid: every_n_steps must be >= 0 and num_samples >= 1"
+            )
         self.dirpath = Path(dirpath)
         self.every_n_steps, self.num_samples = int(every_n_steps), int(num_samples)
         self.seed, self.scale = int(seed), int(scale)
         self._last_step = -1
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object
+    ) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if (
+            self.every_n_steps
+            and step > 0
+            and step % self.every_n_steps == 0
+            and step != self._last_step
+        ):
             self._write(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

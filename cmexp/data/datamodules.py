@@ -31,7 +31,9 @@ class TensorImageDataset(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}"
+            )
         self.images, self.labels = images, labels.long()
 
     def __len__(self) -> int:
@@ -41,7 +43,9 @@ class TensorImageDataset(Dataset):
         return self.images[i].float() / 127.5 - 1.0, int(self.labels[i])
 
 
-def fit_images(images: Tensor, resolution: int, channels: int, pad_from: int | None = None) -> Tensor:
+def fit_images(
+    images: Tensor, resolution: int, channels: int, pad_from: int | None = None
+) -> Tensor:
     """uint8 ``[N, C0, H0, W0]`` -> uint8 ``[N, channels, resolution, resolution]``.
 
     If ``pad_from`` equals H0 (28 for the MNIST family) and ``resolution == H0 + 4`` (32), the
@@ -55,17 +59,26 @@ def fit_images(images: Tensor, resolution: int, channels: int, pad_from: int | N
             p = 2
             images = F.pad(images, (p, p, p, p), value=0)
         else:
-            x = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear",
-                              antialias=True, align_corners=False)
+            x = F.interpolate(
+                images.float(),
+                size=(resolution, resolution),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
             images = x.round().clamp(0, 255).to(torch.uint8)
     if channels != c0:
         if c0 == 1 and channels == 3:
             images = images.expand(-1, 3, -1, -1).contiguous()
         elif c0 == 3 and channels == 1:
             w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            images = (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+            images = (
+                (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+            )
         else:
-            raise ValueError(f"dataset.channels={channels} cannot be made from {c0}-channel images")
+            raise ValueError(
+                f"dataset.channels={channels} cannot be made from {c0}-channel images"
+            )
     return images
 
 
@@ -111,7 +124,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.data_dir = Path(str(data_dir)).expanduser()
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.random_flip, self.subset = bool(random_flip), subset
-        self.resolution, self.channels, self.num_classes = int(resolution), int(channels), int(num_classes)
+        self.resolution, self.channels, self.num_classes = (
+            int(resolution),
+            int(channels),
+            int(num_classes),
+        )
         self.seed = int(seed)
         if use_labels and self.num_classes < 1:
             raise ValueError(
@@ -144,18 +161,32 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return StepLoader(
-            self.train_set, self.batch_size, seed=self.seed, random_flip=self.random_flip,
-            num_workers=self.num_workers, start_batch=self.start_batch, rank=rank, world_size=world,
+            self.train_set,
+            self.batch_size,
+            seed=self.seed,
+            random_flip=self.random_flip,
+            num_workers=self.num_workers,
+            start_batch=self.start_batch,
+            rank=rank,
+            world_size=world,
         )
 
     def real_labels(self, n: int, split: str = "train") -> Tensor:
         """The labels ``[n]`` of :meth:`real_images` (same images, same order)."""
-        ds = self.train_set if split == "train" and self.train_set is not None else self.dataset(split)
+        ds = (
+            self.train_set
+            if split == "train" and self.train_set is not None
+            else self.dataset(split)
+        )
         return ds.labels[: min(n, len(ds))].clone()
 
     def real_images(self, n: int, split: str = "train") -> Tensor:
         """The first ``n`` images of ``split`` as float ``[n, C, H, W]`` in [-1, 1]."""
-        ds = self.train_set if split == "train" and self.train_set is not None else self.dataset(split)
+        ds = (
+            self.train_set
+            if split == "train" and self.train_set is not None
+            else self.dataset(split)
+        )
         n = min(n, len(ds))
         return ds.images[:n].float() / 127.5 - 1.0
 
@@ -164,12 +195,13 @@ class ImageDataModule(pl.LightningDataModule):
 # MNIST-format datasets (idx files)
 # ---------------------------------------------------------------------------------------------
 
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (``.gz`` or raw): uint8 images ``[N, H, W]`` or labels ``[N]``."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as fh:
         data = fh.read()
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):
         raise ValueError(f"{path}: not an idx uint8 file (magic {magic:#x})")
@@ -191,8 +223,10 @@ class IdxDataModule(ImageDataModule):
     apt_hint = ""
     pad_from = 28
 
-    FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    FILES = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
 
     def _find(self, stem: str) -> Path | None:
         for folder in (self.data_dir, self.data_dir / self.name / "raw", *self.system_dirs):
@@ -252,6 +286,7 @@ class MNISTDataModule(IdxDataModule):
 # CIFAR-10, image folders, synthetic mixture
 # ---------------------------------------------------------------------------------------------
 
+
 class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10 (the CM paper's main benchmark): 50k 32x32 RGB training images. Reads the python
     pickles in ``data_dir/cifar-10-batches-py``; downloads them with torchvision when online."""
@@ -266,7 +301,9 @@ class CIFAR10DataModule(ImageDataModule):
                 import torchvision
 
                 try:
-                    torchvision.datasets.CIFAR10(str(self.data_dir), train=split == "train", download=True)
+                    torchvision.datasets.CIFAR10(
+                        str(self.data_dir), train=split == "train", download=True
+                    )
                 except Exception as err:  # noqa: BLE001 - reported below with the expected files
                     print(f"warning: downloading CIFAR-10 failed: {err}")
             if not all(f.is_file() for f in files):
@@ -304,7 +341,9 @@ class ImageFolderDataModule(ImageDataModule):
             raise FileNotFoundError(
                 f"{self.key}={self.data_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found"
             )
-        classes = sorted({p.relative_to(self.data_dir).parts[0] for p in files if p.parent != self.data_dir})
+        classes = sorted(
+            {p.relative_to(self.data_dir).parts[0] for p in files if p.parent != self.data_dir}
+        )
         if self.num_classes > 0 and len(classes) != self.num_classes:
             raise ValueError(
                 f"dataset.num_classes={self.num_classes} but {self.data_dir} has {len(classes)} class subfolders"
@@ -326,7 +365,9 @@ class ImageFolderDataModule(ImageDataModule):
                     "remove it from the folder or replace it"
                 ) from None
             out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-            labels.append(classes.index(p.relative_to(self.data_dir).parts[0]) if self.num_classes > 0 else 0)
+            labels.append(
+                classes.index(p.relative_to(self.data_dir).parts[0]) if self.num_classes > 0 else 0
+            )
         return torch.from_numpy(np.stack(out)), torch.tensor(labels, dtype=torch.long)
 
 
@@ -363,7 +404,12 @@ class ImageNet64DataModule(ImageFolderDataModule):
                     f"('data' uint8 [N, 12288] and 'labels'): {type(err).__name__}"
                 ) from None
             side = self.resolution
-            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * side * side or len(lab) != len(data):
+            if (
+                data.dtype != np.uint8
+                or data.ndim != 2
+                or data.shape[1] != 3 * side * side
+                or len(lab) != len(data)
+            ):
                 raise ValueError(
                     f"{self.key}={self.data_dir}: {f.name} holds 'data' {data.dtype} {list(data.shape)} and "
                     f"{len(lab)} labels; expected uint8 [N, {3 * side * side}] (3x{side}x{side}, "
@@ -391,8 +437,15 @@ class GaussianMixtureDataModule(ImageDataModule):
     means uniform in [-0.8, 0.8] per pixel, isotropic ``std``, equal weights; quantised to uint8
     like real data. Deterministic from ``mixture_seed``; labels are component indices."""
 
-    def __init__(self, *args, length: int = 256, num_components: int = 4, std: float = 0.1,
-                 mixture_seed: int = 0, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        length: int = 256,
+        num_components: int = 4,
+        std: float = 0.1,
+        mixture_seed: int = 0,
+        **kwargs,
+    ) -> None:
         kwargs.setdefault("data_dir", "")
         super().__init__(*args, **kwargs)
         if length < 1:
@@ -407,6 +460,8 @@ class GaussianMixtureDataModule(ImageDataModule):
     def load(self, split: str) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(self._gen_seed + (split != "train"))
         labels = torch.randint(0, self.num_components, (self.length,), generator=gen)
-        x = self.means[labels] + self.std * torch.randn((self.length, *self.means.shape[1:]), generator=gen)
+        x = self.means[labels] + self.std * torch.randn(
+            (self.length, *self.means.shape[1:]), generator=gen
+        )
         images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images, labels

@@ -87,7 +87,12 @@ class StepLoader:
                 # drawn for the whole global batch, then this rank's slice (= one process's flips)
                 gen = torch.Generator().manual_seed(_mix(self.seed, b, 2, 0))
                 n = images.shape[0]
-                flip = torch.rand(n * self.world_size, generator=gen)[self.rank * n : (self.rank + 1) * n] < 0.5
+                flip = (
+                    torch.rand(n * self.world_size, generator=gen)[
+                        self.rank * n : (self.rank + 1) * n
+                    ]
+                    < 0.5
+                )
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
             yield images, torch.as_tensor(labels, dtype=torch.long)
         self.start_batch = last

@@ -45,7 +45,9 @@ def orthogonal_basis(first: Sequence[float] | Tensor) -> Tensor:
     m = torch.eye(d, dtype=torch.float64)
     m[:, 0] = v
     q, r = torch.linalg.qr(m)
-    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(d, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r)).where(
+        torch.diagonal(r) != 0, torch.ones(d, dtype=torch.float64)
+    )
     return q
 
 
@@ -69,7 +71,9 @@ class ColorTransform:
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] != self.Q.shape[0]:
-            raise ValueError(f"colorization needs {self.Q.shape[0]}-channel images, got {x.shape[1]} channels")
+            raise ValueError(
+                f"colorization needs {self.Q.shape[0]}-channel images, got {x.shape[1]} channels"
+            )
         return torch.einsum("bchw,cd->bdhw", x, self.Q.to(x))
 
     def inverse(self, coeffs: Tensor) -> Tensor:
@@ -99,13 +103,19 @@ class PatchTransform:
     def _check(self, x: Tensor) -> None:
         h, w = x.shape[-2:]
         if h % self.p or w % self.p:
-            raise ValueError(f"image size {h}x{w} is not divisible by the super-resolution factor {self.p}")
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the super-resolution factor {self.p}"
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
         b, c, h, w = x.shape
         p = self.p
-        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h // p, w // p, p * p)
+        patches = (
+            x.reshape(b, c, h // p, p, w // p, p)
+            .permute(0, 1, 2, 4, 3, 5)
+            .reshape(b, c, h // p, w // p, p * p)
+        )
         coeffs = patches @ self.Q.to(x)  # [B,C,H/p,W/p,p^2]
         return coeffs.permute(0, 1, 4, 2, 3)
 
@@ -113,7 +123,11 @@ class PatchTransform:
         b, c, _, hp, wp = coeffs.shape
         p = self.p
         patches = coeffs.permute(0, 1, 3, 4, 2) @ self.Q.to(coeffs).T  # [B,C,H/p,W/p,p^2]
-        return patches.reshape(b, c, hp, wp, p, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, hp * p, wp * p)
+        return (
+            patches.reshape(b, c, hp, wp, p, p)
+            .permute(0, 1, 2, 4, 3, 5)
+            .reshape(b, c, hp * p, wp * p)
+        )
 
     def mask(self, like: Tensor) -> Tensor:
         """Omega: keep coefficient 0 (the patch mean), generate the rest. ``[1,1,p^2,1,1]``."""
@@ -228,22 +242,35 @@ def mask_from_image(path: str, shape: Sequence[int], key: str = "task.mask") -> 
         raise ValueError(
             f"{key}={path} is {img.width}x{img.height} pixels; expected {w}x{h} (the model's image size; white = fill)"
         )
-    arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width)
+    arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(
+        img.height, img.width
+    )
     return (arr > 127).float()[None, None]
 
 
 # ------------------------------------------------------------------------------ tasks
 def inpaint(
-    consistency_fn: ConsistencyFn, y: Tensor, mask: Tensor, sigmas: Sequence[float] | Tensor,
-    sigma_min: float, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
+    consistency_fn: ConsistencyFn,
+    y: Tensor,
+    mask: Tensor,
+    sigmas: Sequence[float] | Tensor,
+    sigma_min: float,
+    noise: NoiseFn | None = None,
+    class_labels: Tensor | None = None,
 ) -> Tensor:
     """Fill the pixels where ``mask`` (``[B or 1, 1 or C, H, W]``) is 1; keep the others."""
-    return edit(consistency_fn, y, IdentityTransform(), mask, sigmas, sigma_min, noise, class_labels)
+    return edit(
+        consistency_fn, y, IdentityTransform(), mask, sigmas, sigma_min, noise, class_labels
+    )
 
 
 def colorize(
-    consistency_fn: ConsistencyFn, y: Tensor, sigmas: Sequence[float] | Tensor,
-    sigma_min: float, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
+    consistency_fn: ConsistencyFn,
+    y: Tensor,
+    sigmas: Sequence[float] | Tensor,
+    sigma_min: float,
+    noise: NoiseFn | None = None,
+    class_labels: Tensor | None = None,
 ) -> Tensor:
     """Generate chroma for the luma of ``y`` ``[B,3,H,W]`` (only y's luma is read)."""
     t = ColorTransform()
@@ -251,8 +278,13 @@ def colorize(
 
 
 def superres(
-    consistency_fn: ConsistencyFn, y: Tensor, factor: int, sigmas: Sequence[float] | Tensor,
-    sigma_min: float, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
+    consistency_fn: ConsistencyFn,
+    y: Tensor,
+    factor: int,
+    sigmas: Sequence[float] | Tensor,
+    sigma_min: float,
+    noise: NoiseFn | None = None,
+    class_labels: Tensor | None = None,
 ) -> Tensor:
     """Generate the detail of each ``factor x factor`` patch; keep every patch mean of ``y``
     (``y`` may be the low-resolution image replicated to full size, :func:`downsample`)."""
@@ -267,15 +299,28 @@ def downsample(y: Tensor, factor: int) -> Tensor:
 
 
 def stroke(
-    consistency_fn: ConsistencyFn, strokes: Tensor, sigmas: Sequence[float] | Tensor,
-    sigma_min: float, noise: NoiseFn | None = None, class_labels: Tensor | None = None,
+    consistency_fn: ConsistencyFn,
+    strokes: Tensor,
+    sigmas: Sequence[float] | Tensor,
+    sigma_min: float,
+    noise: NoiseFn | None = None,
+    class_labels: Tensor | None = None,
 ) -> Tensor:
     """Stroke-guided generation (SDEdit-style, App. D): A = I, Omega = 1 everywhere, starting
     from ``strokes + t_1 z`` (t_1 = 5.38, t_2 = 2.24 in the paper). With Omega = 1 the first
     line of Alg. 4 would erase the guide, so the strokes themselves are the starting point."""
     ones = torch.ones_like(strokes[:1, :1])
-    return edit(consistency_fn, strokes, IdentityTransform(), ones, sigmas, sigma_min, noise,
-                class_labels, start=strokes)
+    return edit(
+        consistency_fn,
+        strokes,
+        IdentityTransform(),
+        ones,
+        sigmas,
+        sigma_min,
+        noise,
+        class_labels,
+        start=strokes,
+    )
 
 
 def coarse_strokes(y: Tensor, factor: int = 4, levels: int = 4) -> Tensor:
@@ -288,7 +333,10 @@ def coarse_strokes(y: Tensor, factor: int = 4, levels: int = 4) -> Tensor:
 
 @torch.no_grad()
 def denoise(
-    consistency_fn: ConsistencyFn, x_noisy: Tensor, sigma: float, class_labels: Tensor | None = None,
+    consistency_fn: ConsistencyFn,
+    x_noisy: Tensor,
+    sigma: float,
+    class_labels: Tensor | None = None,
     clip_denoised: bool = True,
 ) -> Tensor:
     """One step ``f(x + sigma z, sigma)`` for an image with Gaussian noise of std sigma."""
@@ -302,7 +350,9 @@ def slerp(z1: Tensor, z2: Tensor, alpha: float | Tensor) -> Tensor:
 
     ``z1, z2``: ``[B,...]``; ``alpha`` scalar or ``[B]``. Falls back to linear
     interpolation for (anti)parallel latents."""
-    a = torch.as_tensor(alpha, dtype=z1.dtype, device=z1.device).reshape(-1, *([1] * (z1.ndim - 1)))
+    a = torch.as_tensor(alpha, dtype=z1.dtype, device=z1.device).reshape(
+        -1, *([1] * (z1.ndim - 1))
+    )
     f1, f2 = z1.flatten(1), z2.flatten(1)
     cos = (f1 * f2).sum(1) / (f1.norm(dim=1) * f2.norm(dim=1))
     psi = torch.arccos(cos.clamp(-1, 1)).reshape(-1, *([1] * (z1.ndim - 1)))
@@ -315,7 +365,11 @@ def slerp(z1: Tensor, z2: Tensor, alpha: float | Tensor) -> Tensor:
 
 @torch.no_grad()
 def interpolate(
-    consistency_fn: ConsistencyFn, z1: Tensor, z2: Tensor, num: int, sigma_max: float,
+    consistency_fn: ConsistencyFn,
+    z1: Tensor,
+    z2: Tensor,
+    num: int,
+    sigma_max: float,
     class_labels: Tensor | None = None,
 ) -> Tensor:
     """One-step samples along the slerp between two latents. ``z1, z2``: ``[C,H,W]`` standard

@@ -138,7 +138,9 @@ class ECTPrecond(CMPrecond):
     in training mode when ``edm_scalings_in_training`` (ECT's choice: the tuned model starts as
     exactly the pretrained EDM denoiser, and levels r < sigma_min stay valid targets)."""
 
-    def __init__(self, *args: object, edm_scalings_in_training: bool = True, **kwargs: object) -> None:
+    def __init__(
+        self, *args: object, edm_scalings_in_training: bool = True, **kwargs: object
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.edm_scalings_in_training = bool(edm_scalings_in_training)
 
@@ -190,12 +192,16 @@ class VPSDEPrecond(_Precond):
     ) -> None:
         super().__init__(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
         if not beta_d > 0 or not beta_min >= 0 or int(M) < 2:
-            raise ValueError(f"VP schedule needs beta_d > 0, beta_min >= 0, M >= 2; got {beta_d}, {beta_min}, {M}")
+            raise ValueError(
+                f"VP schedule needs beta_d > 0, beta_min >= 0, M >= 2; got {beta_d}, {beta_min}, {M}"
+            )
         self.beta_d, self.beta_min, self.M = float(beta_d), float(beta_min), int(M)
 
     def t_of_sigma(self, sigma: Tensor) -> Tensor:
         """``t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d``."""
-        return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
+        return (
+            (self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min
+        ) / self.beta_d
 
     def c_noise(self, sigma: Tensor) -> Tensor:
         return (self.M - 1) * self.t_of_sigma(sigma)
@@ -256,8 +262,6 @@ def gaussian_mixture_denoiser(means: Tensor, weights: Tensor, std: float = 0.0):
     return denoise
 
 
-
-
 class ConditionalMixtureDenoiser:
     """Exact class-conditional denoiser of a labelled isotropic Gaussian mixture (for tests of
     classifier-free guidance): class k is ``N(m_k, std^2 I)`` with prior ``w_k``, so
@@ -273,7 +277,9 @@ class ConditionalMixtureDenoiser:
         self.label_dim = int(means.shape[0])
         self.marginal = gaussian_mixture_denoiser(means, weights, std)
 
-    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None
+    ) -> Tensor:
         out = self.marginal(x, sigma)
         if class_labels is None:
             return out

@@ -24,13 +24,18 @@ class SeededNoise:
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
-        self.generators = [torch.Generator(device=device).manual_seed(int(s) % (1 << 63)) for s in seeds]
+        self.generators = [
+            torch.Generator(device=device).manual_seed(int(s) % (1 << 63)) for s in seeds
+        ]
         self.device = torch.device(device)
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
         """``[len(seeds), *shape]`` standard normal noise."""
         return torch.stack(
-            [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype) for g in self.generators]
+            [
+                torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype)
+                for g in self.generators
+            ]
         )
 
     def randn_like(self, x: Tensor) -> Tensor:

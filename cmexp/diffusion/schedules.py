@@ -148,5 +148,7 @@ def describe_curriculum(schedule: Schedule) -> str:
         return f"fixed N = {points[0][0]}, mu = {points[0][1]:g} at every step"
     ns = ", ".join(str(n) for n, _ in points)
     mus = ", ".join(f"{mu:.4g}" for _, mu in points)
-    return (f"{type(schedule).__name__} at k = {', '.join(map(str, ks))}: N = {ns}; mu = {mus}; the curriculum "
-            f"stretches over K = trainer.max_steps = {K}, so a shorter or longer run changes N(k) and mu(k)")
+    return (
+        f"{type(schedule).__name__} at k = {', '.join(map(str, ks))}: N = {ns}; mu = {mus}; the curriculum "
+        f"stretches over K = trainer.max_steps = {K}, so a shorter or longer run changes N(k) and mu(k)"
+    )

@@ -134,6 +134,8 @@ def _check_finite_start(sigmas: Tensor, name: str) -> None:
 
 def _check_descending(sigmas: Tensor) -> None:
     if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"sigmas must be a 1-D tensor with >= 2 entries, got shape {tuple(sigmas.shape)}")
+        raise ValueError(
+            f"sigmas must be a 1-D tensor with >= 2 entries, got shape {tuple(sigmas.shape)}"
+        )
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
         raise ValueError(f"sigmas must be strictly descending, got {sigmas.tolist()}")

@@ -14,7 +14,9 @@ from collections.abc import Callable
 Score = Callable[[tuple[int, ...]], float]
 
 
-def ternary_search(score: Callable[[int], float], left: int, right: int, cache: dict[int, float] | None = None) -> int:
+def ternary_search(
+    score: Callable[[int], float], left: int, right: int, cache: dict[int, float] | None = None
+) -> int:
     """The integer in ``[left, right]`` minimising a unimodal ``score`` (each index is
     evaluated at most once; ``cache`` collects the evaluations)."""
     if left > right:
@@ -38,7 +40,9 @@ def ternary_search(score: Callable[[int], float], left: int, right: int, cache: 
     return min(range(left, right + 1), key=f)
 
 
-def greedy_tau_search(score: Score, num_scales: int, num_taus: int) -> tuple[list[int], dict[tuple[int, ...], float]]:
+def greedy_tau_search(
+    score: Score, num_scales: int, num_taus: int
+) -> tuple[list[int], dict[tuple[int, ...], float]]:
     """Choose ``num_taus`` grid indices greedily (CM paper: "pick tau one at a time").
 
     Args:
@@ -60,7 +64,9 @@ def greedy_tau_search(score: Score, num_scales: int, num_taus: int) -> tuple[lis
         # leave room for the taus still to come after this one
         hi = num_scales - 2 - (num_taus - 1 - k)
         if prev + 1 > hi:
-            raise ValueError(f"no room left for tau {k + 1} after index {prev} (num_scales={num_scales})")
+            raise ValueError(
+                f"no room left for tau {k + 1} after index {prev} (num_scales={num_scales})"
+            )
 
         def one(j: int, base: tuple[int, ...] = tuple(chosen)) -> float:
             key = (0, *base, j)

@@ -128,7 +128,9 @@ def export_weights(src: str | Path, dst: str | Path, use_ema: bool = True) -> Pa
     state = {
         "ema." + k: v.clone() for k, v in ckpt.weights("ema." if use_ema else "model.").items()
     }
-    state.update({k: v.clone() for k, v in ckpt.state_dict.items() if k.startswith("latent.")})  # latent mode's codec
+    state.update(
+        {k: v.clone() for k, v in ckpt.state_dict.items() if k.startswith("latent.")}
+    )  # latent mode's codec
     meta = {k: v for k, v in ckpt.meta.items() if k != "rng"}
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state, "cmexp": meta, "global_step": ckpt.global_step}, dst)

@@ -36,7 +36,11 @@ def real_images(
 
     if images_dir:
         dm = ImageFolderDataModule(
-            data_dir=images_dir, resolution=resolution, channels=channels, num_classes=0, key="images_dir"
+            data_dir=images_dir,
+            resolution=resolution,
+            channels=channels,
+            num_classes=0,
+            key="images_dir",
         )
         split = "train"
     else:

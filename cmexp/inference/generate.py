@@ -36,7 +36,9 @@ def sampler_options(sampler: str, values: Any) -> dict[str, float]:
     tmin, tmax = values.get("s_tmin"), values.get("s_tmax")
     if tmin is not None and tmax is not None and not float(tmax) >= float(tmin):
         raise ValueError(f"s_tmax must be >= s_tmin, got s_tmax={tmax} < s_tmin={tmin}")
-    return {k: float(values[k]) for k in SAMPLER_OPTIONS.get(sampler, ()) if values.get(k) is not None}
+    return {
+        k: float(values[k]) for k in SAMPLER_OPTIONS.get(sampler, ()) if values.get(k) is not None
+    }
 
 
 @torch.no_grad()
@@ -81,8 +83,13 @@ def generate(
         )
     sampler = check_sampler(sampler, loaded.spec)
     options = dict(options or {})
-    solvers = {"heun": sample_heun, "euler": sample_euler, "ddim": sample_ddim, "ddpm": sample_ddpm,
-               "edm_sde": sample_edm_sde}
+    solvers = {
+        "heun": sample_heun,
+        "euler": sample_euler,
+        "ddim": sample_ddim,
+        "ddpm": sample_ddpm,
+        "edm_sde": sample_edm_sde,
+    }
     shape = (m.img_channels, m.img_resolution, m.img_resolution)
     out = []
     starts = range(0, num_samples, batch_size)
@@ -96,12 +103,21 @@ def generate(
         n = min(batch_size, num_samples - start)
         noise = SeededNoise(range(seed + start, seed + start + n), device)
         z = noise.randn(shape)
-        labels = sample_labels(loaded, range(seed + start, seed + start + n), class_labels, offset=start)
+        labels = sample_labels(
+            loaded, range(seed + start, seed + start + n), class_labels, offset=start
+        )
         labels = labels.to(device) if labels is not None else None
         clip = loaded.latent is None
         if sampler == "consistency":
-            x = sample_multistep(m, z, sigmas, loaded.spec.sigma_min, class_labels=labels, noise=noise.randn_like,
-                                 clip_denoised=clip)
+            x = sample_multistep(
+                m,
+                z,
+                sigmas,
+                loaded.spec.sigma_min,
+                class_labels=labels,
+                noise=noise.randn_like,
+                clip_denoised=clip,
+            )
         else:
             sig = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
             x0 = z if torch.isinf(sig[0]) else z * sig[0]  # zero terminal SNR: the VP state z
@@ -117,7 +133,10 @@ def generate(
 
 
 def save_samples(
-    images: Tensor, out_dir: str | Path, grid_size: int = 64, name: str = "samples",
+    images: Tensor,
+    out_dir: str | Path,
+    grid_size: int = 64,
+    name: str = "samples",
     labels: Tensor | None = None,
 ) -> dict[str, str]:
     """Write ``<name>.npz`` (``arr_0``: uint8 ``[N,H,W,C]``, the OpenAI evaluator

@@ -134,7 +134,9 @@ def build_wrapper(net: nn.Module, meta: dict[str, Any], source: str = "ckpt") ->
     if precond.get("name") == "vp":
         return VPrecond(*args, prediction=str(precond.get("prediction", "v")))
     if precond.get("name") == "vp_sde":  # NVlabs/edm VPPrecond (cmexp.interop)
-        return VPSDEPrecond(*args, beta_d=precond["beta_d"], beta_min=precond["beta_min"], M=precond["M"])
+        return VPSDEPrecond(
+            *args, beta_d=precond["beta_d"], beta_min=precond["beta_min"], M=precond["M"]
+        )
     if precond.get("name") == "ve_sde":  # NVlabs/edm VEPrecond
         return VESDEPrecond(*args)
     if precond.get("name") != "edm":

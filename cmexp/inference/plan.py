@@ -162,7 +162,9 @@ def solver_plan(spec: SamplingSpec, solver_steps: int) -> list[float]:
     teacher and the student are compared on the same levels; Euler/DDIM/DDPM NFE k, Heun and
     EDM-SDE 2k), or, for a VP schedule, its ``k`` trailing timesteps and a final 0."""
     if spec.consistency:
-        raise ValueError("solver_steps applies to diffusion models; consistency models take steps=")
+        raise ValueError(
+            "solver_steps applies to diffusion models; consistency models take steps="
+        )
     if int(solver_steps) != solver_steps or solver_steps < 1:
         raise ValueError(f"solver_steps must be an integer >= 1, got {solver_steps!r}")
     k = int(solver_steps)
@@ -175,10 +177,14 @@ def check_sampler(sampler: str, spec: SamplingSpec) -> str:
     """``sampler`` as given when it fits the model, else a ValueError naming ``sampler``."""
     if spec.consistency:
         if sampler not in ("consistency", None):
-            raise ValueError(f"sampler={sampler} does not fit a consistency model (it samples with Alg. 1)")
+            raise ValueError(
+                f"sampler={sampler} does not fit a consistency model (it samples with Alg. 1)"
+            )
         return "consistency"
     if sampler not in DIFFUSION_SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(DIFFUSION_SAMPLERS)}, got {sampler!r}")
+        raise ValueError(
+            f"sampler must be one of {', '.join(DIFFUSION_SAMPLERS)}, got {sampler!r}"
+        )
     if sampler in ("heun", "edm_sde") and math.isinf(spec.sigma_max):
         raise ValueError(
             f"sampler={sampler} cannot start at sigma_max = inf (a zero-terminal-SNR model); use ddim, ddpm or euler"
@@ -201,4 +207,6 @@ def nfe(sigmas: Sequence[float] | Tensor, sampler: str, passes: int = 1) -> int:
         return (n - 1) * int(passes)
     if sampler in ("heun", "edm_sde"):
         return (2 * (n - 1) - (1 if sig[-1] == 0 else 0)) * int(passes)
-    raise ValueError(f"sampler must be one of consistency, {', '.join(DIFFUSION_SAMPLERS)}, got {sampler!r}")
+    raise ValueError(
+        f"sampler must be one of consistency, {', '.join(DIFFUSION_SAMPLERS)}, got {sampler!r}"
+    )

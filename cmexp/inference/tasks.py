@@ -97,7 +97,9 @@ class Inpaint:
         if self.mask == "center":
             side = min(images.shape[-2:])
             if self.mask_size is not None and not 0 < self.mask_size <= side:
-                raise ValueError(f"task.mask_size must be in [1, {side}] (the image side), got {self.mask_size}")
+                raise ValueError(
+                    f"task.mask_size must be in [1, {side}] (the image side), got {self.mask_size}"
+                )
             return E.center_square_mask(images.shape, self.mask_size)
         if self.mask == "boxes":
             return E.random_boxes_mask(images.shape[0], images.shape, self.num_boxes, seed=seed)
@@ -202,8 +204,17 @@ class Stroke:
             out = E.stroke(ctx.f, strokes, sig, ctx.sigma_min, ctx.noise.randn_like)
         else:  # in latent space, never clamped to [-1, 1]
             z = ctx.latent.encode(strokes)
-            out = E.edit(ctx.f, z, E.IdentityTransform(), torch.ones_like(z[:1, :1]), sig, ctx.sigma_min,
-                         ctx.noise.randn_like, start=z, clip_denoised=False)
+            out = E.edit(
+                ctx.f,
+                z,
+                E.IdentityTransform(),
+                torch.ones_like(z[:1, :1]),
+                sig,
+                ctx.sigma_min,
+                ctx.noise.randn_like,
+                start=z,
+                clip_denoised=False,
+            )
             out = ctx.latent.decode(out).clamp(-1, 1)
         return EditOutput(
             {"before": y, "input": strokes, "result": out, "ground_truth": y},
@@ -225,7 +236,9 @@ class Interpolate:
     def __call__(self, ctx: EditContext) -> EditOutput:
         b, c, h, w = ctx.images.shape
         f = ctx.f
-        if ctx.latent is not None:  # noise of the latent shape; each one-step sample decoded (then clamped)
+        if (
+            ctx.latent is not None
+        ):  # noise of the latent shape; each one-step sample decoded (then clamped)
             c, h, w = ctx.latent.channels, ctx.latent.resolution, ctx.latent.resolution
             f = _decoded(ctx.f, ctx.latent)
         z = ctx.noise.randn((c, h, w)).to(ctx.images)

@@ -59,7 +59,9 @@ class LognormalIndices:
         return torch.multinomial(probs.float(), batch_size, replacement=True).to(device)
 
 
-def global_draw(draw: Callable[[int], Tensor], local: int, shard: tuple[int, int] = (0, 1)) -> Tensor:
+def global_draw(
+    draw: Callable[[int], Tensor], local: int, shard: tuple[int, int] = (0, 1)
+) -> Tensor:
     """``draw(local * world_size)`` sliced to this rank's ``local`` rows: with the same RNG
     state on every rank (``seed_everything``), rank r gets rows r*local..(r+1)*local-1 of what
     a single process with the global batch draws."""
@@ -103,12 +105,20 @@ class _ConsistencyLoss:
         self.index_sampler = index_sampler if index_sampler is not None else UniformIndices()
 
     def target_input(
-        self, images: Tensor, noise: Tensor, x_t: Tensor, sigma: Tensor, sigma_next: Tensor,
-        class_labels: Tensor | None, **cond: Tensor,
+        self,
+        images: Tensor,
+        noise: Tensor,
+        x_t: Tensor,
+        sigma: Tensor,
+        sigma_next: Tensor,
+        class_labels: Tensor | None,
+        **cond: Tensor,
     ) -> Tensor:
         raise NotImplementedError
 
-    def conditioning(self, batch: int, device: torch.device, shard: tuple[int, int]) -> dict[str, Tensor]:
+    def conditioning(
+        self, batch: int, device: torch.device, shard: tuple[int, int]
+    ) -> dict[str, Tensor]:
         """Extra inputs of the online and target models (guided CD: ``{"guidance": w [B]}``),
         drawn after the noise so unguided objectives keep their random stream."""
         return {}
@@ -130,12 +140,20 @@ class _ConsistencyLoss:
         Returns: :class:`ConsistencyLossOutput` with ``loss [B]``.
         """
         if sigmas.ndim != 1 or len(sigmas) < 2:
-            raise ValueError(f"sigmas must be a 1-D grid with >= 2 levels, got {tuple(sigmas.shape)}")
+            raise ValueError(
+                f"sigmas must be a 1-D grid with >= 2 levels, got {tuple(sigmas.shape)}"
+            )
         sigmas = sigmas.to(images.device)
         b = images.shape[0]
         idx = global_draw(lambda n: self.index_sampler(sigmas, n, images.device), b, shard)
         sigma, sigma_next = sigmas[idx], sigmas[idx + 1]
-        noise = global_draw(lambda n: torch.randn((n, *images.shape[1:]), device=images.device, dtype=images.dtype), b, shard)
+        noise = global_draw(
+            lambda n: torch.randn(
+                (n, *images.shape[1:]), device=images.device, dtype=images.dtype
+            ),
+            b,
+            shard,
+        )
         x_t = images + append_dims(sigma, images.ndim).to(images.dtype) * noise
         cond = self.conditioning(b, images.device, shard)
         with torch.no_grad():
@@ -149,7 +167,9 @@ class _ConsistencyLoss:
                 tgt = target(x_hat, sigma_next, class_labels, **cond)
             pred = online(x_t, sigma, class_labels, **cond)
         loss = self.weighting(sigma, sigma_next) * self.metric(pred, tgt.detach())
-        return ConsistencyLossOutput(loss=loss, sigma=sigma, sigma_next=sigma_next, guidance=cond.get("guidance"))
+        return ConsistencyLossOutput(
+            loss=loss, sigma=sigma, sigma_next=sigma_next, guidance=cond.get("guidance")
+        )
 
 
 class ConsistencyDistillationLoss(_ConsistencyLoss):
@@ -184,7 +204,9 @@ class ConsistencyDistillationLoss(_ConsistencyLoss):
         self.teacher = teacher
         self.guidance = guidance
 
-    def conditioning(self, batch: int, device: torch.device, shard: tuple[int, int]) -> dict[str, Tensor]:  # noqa: D102
+    def conditioning(
+        self, batch: int, device: torch.device, shard: tuple[int, int]
+    ) -> dict[str, Tensor]:  # noqa: D102
         if self.guidance is None:
             return {}
         guidance = self.guidance

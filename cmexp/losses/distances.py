@@ -18,8 +18,14 @@ from cmexp.utils.network import online
 # torchvision's ImageNet backbones used by LPIPS: (file name in the torch hub cache, URL).
 BACKBONES = {
     "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
-    "alex": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
-    "squeeze": ("squeezenet1_1-b8a52dc0.pth", "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth"),
+    "alex": (
+        "alexnet-owt-7be5be79.pth",
+        "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    ),
+    "squeeze": (
+        "squeezenet1_1-b8a52dc0.pth",
+        "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth",
+    ),
 }
 
 
@@ -97,7 +103,9 @@ def backbone_weights(net: str, weights_path: str | None = None) -> dict[str, Ten
         if p.is_file():
             return torch.load(p, map_location="cpu", weights_only=True)
     if weights_path:
-        raise FileNotFoundError(f"metric.weights_path={weights_path}: no such file (expected {name})")
+        raise FileNotFoundError(
+            f"metric.weights_path={weights_path}: no such file (expected {name})"
+        )
     if os.environ.get("CMEXP_OFFLINE") != "1" and online(url):
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True)
     raise FileNotFoundError(
@@ -126,14 +134,18 @@ class LPIPSDistance:
         resize: side length images are upsampled to; 224 in the paper, None keeps the input size.
     """
 
-    def __init__(self, net: str = "vgg", weights_path: str | None = None, resize: int | None = 224) -> None:
+    def __init__(
+        self, net: str = "vgg", weights_path: str | None = None, resize: int | None = 224
+    ) -> None:
         if resize is not None and resize < 16:
             raise ValueError(f"metric.resize must be null or >= 16, got {resize}")
         state = backbone_weights(net, weights_path)
         import lpips
 
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        features = {
+            k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")
+        }
         own = model.net.state_dict()
         mapped = {}
         for key in own:
@@ -150,7 +162,9 @@ class LPIPSDistance:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.resize is not None and x.shape[-1] != self.resize:
-            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                x, size=(self.resize, self.resize), mode="bilinear", align_corners=False
+            )
         return x
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:

@@ -27,7 +27,11 @@ class EDMLoss:
     """
 
     def __init__(
-        self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, noise_schedule: Any = None
+        self,
+        P_mean: float = -1.2,
+        P_std: float = 1.2,
+        sigma_data: float = 0.5,
+        noise_schedule: Any = None,
     ) -> None:
         if P_std <= 0:
             raise ValueError(f"P_std must be > 0, got {P_std!r}")
@@ -35,7 +39,10 @@ class EDMLoss:
         self.noise_schedule = noise_schedule
 
     def __call__(
-        self, denoiser: Denoiser, images: Tensor, class_labels: Tensor | None = None,
+        self,
+        denoiser: Denoiser,
+        images: Tensor,
+        class_labels: Tensor | None = None,
         shard: tuple[int, int] = (0, 1),
     ) -> Tensor:
         """images ``[B,C,H,W]`` in [-1,1] -> per-sample loss ``[B]``. ``shard``: (rank,
@@ -49,8 +56,16 @@ class EDMLoss:
             sigma = global_draw(lambda n: torch.randn(n, device=images.device), b, shard)
             sigma = (sigma * self.P_std + self.P_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        weight = torch.where(torch.isinf(sigma), torch.full_like(weight, self.sigma_data**-2), weight)  # inf/inf
-        noise = global_draw(lambda n: torch.randn((n, *images.shape[1:]), device=images.device, dtype=images.dtype), b, shard)
+        weight = torch.where(
+            torch.isinf(sigma), torch.full_like(weight, self.sigma_data**-2), weight
+        )  # inf/inf
+        noise = global_draw(
+            lambda n: torch.randn(
+                (n, *images.shape[1:]), device=images.device, dtype=images.dtype
+            ),
+            b,
+            shard,
+        )
         noisy = noisy_input(images, sigma, noise)
         denoised = denoiser(noisy, sigma, class_labels)
         return weight * ((denoised - images) ** 2).flatten(1).mean(1)

@@ -33,17 +33,24 @@ class ClassifierFeatures(nn.Module):
         try:
             ckpt = read_checkpoint(ckpt, key="features.ckpt", kinds=("classifier",))
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err} (train one with `python -m cmexp.train +experiment=fmnist_classifier`)") from None
+            raise FileNotFoundError(
+                f"{err} (train one with `python -m cmexp.train +experiment=fmnist_classifier`)"
+            ) from None
         meta = ckpt.meta
         net = instantiate(ckpt.net_config())
         try:
             net.load_state_dict(ckpt.weights("net."))
         except RuntimeError as err:
-            raise ValueError(f"features.ckpt={ckpt.source}: its weights do not fit its recorded net config "
-                             f"({str(err).splitlines()[0]})") from None
+            raise ValueError(
+                f"features.ckpt={ckpt.source}: its weights do not fit its recorded net config "
+                f"({str(err).splitlines()[0]})"
+            ) from None
         self.net = net.eval().requires_grad_(False)
         self.num_features = int(meta["feature_dim"])
-        self.img_channels, self.img_resolution = int(meta["img_channels"]), int(meta["img_resolution"])
+        self.img_channels, self.img_resolution = (
+            int(meta["img_channels"]),
+            int(meta["img_resolution"]),
+        )
         self.name = name
         self.source = str(ckpt.path)
 
@@ -57,9 +64,13 @@ class ClassifierFeatures(nn.Module):
             if self.img_channels == 1:
                 x = x.mean(1, keepdim=True)
             else:
-                raise ValueError(f"the feature classifier expects {self.img_channels}-channel images, got {x.shape[1]}")
+                raise ValueError(
+                    f"the feature classifier expects {self.img_channels}-channel images, got {x.shape[1]}"
+                )
         if x.shape[-1] != self.img_resolution:
-            x = torch.nn.functional.interpolate(x, size=(self.img_resolution,) * 2, mode="bilinear", antialias=True)
+            x = torch.nn.functional.interpolate(
+                x, size=(self.img_resolution,) * 2, mode="bilinear", antialias=True
+            )
         return x * 2 - 1
 
     @torch.no_grad()
@@ -100,7 +111,9 @@ class InceptionFeatures(nn.Module):
             p = Path(str(weights_path)).expanduser()
             path = p / self.FILE if p.is_dir() else p
             if not path.is_file():
-                raise FileNotFoundError(f"features.weights_path={weights_path}: no such file (expected {self.FILE})")
+                raise FileNotFoundError(
+                    f"features.weights_path={weights_path}: no such file (expected {self.FILE})"
+                )
         else:
             path = cache / self.FILE
             if not path.is_file():
@@ -112,8 +125,11 @@ class InceptionFeatures(nn.Module):
                     )
                 cache.mkdir(parents=True, exist_ok=True)
                 torch.hub.download_url_to_file(self.URL, str(path))
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=str(path))
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat",
+            ["2048", "logits_unbiased"],
+            feature_extractor_weights_path=str(path),
+        )
         self.num_features = 2048
         self.name, self.source = name, str(path)
 

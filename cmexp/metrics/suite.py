@@ -23,8 +23,12 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def extract(
-    features: nn.Module, images: Tensor, batch_size: int = 500, device: str | torch.device = "cpu",
-    progress: bool = False, desc: str = "features",
+    features: nn.Module,
+    images: Tensor,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    desc: str = "features",
 ) -> dict[str, Tensor]:
     """``{"features": [N,D], "logits": [N,K] (if the extractor has logits)}`` of images in
     [-1, 1] (``[N,C,H,W]`` float) or uint8 ``[N,H,W,C]`` (the npz convention)."""
@@ -55,14 +59,24 @@ def frechet_distance(real: dict[str, Tensor], fake: dict[str, Tensor]) -> float:
 
     fr, ff = real["features"], fake["features"]
     if len(ff) < 2 or len(fr) < 2:
-        raise ValueError(f"need at least 2 real and 2 generated images, got {len(fr)} and {len(ff)}")
+        raise ValueError(
+            f"need at least 2 real and 2 generated images, got {len(fr)} and {len(ff)}"
+        )
     stats_r, stats_f = fid_features_to_statistics(fr), fid_features_to_statistics(ff)
-    return float(fid_statistics_to_metric(stats_f, stats_r, verbose=False)["frechet_inception_distance"])
+    return float(
+        fid_statistics_to_metric(stats_f, stats_r, verbose=False)["frechet_inception_distance"]
+    )
 
 
 def score(
-    real: dict[str, Tensor], fake: dict[str, Tensor], name: str = "fmnist", kid_subsets: int = 100,
-    kid_subset_size: int = 1000, prc_neighborhood: int = 3, isc_splits: int = 10, seed: int = 2020,
+    real: dict[str, Tensor],
+    fake: dict[str, Tensor],
+    name: str = "fmnist",
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    prc_neighborhood: int = 3,
+    isc_splits: int = 10,
+    seed: int = 2020,
     prc_batch_size: int | None = None,
 ) -> dict[str, float]:
     """Metrics of generated features ``fake`` against real features ``real``
@@ -82,18 +96,42 @@ def score(
     fd_key, sfx = (f"fd_{name}", f"_{name}") if name else ("fid", "")
     out = {fd_key: frechet_distance(real, fake)}
     size = min(kid_subset_size, len(fr), len(ff))
-    kid = kid_features_to_metric(ff, fr, kid_subsets=kid_subsets, kid_subset_size=size, kid_degree=3,
-                                 kid_gamma=None, kid_coef0=1, kid_kernel="poly", rng_seed=seed, verbose=False)
-    out[f"kid{sfx}"], out[f"kid{sfx}_std"] = float(kid["kernel_inception_distance_mean"]), float(kid["kernel_inception_distance_std"])
+    kid = kid_features_to_metric(
+        ff,
+        fr,
+        kid_subsets=kid_subsets,
+        kid_subset_size=size,
+        kid_degree=3,
+        kid_gamma=None,
+        kid_coef0=1,
+        kid_kernel="poly",
+        rng_seed=seed,
+        verbose=False,
+    )
+    out[f"kid{sfx}"], out[f"kid{sfx}_std"] = (
+        float(kid["kernel_inception_distance_mean"]),
+        float(kid["kernel_inception_distance_std"]),
+    )
     k = min(prc_neighborhood, len(fr) - 1, len(ff) - 1)
     if prc_batch_size is None:
         prc_batch_size = max(1, min(10_000, 250_000_000 // max(len(fr), len(ff))))
-    prc = prc_features_to_metric(ff.float(), fr.float(), prc_neighborhood=k, prc_batch_size=int(prc_batch_size),
-                                 save_cpu_ram=True, verbose=False)
+    prc = prc_features_to_metric(
+        ff.float(),
+        fr.float(),
+        prc_neighborhood=k,
+        prc_batch_size=int(prc_batch_size),
+        save_cpu_ram=True,
+        verbose=False,
+    )
     out["precision"], out["recall"] = float(prc["precision"]), float(prc["recall"])
     if "logits" in fake:
-        isc = isc_features_to_metric(fake["logits"], splits=min(isc_splits, len(ff)), shuffle=True, rng_seed=seed)
-        out[f"is{sfx}"], out[f"is{sfx}_std"] = float(isc["inception_score_mean"]), float(isc["inception_score_std"])
+        isc = isc_features_to_metric(
+            fake["logits"], splits=min(isc_splits, len(ff)), shuffle=True, rng_seed=seed
+        )
+        out[f"is{sfx}"], out[f"is{sfx}_std"] = (
+            float(isc["inception_score_mean"]),
+            float(isc["inception_score_std"]),
+        )
     return out
 
 
@@ -114,7 +152,15 @@ class RealFeatureCache:
         self.dir = Path(dirpath)
 
     @staticmethod
-    def key(dataset: str, split: str, resolution: int, channels: int, extractor: str, weights: str, count: int) -> str:
+    def key(
+        dataset: str,
+        split: str,
+        resolution: int,
+        channels: int,
+        extractor: str,
+        weights: str,
+        count: int,
+    ) -> str:
         raw = f"{dataset}|{split}|{resolution}|{channels}|{extractor}|{weights}|{count}"
         return f"{dataset}-{split}-{resolution}px-{extractor}-{count}-{hashlib.sha256(raw.encode()).hexdigest()[:10]}"
 
@@ -131,24 +177,51 @@ class RealFeatureCache:
 
 
 def reference_features(
-    cache: RealFeatureCache, features: nn.Module, datamodule: Any, split: str, count: int,
-    batch_size: int = 500, device: str | torch.device = "cpu", progress: bool = False,
+    cache: RealFeatureCache,
+    features: nn.Module,
+    datamodule: Any,
+    split: str,
+    count: int,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> dict[str, Tensor]:
     """Features of ``count`` real images of ``split`` (the reference of every sample-quality
     number), computed once per (dataset, split, resolution, channels, extractor and weights
     hash, count) and then read from ``cache``."""
     proto = describe(features)
     name = str(getattr(features, "name", "")) or type(features).__name__
-    data_name = getattr(datamodule, "reference_name", None) or type(datamodule).__name__  # latent runs: the images'
-    key = cache.key(data_name, split, int(datamodule.resolution), int(datamodule.channels), name,
-                    proto["weights_sha256"] or proto["extractor"], int(count))
-    return cache.get(key, lambda: extract(features, datamodule.real_images(int(count), split), batch_size, device,
-                                          progress, "real features"))
+    data_name = (
+        getattr(datamodule, "reference_name", None) or type(datamodule).__name__
+    )  # latent runs: the images'
+    key = cache.key(
+        data_name,
+        split,
+        int(datamodule.resolution),
+        int(datamodule.channels),
+        name,
+        proto["weights_sha256"] or proto["extractor"],
+        int(count),
+    )
+    return cache.get(
+        key,
+        lambda: extract(
+            features,
+            datamodule.real_images(int(count), split),
+            batch_size,
+            device,
+            progress,
+            "real features",
+        ),
+    )
 
 
 def describe(features: Any) -> dict[str, str]:
     """Protocol entries of an extractor: its name, class and weights file + hash."""
     src = str(getattr(features, "source", ""))
-    return {"extractor": f"{type(features).__module__}.{type(features).__name__}",
-            "extractor_name": str(getattr(features, "name", "")),
-            "weights": src, "weights_sha256": weights_hash(src) if src and Path(src).is_file() else ""}
+    return {
+        "extractor": f"{type(features).__module__}.{type(features).__name__}",
+        "extractor_name": str(getattr(features, "name", "")),
+        "weights": src,
+        "weights_sha256": weights_hash(src) if src and Path(src).is_file() else "",
+    }

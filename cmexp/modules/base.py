@@ -24,8 +24,13 @@ def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
     """numpy's MT19937 state with the key array as a tensor, so checkpoints load with
     ``torch.load(weights_only=True)`` (Lightning's default)."""
     name, keys, pos, has_gauss, cached = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _numpy_state_from_torch(state: dict[str, Any]) -> tuple:
@@ -105,12 +110,18 @@ class DiffusionLitModule(pl.LightningModule):
         from cmexp.inference.latent import check_latent_shape
 
         m = self.model
-        check_latent_shape(codec, m.img_resolution, m.img_channels,
-                           "the network's input (net.img_channels x net.img_resolution^2)")
+        check_latent_shape(
+            codec,
+            m.img_resolution,
+            m.img_channels,
+            "the network's input (net.img_channels x net.img_resolution^2)",
+        )
         self.latent = codec
 
     # ---------------------------------------------------------------- training
-    def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    def compute_loss(
+        self, images: Tensor, labels: Tensor | None
+    ) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def shard(self) -> tuple[int, int]:
@@ -136,7 +147,9 @@ class DiffusionLitModule(pl.LightningModule):
             )
         self.batches_seen += 1
         kimg = self.batches_seen * self.global_batch_size(images.shape[0]) / 1000
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)  # global-batch mean
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True
+        )  # global-batch mean
         self.log("train/kimg", kimg, on_step=True, on_epoch=False)
         for key, value in extra.items():
             self.log(f"train/{key}", float(value), on_step=True, on_epoch=False)
@@ -203,14 +216,20 @@ class DiffusionLitModule(pl.LightningModule):
         from cmexp.inference.loader import LoadedModel
 
         spec = self.sampling_spec()
-        loaded = LoadedModel(model=self.ema, kind=self.kind, spec=spec, meta={}, latent=self.latent)
+        loaded = LoadedModel(
+            model=self.ema, kind=self.kind, spec=spec, meta={}, latent=self.latent
+        )
         if loaded.is_consistency:
             plans = {f"{k}step": (sigma_plan(spec, k), "consistency") for k in (1, 2)}
         else:
             plan = sigma_plan(spec)
             plans = {f"{spec.sampler}{nfe(plan, spec.sampler)}nfe": (plan, spec.sampler)}
-        return {name: generate(loaded, num, sigmas, seed, batch_size=num, sampler=sampler, device=self.device)
-                for name, (sigmas, sampler) in plans.items()}
+        return {
+            name: generate(
+                loaded, num, sigmas, seed, batch_size=num, sampler=sampler, device=self.device
+            )
+            for name, (sigmas, sampler) in plans.items()
+        }
 
     # ---------------------------------------------------------------- checkpoints
     def metadata(self) -> dict[str, Any]:
@@ -231,7 +250,11 @@ class DiffusionLitModule(pl.LightningModule):
             "sampler": spec.sampler,
             "final_zero": spec.final_zero,
             **({"precond": m.describe()} if hasattr(m, "describe") else {}),
-            **({"alpha_bars": torch.tensor(spec.alpha_bars, dtype=torch.float64)} if spec.alpha_bars else {}),
+            **(
+                {"alpha_bars": torch.tensor(spec.alpha_bars, dtype=torch.float64)}
+                if spec.alpha_bars
+                else {}
+            ),
             **({"latent": self.latent.describe()} if self.latent is not None else {}),
         }
 
@@ -240,7 +263,9 @@ class DiffusionLitModule(pl.LightningModule):
 
     def _elapsed(self) -> float:
         """Training wall time so far (this process's share plus the resumed runs')."""
-        return self.train_seconds + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
+        return self.train_seconds + (
+            time.perf_counter() - self._clock if self._clock is not None else 0.0
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng: dict[str, Any] = {
@@ -261,7 +286,9 @@ class DiffusionLitModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("cmexp")
         if meta is None:
-            raise ValueError("ckpt_path does not point to a checkpoint written by cmexp (no 'cmexp' entry)")
+            raise ValueError(
+                "ckpt_path does not point to a checkpoint written by cmexp (no 'cmexp' entry)"
+            )
         if meta.get("kind") != self.kind:
             raise ValueError(
                 f"ckpt_path holds a '{meta.get('kind')}' model but this run trains '{self.kind}'; "
@@ -269,9 +296,11 @@ class DiffusionLitModule(pl.LightningModule):
             )
         if bool(meta.get("latent")) != (self.latent is not None):
             space = "latent" if meta.get("latent") else "pixel"
-            raise ValueError(f"ckpt_path holds a {space}-space model but this run trains in "
-                             f"{'latent' if self.latent is not None else 'pixel'} space; resume with the same "
-                             "latent= setting")
+            raise ValueError(
+                f"ckpt_path holds a {space}-space model but this run trains in "
+                f"{'latent' if self.latent is not None else 'pixel'} space; resume with the same "
+                "latent= setting"
+            )
         self.batches_seen = int(meta["batches_seen"])
         self.train_seconds = float(meta.get("train_seconds", 0.0))
         rng = meta["rng"]

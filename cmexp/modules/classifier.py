@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def random_translate(images: Tensor, max_shift: int, generator: torch.Generator, fill: float = -1.0) -> Tensor:
+def random_translate(
+    images: Tensor, max_shift: int, generator: torch.Generator, fill: float = -1.0
+) -> Tensor:
     """Shift each image of ``images`` ``[B,C,H,W]`` by its own random ``(dy, dx)`` in
     ``[-max_shift, max_shift]`` pixels; uncovered pixels get ``fill`` (the background -1).
     The offsets are drawn on the CPU from ``generator``. Returns ``[B,C,H,W]``."""
@@ -37,9 +39,11 @@ def random_translate(images: Tensor, max_shift: int, generator: torch.Generator,
     rows = (dy[:, None] + ar_h)[:, :, None]  # [B, H, 1]
     cols = (dx[:, None] + ar_w)[:, None, :]  # [B, 1, W]
     out = padded[torch.arange(b, device=images.device)[:, None, None], rows, cols]  # [B, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last
-                                              if images.is_contiguous(memory_format=torch.channels_last)
-                                              else torch.contiguous_format)
+    return out.permute(0, 3, 1, 2).contiguous(
+        memory_format=torch.channels_last
+        if images.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
 
 
 class ClassifierLitModule(pl.LightningModule):
@@ -63,25 +67,48 @@ class ClassifierLitModule(pl.LightningModule):
 
     kind = "classifier"
 
-    def __init__(self, net: nn.Module, optimizer: OptimizerFactory, eval_batch_size: int = 500,
-                 export_path: str | None = None, lr_schedule: str = "constant", warmup_steps: int = 0,
-                 min_lr_ratio: float = 0.0, translate: int = 0, label_smoothing: float = 0.0,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        eval_batch_size: int = 500,
+        export_path: str | None = None,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        translate: int = 0,
+        label_smoothing: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"model.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+            raise ValueError(
+                f"model.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}"
+            )
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"model.warmup_steps must be >= 0 and model.min_lr_ratio in [0, 1], got "
-                             f"{warmup_steps!r} and {min_lr_ratio!r}")
+            raise ValueError(
+                f"model.warmup_steps must be >= 0 and model.min_lr_ratio in [0, 1], got "
+                f"{warmup_steps!r} and {min_lr_ratio!r}"
+            )
         if translate < 0 or not 0 <= label_smoothing < 1:
-            raise ValueError(f"model.translate must be >= 0 pixels and model.label_smoothing in [0, 1), got "
-                             f"{translate!r} and {label_smoothing!r}")
+            raise ValueError(
+                f"model.translate must be >= 0 pixels and model.label_smoothing in [0, 1), got "
+                f"{translate!r} and {label_smoothing!r}"
+            )
         self.export_path = export_path
         self.net = net
         self.optimizer_factory = optimizer
         self.eval_batch_size = int(eval_batch_size)
-        self.lr_schedule, self.warmup_steps, self.min_lr_ratio = lr_schedule, int(warmup_steps), float(min_lr_ratio)
-        self.translate, self.label_smoothing, self.seed = int(translate), float(label_smoothing), int(seed)
+        self.lr_schedule, self.warmup_steps, self.min_lr_ratio = (
+            lr_schedule,
+            int(warmup_steps),
+            float(min_lr_ratio),
+        )
+        self.translate, self.label_smoothing, self.seed = (
+            int(translate),
+            float(label_smoothing),
+            int(seed),
+        )
         self.run_config: dict[str, Any] | None = None
         self.images_seen = 0
         self.train_time_s = 0.0  # training wall time, summed over resumed runs
@@ -91,13 +118,21 @@ class ClassifierLitModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         if self.translate:
-            gen = torch.Generator().manual_seed(_mix(self.seed, self.global_step, 3, self.global_rank))
+            gen = torch.Generator().manual_seed(
+                _mix(self.seed, self.global_step, 3, self.global_rank)
+            )
             images = random_translate(images, self.translate, gen)
         logits = self.net(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         self.images_seen += images.shape[0] * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log(
+            "train/acc",
+            (logits.argmax(1) == labels).float().mean(),
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+        )
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -106,8 +141,10 @@ class ClassifierLitModule(pl.LightningModule):
             return opt
         total = int(self.trainer.max_steps) if self.lr_schedule == "cosine" else 0
         if self.lr_schedule == "cosine" and total <= self.warmup_steps:
-            raise ValueError(f"model.lr_schedule=cosine needs trainer.max_steps > model.warmup_steps="
-                             f"{self.warmup_steps}, got trainer.max_steps={self.trainer.max_steps}")
+            raise ValueError(
+                f"model.lr_schedule=cosine needs trainer.max_steps > model.warmup_steps="
+                f"{self.warmup_steps}, got trainer.max_steps={self.trainer.max_steps}"
+            )
         warm, floor = self.warmup_steps, self.min_lr_ratio
 
         def factor(step: int) -> float:
@@ -129,17 +166,25 @@ class ClassifierLitModule(pl.LightningModule):
         correct = 0
         for i in range(0, len(images), self.eval_batch_size):
             x = images[i : i + self.eval_batch_size].to(self.device)
-            correct += int((self.net(x).argmax(1).cpu() == labels[i : i + self.eval_batch_size]).sum())
+            correct += int(
+                (self.net(x).argmax(1).cpu() == labels[i : i + self.eval_batch_size]).sum()
+            )
         self.net.train(was)
         return correct / max(1, len(images))
 
     def on_train_start(self) -> None:
         self._t0 = time.perf_counter()
         commit = git_commit()  # the code this run starts from (later edits do not count)
-        self._git = {"git_commit": commit["commit"], "git_dirty": commit["dirty"]} if commit["commit"] else {}
+        self._git = (
+            {"git_commit": commit["commit"], "git_dirty": commit["dirty"]}
+            if commit["commit"]
+            else {}
+        )
 
     def _elapsed(self) -> float:
-        return self.train_time_s + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+        return self.train_time_s + (
+            time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        )
 
     def on_train_end(self) -> None:
         self.train_time_s, self._t0 = self._elapsed(), None
@@ -153,12 +198,18 @@ class ClassifierLitModule(pl.LightningModule):
         for logger in self.trainer.loggers:
             logger.log_metrics({"test/acc": acc}, step=self.global_step)
         if self.trainer.is_global_zero and self.trainer.default_root_dir:
-            info = {"test_acc": acc, "test_images": len(test), "steps": self.global_step,
-                    "images_seen": self.images_seen, "train_time_s": round(self.train_time_s, 1),
-                    "test_eval_s": round(eval_s, 1),
-                    "parameters": sum(p.numel() for p in self.net.parameters()),
-                    "seed": (self.run_config or {}).get("config", {}).get("seed"),
-                    **self._git, "machine": machine()}
+            info = {
+                "test_acc": acc,
+                "test_images": len(test),
+                "steps": self.global_step,
+                "images_seen": self.images_seen,
+                "train_time_s": round(self.train_time_s, 1),
+                "test_eval_s": round(eval_s, 1),
+                "parameters": sum(p.numel() for p in self.net.parameters()),
+                "seed": (self.run_config or {}).get("config", {}).get("seed"),
+                **self._git,
+                "machine": machine(),
+            }
             out = Path(self.trainer.default_root_dir) / "classifier.json"
             out.write_text(json.dumps(info, indent=2))
             self.export(acc, info)
@@ -174,8 +225,10 @@ class ClassifierLitModule(pl.LightningModule):
             log.warning("%s exists and is kept; this run's classifier is in its checkpoints/", dst)
             return
         dst.parent.mkdir(parents=True, exist_ok=True)
-        ckpt: dict[str, Any] = {"state_dict": {f"net.{k}": v for k, v in self.net.state_dict().items()},
-                                "global_step": self.global_step}
+        ckpt: dict[str, Any] = {
+            "state_dict": {f"net.{k}": v for k, v in self.net.state_dict().items()},
+            "global_step": self.global_step,
+        }
         self.on_save_checkpoint(ckpt)
         ckpt["cmexp"]["test_acc"] = acc
         if info is not None:
@@ -185,10 +238,14 @@ class ClassifierLitModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cmexp"] = {
-            "kind": self.kind, "img_resolution": int(self.net.img_resolution),
-            "img_channels": int(self.net.img_channels), "num_classes": int(self.net.num_classes),
-            "feature_dim": int(self.net.feature_dim), "config": self.run_config,
-            "images_seen": int(self.images_seen), "train_time_s": float(self._elapsed()),
+            "kind": self.kind,
+            "img_resolution": int(self.net.img_resolution),
+            "img_channels": int(self.net.img_channels),
+            "num_classes": int(self.net.num_classes),
+            "feature_dim": int(self.net.feature_dim),
+            "config": self.run_config,
+            "images_seen": int(self.images_seen),
+            "train_time_s": float(self._elapsed()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -68,12 +68,16 @@ class ConsistencyLitModule(DiffusionLitModule):
         self._mu = schedule(0)[1]
         check_mu(self._mu)
 
-    def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    def compute_loss(
+        self, images: Tensor, labels: Tensor | None
+    ) -> tuple[Tensor, dict[str, float]]:
         num_scales, mu = self.schedule(self.global_step)
         check_mu(mu)
         self._mu = mu
         m = self.model
-        sigmas = karras_sigmas(num_scales, m.sigma_min, m.sigma_max, self.rho, device=images.device)
+        sigmas = karras_sigmas(
+            num_scales, m.sigma_min, m.sigma_max, self.rho, device=images.device
+        )
         out = self.loss(self.model, self.target, images, sigmas, labels, shard=self.shard())
         return out.loss.mean(), {"num_scales": num_scales, "mu": mu}
 
@@ -84,8 +88,14 @@ class ConsistencyLitModule(DiffusionLitModule):
     def sampling_spec(self) -> SamplingSpec:
         """Sigma range, rho, the grid N of the current step and the default taus."""
         m = self.model
-        return SamplingSpec(consistency=True, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=self.rho,
-                            num_scales=int(self.schedule(self.global_step)[0]), taus=self.taus)
+        return SamplingSpec(
+            consistency=True,
+            sigma_min=m.sigma_min,
+            sigma_max=m.sigma_max,
+            rho=self.rho,
+            num_scales=int(self.schedule(self.global_step)[0]),
+            taus=self.taus,
+        )
 
     def sampling_model(self) -> nn.Module:
         """The sampling-EMA consistency function that sample grids use (guided students: at
@@ -93,13 +103,19 @@ class ConsistencyLitModule(DiffusionLitModule):
         return self.ema
 
     @torch.no_grad()
-    def sample_images(self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)) -> dict[str, Tensor]:
+    def sample_images(
+        self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)
+    ) -> dict[str, Tensor]:
         return consistency_samples(self, self.sampling_model(), num, seed, steps)
 
 
 @torch.no_grad()
 def consistency_samples(
-    module: DiffusionLitModule, model: nn.Module, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)
+    module: DiffusionLitModule,
+    model: nn.Module,
+    num: int,
+    seed: int = 0,
+    steps: Sequence[int] = (1, 2),
 ) -> dict[str, Tensor]:
     """In-training samples of a consistency model (CM paper Alg. 1): for each k in ``steps``,
     ``num`` images ``[num, C, H, W]`` from seeds ``seed..seed+num-1`` at ``sigma_plan(k)``,
@@ -113,7 +129,12 @@ def consistency_samples(
         noise = SeededNoise(range(seed, seed + num), module.device)
         z = noise.randn(shape)
         out[f"{k}step"] = sample_multistep(
-            model, z, sigma_plan(spec, steps=k), spec.sigma_min, class_labels=labels, noise=noise.randn_like
+            model,
+            z,
+            sigma_plan(spec, steps=k),
+            spec.sigma_min,
+            class_labels=labels,
+            noise=noise.randn_like,
         )
     return out
 
@@ -134,7 +155,13 @@ class CDLitModule(ConsistencyLitModule):
 
     kind = "cd"
 
-    def __init__(self, *args: Any, teacher_path: str | None = None, init_from_teacher: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        teacher_path: str | None = None,
+        init_from_teacher: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.loss, ConsistencyDistillationLoss):
             raise ValueError("model.loss of a CD run must be a ConsistencyDistillationLoss")
@@ -150,12 +177,16 @@ class CDLitModule(ConsistencyLitModule):
                     "model.loss.guidance (guided CD) needs a student that takes w: set net.guidance_embed=true"
                 )
         teacher = load_teacher(teacher_path, self.model.net, init_from_teacher)
-        if isinstance(teacher, EDMPrecond):  # VP/VE-SDE teachers of NVlabs/edm: no weights are shared
+        if isinstance(
+            teacher, EDMPrecond
+        ):  # VP/VE-SDE teachers of NVlabs/edm: no weights are shared
             check_preconditioning(self.model, teacher, teacher_path)
         self._teacher = [teacher]  # a list keeps it out of state_dict() and parameters()
         self.loss.teacher = teacher
         if init_from_teacher:
-            if getattr(teacher, "own_net", False):  # a converted foreign teacher built from its own config
+            if getattr(
+                teacher, "own_net", False
+            ):  # a converted foreign teacher built from its own config
                 check_same_network(self.model.net, teacher.net, teacher_path)
             load_teacher_weights(self.model.net, teacher.net)
             ema_update_(self.target, self.model, 0.0)
@@ -172,8 +203,11 @@ class CDLitModule(ConsistencyLitModule):
 
     def metadata(self) -> dict[str, Any]:
         guidance = getattr(self.loss, "guidance", None)
-        return {**super().metadata(), "teacher_path": self.teacher_path,
-                **({"guidance": guidance.describe()} if guidance is not None else {})}
+        return {
+            **super().metadata(),
+            "teacher_path": self.teacher_path,
+            **({"guidance": guidance.describe()} if guidance is not None else {}),
+        }
 
     def sampling_model(self) -> nn.Module:
         guidance = getattr(self.loss, "guidance", None)
@@ -194,13 +228,21 @@ def load_teacher_weights(student: nn.Module, teacher: nn.Module) -> None:
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     extra = [k for k in missing if not k.startswith("guidance_embed.")]
     if extra or unexpected:
-        raise RuntimeError(f"student and teacher weights differ: missing {extra}, unexpected {list(unexpected)}")
+        raise RuntimeError(
+            f"student and teacher weights differ: missing {extra}, unexpected {list(unexpected)}"
+        )
 
 
-def check_preconditioning(student: nn.Module, teacher: nn.Module, teacher_path: str | None) -> None:
+def check_preconditioning(
+    student: nn.Module, teacher: nn.Module, teacher_path: str | None
+) -> None:
     """A CD student starts from its teacher's weights, so it must feed them the same inputs:
     a ValueError naming every ``model.*`` key whose value differs from the teacher's."""
-    diff = [k for k in PRECOND_KEYS if abs(float(getattr(student, k)) - float(getattr(teacher, k))) > 1e-12]
+    diff = [
+        k
+        for k in PRECOND_KEYS
+        if abs(float(getattr(student, k)) - float(getattr(teacher, k))) > 1e-12
+    ]
     if diff:
         got = ", ".join(f"model.{k}={getattr(student, k)}" for k in diff)
         want = ", ".join(f"{k}={getattr(teacher, k)}" for k in diff)
@@ -223,13 +265,26 @@ def check_same_network(student: nn.Module, teacher: nn.Module, teacher_path: str
     if probe is not None:
         probe.load_state_dict(theirs)
         gen = torch.Generator().manual_seed(0)
-        shape = (1, int(teacher.img_channels), int(teacher.img_resolution), int(teacher.img_resolution))
+        shape = (
+            1,
+            int(teacher.img_channels),
+            int(teacher.img_resolution),
+            int(teacher.img_resolution),
+        )
         x = torch.randn(shape, generator=gen).to(next(teacher.parameters()).device)
         with torch.no_grad():
-            same = torch.allclose(probe(x, torch.tensor([0.5]), None), teacher(x, torch.tensor([0.5]), None), atol=1e-5)
+            same = torch.allclose(
+                probe(x, torch.tensor([0.5]), None),
+                teacher(x, torch.tensor([0.5]), None),
+                atol=1e-5,
+            )
         if same:
             return
-    what = f"its weights differ at {diff[0]}" if diff else "with the teacher's weights it computes something else"
+    what = (
+        f"its weights differ at {diff[0]}"
+        if diff
+        else "with the teacher's weights it computes something else"
+    )
     raise ValueError(
         f"model.teacher_path={teacher_path}: the run's net is not the teacher's architecture ({what}); "
         "use the net the teacher was converted to (see docs/interop.md) or model.init_from_teacher=false"
@@ -289,9 +344,13 @@ def load_teacher(path: str | None, net: nn.Module, init_from_teacher: bool = Tru
         teacher.source_path = str(ckpt.path)
         return teacher
     teacher = frozen_copy(
-        EDMPrecond(net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
+        EDMPrecond(
+            net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"]
+        )
     )
-    if getattr(teacher.net, "guidance_embed", None) is not None:  # a guided student's net: the teacher takes no w
+    if (
+        getattr(teacher.net, "guidance_embed", None) is not None
+    ):  # a guided student's net: the teacher takes no w
         teacher.net.guidance_embed = None
     try:
         teacher.load_state_dict(ckpt.weights("ema."))

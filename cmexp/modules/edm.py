@@ -77,19 +77,29 @@ class EDMLitModule(DiffusionLitModule):
             raise ValueError(f"model.label_dropout must be in [0, 1), got {label_dropout}")
         self.label_dropout = float(label_dropout)
 
-    def compute_loss(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    def compute_loss(
+        self, images: Tensor, labels: Tensor | None
+    ) -> tuple[Tensor, dict[str, float]]:
         if labels is not None and self.label_dropout > 0:
             from cmexp.losses.consistency import global_draw
 
-            keep = global_draw(lambda n: torch.rand(n, device=images.device), images.shape[0], self.shard())
+            keep = global_draw(
+                lambda n: torch.rand(n, device=images.device), images.shape[0], self.shard()
+            )
             labels = drop_labels(labels, self.label_dropout, self.label_dim, keep)
         return self.loss(self.model, images, labels, shard=self.shard()).mean(), {}
 
     def sampling_spec(self) -> SamplingSpec:
         m, vp = self.model, self.noise_schedule
-        return SamplingSpec(consistency=False, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=self.rho,
-                            num_scales=self.sample_num_scales, sampler=getattr(self, "sampler", "heun"),
-                            alpha_bars=tuple(vp.alpha_bars.tolist()) if vp is not None else ())
+        return SamplingSpec(
+            consistency=False,
+            sigma_min=m.sigma_min,
+            sigma_max=m.sigma_max,
+            rho=self.rho,
+            num_scales=self.sample_num_scales,
+            sampler=getattr(self, "sampler", "heun"),
+            alpha_bars=tuple(vp.alpha_bars.tolist()) if vp is not None else (),
+        )
 
     @torch.no_grad()
     def sample_images(self, num: int, seed: int = 0) -> dict[str, Any]:
@@ -98,9 +108,19 @@ class EDMLitModule(DiffusionLitModule):
         z = noise.randn((m.img_channels, m.img_resolution, m.img_resolution))
         plan = sigma_plan(self.sampling_spec())
         sigmas = torch.tensor(plan, dtype=torch.float32, device=self.device)
-        samplers = {"heun": sample_heun, "euler": sample_euler, "ddim": sample_ddim, "ddpm": sample_ddpm,
-                    "edm_sde": sample_edm_sde}
+        samplers = {
+            "heun": sample_heun,
+            "euler": sample_euler,
+            "ddim": sample_ddim,
+            "ddpm": sample_ddpm,
+            "edm_sde": sample_edm_sde,
+        }
         kwargs = {"noise": noise.randn_like} if self.sampler in ("ddim", "ddpm", "edm_sde") else {}
-        x = samplers[self.sampler](m, z if torch.isinf(sigmas[0]) else z * sigmas[0], sigmas,
-                                   class_labels=self.grid_labels(num), **kwargs)
+        x = samplers[self.sampler](
+            m,
+            z if torch.isinf(sigmas[0]) else z * sigmas[0],
+            sigmas,
+            class_labels=self.grid_labels(num),
+            **kwargs,
+        )
         return {f"{self.sampler}{nfe(plan, self.sampler)}nfe": x.clamp(-1, 1)}

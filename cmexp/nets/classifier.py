@@ -25,31 +25,56 @@ class SmallCNN(nn.Module):
             rounding; about 1.4x faster training and 2x faster inference on x86 CPUs).
     """
 
-    def __init__(self, img_channels: int = 1, img_resolution: int = 32, num_classes: int = 10,
-                 width: int = 32, feature_dim: int = 128, dropout: float = 0.2,
-                 convs: Sequence[int] = (2, 2, 2), channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        img_channels: int = 1,
+        img_resolution: int = 32,
+        num_classes: int = 10,
+        width: int = 32,
+        feature_dim: int = 128,
+        dropout: float = 0.2,
+        convs: Sequence[int] = (2, 2, 2),
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         if min(img_channels, num_classes, width, feature_dim) < 1:
             raise ValueError("net.img_channels, num_classes, width and feature_dim must be >= 1")
         convs = [int(n) for n in convs]
         if not convs or min(convs) < 1:
-            raise ValueError(f"net.convs must be a non-empty list of conv counts >= 1 per stage, got {convs}")
+            raise ValueError(
+                f"net.convs must be a non-empty list of conv counts >= 1 per stage, got {convs}"
+            )
         w = int(width)
-        self.img_channels, self.img_resolution, self.num_classes = int(img_channels), int(img_resolution), int(num_classes)
+        self.img_channels, self.img_resolution, self.num_classes = (
+            int(img_channels),
+            int(img_resolution),
+            int(num_classes),
+        )
         self.feature_dim = self.num_features = int(feature_dim)
         self.channels_last = bool(channels_last)
 
         def block(cin: int, cout: int, n: int) -> nn.Sequential:
             layers: list[nn.Module] = []
             for i in range(n):
-                layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1), nn.BatchNorm2d(cout),
-                           nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1),
+                    nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True),
+                ]
             return nn.Sequential(*layers, nn.MaxPool2d(2))
 
         widths = [w * 2**i for i in range(len(convs))]
-        stages = [block(cin, cout, n) for cin, cout, n in zip([img_channels, *widths[:-1]], widths, convs)]
-        self.body = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(widths[-1], feature_dim), nn.ReLU(inplace=True))
+        stages = [
+            block(cin, cout, n)
+            for cin, cout, n in zip([img_channels, *widths[:-1]], widths, convs)
+        ]
+        self.body = nn.Sequential(
+            *stages,
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(widths[-1], feature_dim),
+            nn.ReLU(inplace=True),
+        )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
         if self.channels_last:
             self.to(memory_format=torch.channels_last)

@@ -122,8 +122,12 @@ class FIRDownConv2d(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, resample_filter: Sequence[float],
-        kernel_size: int = 3, init_scale: float = 1.0,
+        self,
+        in_channels: int,
+        out_channels: int,
+        resample_filter: Sequence[float],
+        kernel_size: int = 3,
+        init_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.conv = conv2d(in_channels, out_channels, kernel_size, init_scale)
@@ -172,7 +176,9 @@ class PositionalEmbedding(nn.Module):
             raise ValueError(f"positional embedding dim must be even, got {dim}")
         half = dim // 2
         denom = max(half - 1, 1) if endpoint else half
-        freqs = torch.exp(-math.log(max_positions) * torch.arange(half, dtype=torch.float32) / denom)
+        freqs = torch.exp(
+            -math.log(max_positions) * torch.arange(half, dtype=torch.float32) / denom
+        )
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -198,9 +204,17 @@ class ResBlock(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, emb_channels: int, *, up: bool = False,
-        down: bool = False, dropout: float = 0.0, resample_filter: Sequence[float] = (1, 1),
-        skip_rescale: bool = True, init_scale: float = 0.0,
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        *,
+        up: bool = False,
+        down: bool = False,
+        dropout: float = 0.0,
+        resample_filter: Sequence[float] = (1, 1),
+        skip_rescale: bool = True,
+        init_scale: float = 0.0,
     ) -> None:
         super().__init__()
         if up and down:
@@ -241,7 +255,10 @@ class AttentionBlock(nn.Module):
     ``[B, C, H, W] -> [B, C, H, W]``."""
 
     def __init__(
-        self, channels: int, num_heads: int = 1, skip_rescale: bool = True,
+        self,
+        channels: int,
+        num_heads: int = 1,
+        skip_rescale: bool = True,
         init_scale: float = 0.0,
     ) -> None:
         super().__init__()

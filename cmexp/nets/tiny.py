@@ -36,21 +36,23 @@ class TinyUNet(nn.Module):
 
     def __init__(
         self,
-        img_resolution: int,                # Image height = width; must be even.
-        img_channels: int,                  # Input = output channels.
-        label_dim: int = 0,                 # Number of classes, 0 = unconditional.
-        model_channels: int = 16,           # Width at full resolution (2x at half resolution).
-        dropout: float = 0.0,               # Dropout inside the residual blocks.
-        embedding_type: str = "fourier",    # "fourier" (for ln(sigma)/4 labels) or "positional".
-        fourier_scale: float = 1.0,         # Std of Fourier frequencies; 1 suits labels of O(1).
-        init_scale: float = 1.0,            # Init scale of last convs (0 = near-zero as SongUNet).
-        guidance_embed: bool = False,       # Guidance-scale input w (guided CD students; zero-init).
+        img_resolution: int,  # Image height = width; must be even.
+        img_channels: int,  # Input = output channels.
+        label_dim: int = 0,  # Number of classes, 0 = unconditional.
+        model_channels: int = 16,  # Width at full resolution (2x at half resolution).
+        dropout: float = 0.0,  # Dropout inside the residual blocks.
+        embedding_type: str = "fourier",  # "fourier" (for ln(sigma)/4 labels) or "positional".
+        fourier_scale: float = 1.0,  # Std of Fourier frequencies; 1 suits labels of O(1).
+        init_scale: float = 1.0,  # Init scale of last convs (0 = near-zero as SongUNet).
+        guidance_embed: bool = False,  # Guidance-scale input w (guided CD students; zero-init).
     ) -> None:
         super().__init__()
         if img_resolution % 2:
             raise ValueError(f"img_resolution must be even, got {img_resolution}")
         if embedding_type not in ("fourier", "positional"):
-            raise ValueError(f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}")
+            raise ValueError(
+                f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}"
+            )
         self.img_resolution, self.img_channels = int(img_resolution), int(img_channels)
         self.label_dim = int(label_dim)
         c, emb = model_channels, 2 * model_channels

@@ -98,33 +98,41 @@ class SongUNet(nn.Module):
 
     def __init__(
         self,
-        img_resolution: int,                          # Image height = width (32 for CIFAR-10).
-        img_channels: int,                            # Input = output channels (3 for RGB).
-        label_dim: int = 0,                           # Number of classes, 0 = unconditional.
-        model_channels: int = 128,                    # Base width nf; 128 in both papers.
-        channel_mult: Sequence[int] = (2, 2, 2),      # Width multipliers per resolution; (2,2,2) CM/EDM CIFAR-10.
-        num_blocks: int = 4,                          # Residual blocks per resolution; 4 (iCT-deep: 8).
-        attn_resolutions: Sequence[int] = (16,),      # Resolutions with self-attention; (16,).
-        dropout: float = 0.0,                         # Dropout in residual blocks; 0 CM, 0.13 EDM teacher.
-        embedding_type: str = "fourier",              # "fourier" (NCSN++) or "positional" (DDPM++).
-        fourier_scale: float = 16.0,                  # Std of Fourier frequencies; 16 (iCT: 0.02).
-        noise_channels_mult: int = 2,                 # Noise-embedding width / nf; 2 NCSN++, 1 DDPM++.
-        emb_channels_mult: int = 4,                   # Conditioning-embedding width / nf; 4.
+        img_resolution: int,  # Image height = width (32 for CIFAR-10).
+        img_channels: int,  # Input = output channels (3 for RGB).
+        label_dim: int = 0,  # Number of classes, 0 = unconditional.
+        model_channels: int = 128,  # Base width nf; 128 in both papers.
+        channel_mult: Sequence[int] = (
+            2,
+            2,
+            2,
+        ),  # Width multipliers per resolution; (2,2,2) CM/EDM CIFAR-10.
+        num_blocks: int = 4,  # Residual blocks per resolution; 4 (iCT-deep: 8).
+        attn_resolutions: Sequence[int] = (16,),  # Resolutions with self-attention; (16,).
+        dropout: float = 0.0,  # Dropout in residual blocks; 0 CM, 0.13 EDM teacher.
+        embedding_type: str = "fourier",  # "fourier" (NCSN++) or "positional" (DDPM++).
+        fourier_scale: float = 16.0,  # Std of Fourier frequencies; 16 (iCT: 0.02).
+        noise_channels_mult: int = 2,  # Noise-embedding width / nf; 2 NCSN++, 1 DDPM++.
+        emb_channels_mult: int = 4,  # Conditioning-embedding width / nf; 4.
         resample_filter: Sequence[int] = (1, 3, 3, 1),  # FIR taps; [1,3,3,1] NCSN++, [1,1] DDPM++.
-        progressive_input: str = "residual",          # "residual" input pyramid (NCSN++) or "none" (DDPM++).
-        skip_rescale: bool = True,                    # Scale residual sums by 1/sqrt(2); True.
-        init_scale: float = 0.0,                      # Init scale of last convs; 0 -> near-zero (score_sde).
-        num_heads: int = 1,                           # Attention heads; 1.
-        positional_endpoint: bool = False,            # Positional frequencies ending at 1/10000 (EDM's DDPM++: True).
-        guidance_embed: bool = False,                 # Guidance-scale input w (guided CD students; zero-init).
+        progressive_input: str = "residual",  # "residual" input pyramid (NCSN++) or "none" (DDPM++).
+        skip_rescale: bool = True,  # Scale residual sums by 1/sqrt(2); True.
+        init_scale: float = 0.0,  # Init scale of last convs; 0 -> near-zero (score_sde).
+        num_heads: int = 1,  # Attention heads; 1.
+        positional_endpoint: bool = False,  # Positional frequencies ending at 1/10000 (EDM's DDPM++: True).
+        guidance_embed: bool = False,  # Guidance-scale input w (guided CD students; zero-init).
     ) -> None:
         super().__init__()
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
         resample_filter = tuple(resample_filter)
         if embedding_type not in ("fourier", "positional"):
-            raise ValueError(f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}")
+            raise ValueError(
+                f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}"
+            )
         if progressive_input not in ("none", "residual"):
-            raise ValueError(f"progressive_input must be 'none' or 'residual', got {progressive_input!r}")
+            raise ValueError(
+                f"progressive_input must be 'none' or 'residual', got {progressive_input!r}"
+            )
         if img_resolution % 2 ** (len(channel_mult) - 1):
             raise ValueError(
                 f"img_resolution={img_resolution} not divisible by 2^(len(channel_mult)-1)"
@@ -139,8 +147,11 @@ class SongUNet(nn.Module):
         nf = model_channels
         noise_channels, emb_channels = nf * noise_channels_mult, nf * emb_channels_mult
         block = dict(
-            emb_channels=emb_channels, dropout=dropout, resample_filter=resample_filter,
-            skip_rescale=skip_rescale, init_scale=init_scale,
+            emb_channels=emb_channels,
+            dropout=dropout,
+            resample_filter=resample_filter,
+            skip_rescale=skip_rescale,
+            init_scale=init_scale,
         )
         attn = dict(num_heads=num_heads, skip_rescale=skip_rescale, init_scale=init_scale)
 
@@ -167,7 +178,9 @@ class SongUNet(nn.Module):
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_blocks):
                 blocks.append(ResBlock(cin, cout, **block))
-                attns.append(AttentionBlock(cout, **attn) if res in attn_resolutions else nn.Identity())
+                attns.append(
+                    AttentionBlock(cout, **attn) if res in attn_resolutions else nn.Identity()
+                )
                 cin = cout
                 skip_channels.append(cout)
             self.enc_blocks.append(blocks)
@@ -186,7 +199,11 @@ class SongUNet(nn.Module):
         self.mid1 = ResBlock(cin, cin, **block)
 
         # Decoder (levels stored from lowest resolution up).
-        self.dec_blocks, self.dec_attn, self.dec_up = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.dec_blocks, self.dec_attn, self.dec_up = (
+            nn.ModuleList(),
+            nn.ModuleList(),
+            nn.ModuleList(),
+        )
         for level, mult in reversed(list(enumerate(channel_mult))):
             cout = nf * mult
             blocks = nn.ModuleList()

@@ -100,7 +100,9 @@ def find_resume_checkpoint(folders: list[Path], kind: str | None = None) -> Path
     return None
 
 
-def check_resume_checkpoint(path: str | Path, model: torch.nn.Module, key: str = "ckpt_path") -> None:
+def check_resume_checkpoint(
+    path: str | Path, model: torch.nn.Module, key: str = "ckpt_path"
+) -> None:
     """The checkpoint a training resumes from is a full cmexp training checkpoint of the same
     kind and architecture as ``model`` (Lightning would otherwise fail half-way through
     restoring it); a :class:`~cmexp.utils.checks.ConfigError` naming ``key``, the file, what
@@ -112,27 +114,41 @@ def check_resume_checkpoint(path: str | Path, model: torch.nn.Module, key: str =
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is a user error here
-        raise ConfigError(f"{key}={path} is not a readable PyTorch checkpoint ({type(err).__name__}); "
-                          f"expected {full}") from None
+        raise ConfigError(
+            f"{key}={path} is not a readable PyTorch checkpoint ({type(err).__name__}); "
+            f"expected {full}"
+        ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ConfigError(f"{key}={path} is not a Lightning training checkpoint (no state_dict); expected {full}")
+        raise ConfigError(
+            f"{key}={path} is not a Lightning training checkpoint (no state_dict); expected {full}"
+        )
     meta = ckpt.get("cmexp")
     if not isinstance(meta, dict) or "kind" not in meta:
-        raise ConfigError(f"{key}={path} is a checkpoint not written by cmexp.train (no 'cmexp' entry); expected {full}")
+        raise ConfigError(
+            f"{key}={path} is a checkpoint not written by cmexp.train (no 'cmexp' entry); expected {full}"
+        )
     if "optimizer_states" not in ckpt:
-        raise ConfigError(f"{key}={path} is a slim '{meta['kind']}' export (weights only, no optimizer state); "
-                          f"resuming needs {full}")
+        raise ConfigError(
+            f"{key}={path} is a slim '{meta['kind']}' export (weights only, no optimizer state); "
+            f"resuming needs {full}"
+        )
     if kind is not None and meta["kind"] != kind:
-        raise ConfigError(f"{key}={path} holds a '{meta['kind']}' model but this run trains '{kind}'; "
-                          "resume with the same +experiment")
+        raise ConfigError(
+            f"{key}={path} holds a '{meta['kind']}' model but this run trains '{kind}'; "
+            "resume with the same +experiment"
+        )
     if bool(meta.get("latent")) != (getattr(model, "latent", None) is not None):
         space = ("latent", "pixel") if meta.get("latent") else ("pixel", "latent")
-        raise ConfigError(f"{key}={path} holds a {space[0]}-space '{meta['kind']}' model but this run trains in "
-                          f"{space[1]} space; resume with the same latent= setting")
+        raise ConfigError(
+            f"{key}={path} holds a {space[0]}-space '{meta['kind']}' model but this run trains in "
+            f"{space[1]} space; resume with the same latent= setting"
+        )
     saved, expected = ckpt["state_dict"], model.state_dict()
     missing = [k for k in expected if k not in saved]
     extra = [k for k in saved if k not in expected]
-    shapes = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    shapes = [
+        k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)
+    ]
     if missing or extra or shapes:
         parts = [f"{len(missing)} weights missing"] if missing else []
         parts += [f"{len(extra)} unexpected"] if extra else []

@@ -35,7 +35,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 class Rule:
     """One key's expected value: ``test(value)`` and the words for it ("an integer >= 1")."""
 
-    def __init__(self, expected: str, test: Callable[[Any], bool], null: bool = False, bad: tuple = ()) -> None:
+    def __init__(
+        self, expected: str, test: Callable[[Any], bool], null: bool = False, bad: tuple = ()
+    ) -> None:
         self.expected, self.test, self.null = expected, test, null
         self.bad = bad  # values this rule rejects (the schema tests try each one on every key)
 
@@ -61,7 +63,13 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def Int(lo: int | None = None, hi: int | None = None, null: bool = False, also: tuple = (), note: str = "") -> Rule:
+def Int(
+    lo: int | None = None,
+    hi: int | None = None,
+    null: bool = False,
+    also: tuple = (),
+    note: str = "",
+) -> Rule:
     """An integer in ``[lo, hi]`` (bools and 2.0 are not integers), or one of ``also``."""
     words = "an integer" + (f" >= {lo}" if lo is not None and hi is None else "")
     words += f" in [{lo}, {hi}]" if lo is not None and hi is not None else ""
@@ -73,12 +81,22 @@ def Int(lo: int | None = None, hi: int | None = None, null: bool = False, also: 
             return True
         return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
 
-    bad = ("abc", 2.5, *((lo - 1,) if lo is not None and lo - 1 not in also else ()), *((hi + 1,) if hi is not None else ()))
+    bad = (
+        "abc",
+        2.5,
+        *((lo - 1,) if lo is not None and lo - 1 not in also else ()),
+        *((hi + 1,) if hi is not None else ()),
+    )
     return Rule(words, test, null, bad)
 
 
-def Num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-        null: bool = False) -> Rule:
+def Num(
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    null: bool = False,
+) -> Rule:
     """A finite number (int or float) in the interval given."""
     if lo is not None and hi is not None:
         words = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
@@ -96,8 +114,11 @@ def Num(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
             return False
         return not (hi is not None and (v >= hi if hi_open else v > hi))
 
-    bad = ("abc", *((lo if lo_open else lo - 1,) if lo is not None else ()),
-           *((hi if hi_open else hi + 1,) if hi is not None else ()))
+    bad = (
+        "abc",
+        *((lo if lo_open else lo - 1,) if lo is not None else ()),
+        *((hi if hi_open else hi + 1,) if hi is not None else ()),
+    )
     return Rule(words, test, null, bad)
 
 
@@ -106,17 +127,31 @@ def Bool(null: bool = False) -> Rule:
 
 
 def OneOf(*choices: Any, null: bool = False) -> Rule:
-    return Rule("one of " + ", ".join(str(c) for c in choices),
-                lambda v: not isinstance(v, bool) and v in choices, null, ("not-a-choice",))
+    return Rule(
+        "one of " + ", ".join(str(c) for c in choices),
+        lambda v: not isinstance(v, bool) and v in choices,
+        null,
+        ("not-a-choice",),
+    )
 
 
 def Str(null: bool = False, empty: bool = False) -> Rule:
-    return Rule("a string" if empty else "a non-empty string",
-                lambda v: isinstance(v, str) and (empty or bool(v.strip())), null, (5,))
+    return Rule(
+        "a string" if empty else "a non-empty string",
+        lambda v: isinstance(v, str) and (empty or bool(v.strip())),
+        null,
+        (5,),
+    )
 
 
-def Numbers(lo: float | None = None, lo_open: bool = False, min_len: int = 0, ints: bool = False,
-            null: bool = False, example: str = "") -> Rule:
+def Numbers(
+    lo: float | None = None,
+    lo_open: bool = False,
+    min_len: int = 0,
+    ints: bool = False,
+    null: bool = False,
+    example: str = "",
+) -> Rule:
     """A list of numbers (integers with ``ints``), each ``> lo`` / ``>= lo``, at least ``min_len``."""
     item = "integers" if ints else "numbers"
     words = f"a list of {'at least ' + str(min_len) + ' ' if min_len > 1 else ''}{item}"
@@ -132,18 +167,42 @@ def Numbers(lo: float | None = None, lo_open: bool = False, min_len: int = 0, in
         ok = _is_int if ints else _is_num
         return all(ok(x) and (lo is None or (x > lo if lo_open else x >= lo)) for x in v)
 
-    bad = ("abc", ["abc"], *(([lo if lo_open else lo - 1],) if lo is not None else ()), *(([],) if min_len else ()))
+    bad = (
+        "abc",
+        ["abc"],
+        *(([lo if lo_open else lo - 1],) if lo is not None else ()),
+        *(([],) if min_len else ()),
+    )
     return Rule(words, test, null, bad)
 
 
-DEVICE = Rule("auto, cpu, cuda, cuda:N or mps",
-              lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
-              bad=("tpu", "cuda:x", 0))
+DEVICE = Rule(
+    "auto, cpu, cuda, cuda:N or mps",
+    lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+    bad=("tpu", "cuda:x", 0),
+)
 SPLIT = OneOf("train", "test")
-PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine",
-              "transformer-engine-float16", "64", "32", "16", "bf16", 64, 32, 16)
+PRECISIONS = (
+    "64-true",
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "64",
+    "32",
+    "16",
+    "bf16",
+    64,
+    32,
+    16,
+)
 SEED = Int(0, 2**32 - 1)
-FRACTION = Num(0, 1, hi_open=True)  # [0, 1): dropout, EMA rates (ranges of mu/ema_decay: check_train_config)
+FRACTION = Num(
+    0, 1, hi_open=True
+)  # [0, 1): dropout, EMA rates (ranges of mu/ema_decay: check_train_config)
 POSITIVE = Num(0, lo_open=True)
 
 
@@ -163,7 +222,7 @@ DATASET: dict[str, Rule] = {
     "dataset.resolution": Int(4),
     "dataset.channels": OneOf(1, 3),
     "dataset.num_classes": Int(0),
-    "dataset.use_labels": Bool(),   # class-conditional training (nets' label_dim = num_classes)
+    "dataset.use_labels": Bool(),  # class-conditional training (nets' label_dim = num_classes)
     "dataset.length": Int(1),
     "dataset.num_components": Int(1),
     "dataset.std": POSITIVE,
@@ -190,14 +249,16 @@ TRAIN: dict[str, Rule] = {
     "net.skip_rescale": Bool(),
     "net.init_scale": Num(0),
     "net.num_heads": Int(1),
-    "net.positional_endpoint": Bool(),   # SongUNet: EDM's DDPM++ frequency spacing (cmexp.interop)
+    "net.positional_endpoint": Bool(),  # SongUNet: EDM's DDPM++ frequency spacing (cmexp.interop)
     "net.num_head_channels": Int(1, also=(-1,), note=" (-1: net.num_heads heads)"),  # ADMUNet
     "net.use_scale_shift_norm": Bool(),  # ADMUNet
-    "net.resblock_updown": Bool(),       # ADMUNet
+    "net.resblock_updown": Bool(),  # ADMUNet
     "net.label_dim": Int(0),
-    "net.guidance_embed": Bool(),        # guided CD students take w (cmexp.nets.guidance)
-    "model.label_dropout": FRACTION,     # EDM teacher: labels -> null label with this probability (CFG)
-    "model.loss.guidance.w_min": Num(0),  # guided CD: w ~ U[w_min, w_max] (w_min <= w_max: check_guidance)
+    "net.guidance_embed": Bool(),  # guided CD students take w (cmexp.nets.guidance)
+    "model.label_dropout": FRACTION,  # EDM teacher: labels -> null label with this probability (CFG)
+    "model.loss.guidance.w_min": Num(
+        0
+    ),  # guided CD: w ~ U[w_min, w_max] (w_min <= w_max: check_guidance)
     "model.loss.guidance.w_max": Num(0),
     "model.loss.guidance.sample": Num(0),
     "net.width": Int(1),
@@ -214,14 +275,20 @@ TRAIN: dict[str, Rule] = {
     "model.c_noise_scale": POSITIVE,
     "model.taus": Numbers(lo=0, lo_open=True, example="[0.585]"),
     "model.sample_num_scales": Int(2),
-    "model.num_rounds": Int(1, null=True),  # progressive distillation (model=pd); null: down to 1 step
-    "model.steps_per_round": Rule("an integer >= 1 or a list of them (one per round) such as [200, 400]",
-                                  lambda v: (_is_int(v) and v >= 1) or (isinstance(v, (list, tuple)) and bool(v)
-                                                                        and all(_is_int(k) and k >= 1 for k in v)),
-                                  bad=("abc", 0, [], [0])),
+    "model.num_rounds": Int(
+        1, null=True
+    ),  # progressive distillation (model=pd); null: down to 1 step
+    "model.steps_per_round": Rule(
+        "an integer >= 1 or a list of them (one per round) such as [200, 400]",
+        lambda v: (
+            (_is_int(v) and v >= 1)
+            or (isinstance(v, (list, tuple)) and bool(v) and all(_is_int(k) and k >= 1 for k in v))
+        ),
+        bad=("abc", 0, [], [0]),
+    ),
     "model.teacher_steps": Int(2),
     "model.anneal_lr": Bool(),
-    "model.translate": Int(0),           # classifier: random shifts in pixels
+    "model.translate": Int(0),  # classifier: random shifts in pixels
     "model.warmup_steps": Int(0),
     "net.channels_last": Bool(),
     "net.convs": Numbers(lo=1, ints=True, min_len=1, example="[1, 2, 2]"),
@@ -231,7 +298,7 @@ TRAIN: dict[str, Rule] = {
     "vp_schedule.zero_terminal_snr": Bool(),
     "model.loss.P_mean": Num(),
     "model.loss.P_std": POSITIVE,
-    "model.loss.q": Num(1, lo_open=True),   # ECT: the gap t - r shrinks by q per stage
+    "model.loss.q": Num(1, lo_open=True),  # ECT: the gap t - r shrinks by q per stage
     "model.loss.k": Num(0),
     "model.loss.b": Num(0),
     "model.loss.stage": Int(0),
@@ -246,16 +313,28 @@ TRAIN: dict[str, Rule] = {
     "model.loss.tangent_c": POSITIVE,
     "model.loss.prior_weighting": Bool(),
     "model.loss.sigma_data": POSITIVE,
-    "model.weighting.channels": Rule("an even integer >= 2", lambda v: _is_int(v) and v >= 2 and v % 2 == 0,
-                                     bad=("abc", 2.5, 0, 3)),
-    "model.t_mids": Rule("a list of TrigFlow times in (0, pi/2) such as [1.1]",
-                         lambda v: isinstance(v, (list, tuple)) and all(_is_num(x) and 0 < x < math.pi / 2 for x in v),
-                         bad=("abc", ["abc"], [0], [1.6])),
+    "model.weighting.channels": Rule(
+        "an even integer >= 2",
+        lambda v: _is_int(v) and v >= 2 and v % 2 == 0,
+        bad=("abc", 2.5, 0, 3),
+    ),
+    "model.t_mids": Rule(
+        "a list of TrigFlow times in (0, pi/2) such as [1.1]",
+        lambda v: (
+            isinstance(v, (list, tuple)) and all(_is_num(x) and 0 < x < math.pi / 2 for x in v)
+        ),
+        bad=("abc", ["abc"], [0], [1.6]),
+    ),
     "model.num_scales": Int(2),
-    "model.optimizer.betas": Rule("a list of two numbers in [0, 1) such as [0.9, 0.99]",
-                                  lambda v: isinstance(v, (list, tuple)) and len(v) == 2
-                                  and all(_is_num(x) and 0 <= x < 1 for x in v),
-                                  bad=("abc", [0.9], [0.9, 1.0])),
+    "model.optimizer.betas": Rule(
+        "a list of two numbers in [0, 1) such as [0.9, 0.99]",
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and len(v) == 2
+            and all(_is_num(x) and 0 <= x < 1 for x in v)
+        ),
+        bad=("abc", [0.9], [0.9, 1.0]),
+    ),
     "model.optimizer.eps": POSITIVE,
     "tangent.eps": Num(0, 0.1, lo_open=True),
     "model.init_from_teacher": Bool(),
@@ -276,7 +355,9 @@ TRAIN: dict[str, Rule] = {
     "metric.c": Num(0, lo_open=True, null=True),
     # trainer (max_steps range: check_train_config)
     "trainer.accelerator": OneOf("cpu", "gpu", "cuda", "mps", "tpu", "auto"),
-    "trainer.devices": Rule("an integer >= 1, -1, auto, or a list of device indices", _devices, bad=(0, "abc", [])),
+    "trainer.devices": Rule(
+        "an integer >= 1, -1, auto, or a list of device indices", _devices, bad=(0, "abc", [])
+    ),
     "trainer.num_nodes": Int(1),
     "trainer.precision": OneOf(*PRECISIONS),
     "trainer.max_steps": Int(),
@@ -290,8 +371,11 @@ TRAIN: dict[str, Rule] = {
     "trainer.limit_val_batches": Num(0),
     "trainer.benchmark": Bool(null=True),
     "trainer.sync_batchnorm": Bool(),
-    "trainer.fast_dev_run": Rule("true, false or an integer >= 0",
-                                 lambda v: isinstance(v, bool) or (_is_int(v) and v >= 0), bad=(-1, "abc")),
+    "trainer.fast_dev_run": Rule(
+        "true, false or an integer >= 0",
+        lambda v: isinstance(v, bool) or (_is_int(v) and v >= 0),
+        bad=(-1, "abc"),
+    ),
     "trainer.strategy": Str(),
     # callbacks
     "callbacks.checkpoint.every_n_train_steps": Int(0),
@@ -305,10 +389,14 @@ TRAIN: dict[str, Rule] = {
     "callbacks.sample_grid.every_n_steps": Int(0),
     "callbacks.sample_grid.num_samples": Int(1),
     "callbacks.sample_grid.seed": SEED,
-    "callbacks.preemption.signals": Rule("a list of signal names such as [SIGTERM, SIGUSR1]",
-                                         lambda v: isinstance(v, (list, tuple)) and all(
-                                             isinstance(s, str) and s in _signal_names() for s in v),
-                                         bad=("SIGTERM", ["SIGFOO"])),
+    "callbacks.preemption.signals": Rule(
+        "a list of signal names such as [SIGTERM, SIGUSR1]",
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and all(isinstance(s, str) and s in _signal_names() for s in v)
+        ),
+        bad=("SIGTERM", ["SIGFOO"]),
+    ),
     "callbacks.preemption.requeue": Bool(),
     "callbacks.sample_quality.every_n_steps": Int(0),
     "callbacks.sample_quality.num_samples": Int(2),
@@ -344,8 +432,11 @@ _TAUS = {
     "eta": Num(0),
     "s_churn": Num(0),
     "s_tmin": Num(0),
-    "s_tmax": Rule("a number >= 0 (.inf: no upper bound)",
-                   lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, bad=("abc", -1)),
+    "s_tmax": Rule(
+        "a number >= 0 (.inf: no upper bound)",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+        bad=("abc", -1),
+    ),
     "s_noise": Num(0, lo_open=True),
 }
 _FEATURES = {"features.name": Str(empty=True), "features.weights_path": Str(null=True)}
@@ -358,19 +449,33 @@ _CONDITIONAL = {
 SCHEMAS: dict[str, dict[str, Rule]] = {
     "train": TRAIN,
     "sample": {
-        **_INFERENCE, **_TAUS, **_CONDITIONAL,
+        **_INFERENCE,
+        **_TAUS,
+        **_CONDITIONAL,
         "grid_size": Int(1),
         "steps": Int(1),
         "tau_indices": Numbers(lo=1, ints=True, example="[11]", null=True),
         "solver_steps": Int(1, null=True),
     },
     "eval": {
-        **_INFERENCE, **_TAUS, **_FEATURES, **DATASET, **_CONDITIONAL,
+        **_INFERENCE,
+        **_TAUS,
+        **_FEATURES,
+        **DATASET,
+        **_CONDITIONAL,
         "num_samples": Int(2),
-        "steps": Rule("an integer >= 1 or a non-empty list of them such as [1, 2]",
-                      lambda v: (_is_int(v) and v >= 1) or (isinstance(v, (list, tuple)) and bool(v)
-                                                             and all(_is_int(k) and k >= 1 for k in v)),
-                      bad=("abc", 0, [], [0], [1.5])),
+        "steps": Rule(
+            "an integer >= 1 or a non-empty list of them such as [1, 2]",
+            lambda v: (
+                (_is_int(v) and v >= 1)
+                or (
+                    isinstance(v, (list, tuple))
+                    and bool(v)
+                    and all(_is_int(k) and k >= 1 for k in v)
+                )
+            ),
+            bad=("abc", 0, [], [0], [1.5]),
+        ),
         "num_real": Int(2),
         "real_split": SPLIT,
         "grid_size": Int(1),
@@ -395,7 +500,8 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
         "task.num": Int(2),
     },
     "tau_search": {
-        **_INFERENCE, **_FEATURES,
+        **_INFERENCE,
+        **_FEATURES,
         "steps": Int(2, note=" (there is no tau to search for 1 step)"),
         "num_samples": Int(2),
         "num_real": Int(2),
@@ -405,14 +511,16 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
         "cache_dir": Str(),
     },
     "export": {
-        "ckpt": Str(null=True),        # required: checked after the values (names the key and the file)
+        "ckpt": Str(null=True),  # required: checked after the values (names the key and the file)
         "format": OneOf("slim", "zoo", "diffusers"),
-        "out": Str(null=True),         # slim: a new file; diffusers: a new or empty folder
-        "name": Str(null=True),        # zoo
+        "out": Str(null=True),  # slim: a new file; diffusers: a new or empty folder
+        "name": Str(null=True),  # zoo
         "description": Str(null=True),
-        "scores": Rule("a mapping of score names to numbers such as {fd_fmnist_2step: 3.1}",  # zoo
-                       lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
-                       bad=("abc", {"fd": "x"})),
+        "scores": Rule(
+            "a mapping of score names to numbers such as {fd_fmnist_2step: 3.1}",  # zoo
+            lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
+            bad=("abc", {"fd": "x"}),
+        ),
         "replace": Bool(),
         "use_ema": Bool(),
     },
@@ -515,24 +623,32 @@ def sniff_archive(path: Path, key: str, value: Any, what: str, noun: str) -> Non
             with zipfile.ZipFile(path) as archive:
                 archive.namelist()
         except (zipfile.BadZipFile, OSError, ValueError):
-            raise ConfigError(f"{key}={value} is a truncated or corrupt {noun} (an incomplete zip archive); "
-                              f"expected {what}") from None
+            raise ConfigError(
+                f"{key}={value} is a truncated or corrupt {noun} (an incomplete zip archive); "
+                f"expected {what}"
+            ) from None
         return
     if noun == "checkpoint" and head[:1] == b"\x80":  # a legacy (pickle) torch.save file
         return
-    raise ConfigError(f"{key}={value} is not a {'PyTorch checkpoint' if noun == 'checkpoint' else noun} "
-                      f"(not a zip archive); expected {what}")
+    raise ConfigError(
+        f"{key}={value} is not a {'PyTorch checkpoint' if noun == 'checkpoint' else noun} "
+        f"(not a zip archive); expected {what}"
+    )
 
 
 def check_folder(value: Any, key: str, images: bool = False) -> Path:
     """A folder named by ``key`` exists (and holds images, with ``images``)."""
     path = Path(str(value)).expanduser()
     if path.is_file():
-        raise ConfigError(f"{key}={value} is a file; expected a folder{' of images' if images else ''}")
+        raise ConfigError(
+            f"{key}={value} is a file; expected a folder{' of images' if images else ''}"
+        )
     if not path.is_dir():
         raise ConfigError(f"{key}={value}: no such folder{' of images' if images else ''}")
     if images and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
-        raise ConfigError(f"{key}={value}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder")
+        raise ConfigError(
+            f"{key}={value}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder"
+        )
     return path
 
 
@@ -554,7 +670,9 @@ def check_config(entry: str, cfg: DictConfig) -> None:
     if entry == "eval":
         ckpt, samples = _sel(cfg, "ckpt"), _sel(cfg, "samples")
         if bool(ckpt) == bool(samples):
-            raise ConfigError("give exactly one of ckpt=PATH (sample and score) or samples=PATH (score a file)")
+            raise ConfigError(
+                "give exactly one of ckpt=PATH (sample and score) or samples=PATH (score a file)"
+            )
         if ckpt:
             check_checkpoint_file(ckpt, "ckpt")
         else:
@@ -567,7 +685,11 @@ def check_config(entry: str, cfg: DictConfig) -> None:
             check_folder(_sel(cfg, "images_dir"), "images_dir", images=True)
         if _sel(cfg, "data_dir"):
             check_folder(_sel(cfg, "data_dir"), "data_dir")
-        check_file_or_folder(_sel(cfg, "metric.weights_path"), "metric.weights_path", "the VGG16 file vgg16-397923af.pth or its folder")
+        check_file_or_folder(
+            _sel(cfg, "metric.weights_path"),
+            "metric.weights_path",
+            "the VGG16 file vgg16-397923af.pth or its folder",
+        )
         _check_task(cfg)
     if entry == "tau_search" and _sel(cfg, "data_dir"):
         check_folder(_sel(cfg, "data_dir"), "data_dir")
@@ -579,7 +701,9 @@ def check_config(entry: str, cfg: DictConfig) -> None:
 def _required_checkpoint(cfg: DictConfig, key: str) -> None:
     value = _sel(cfg, key)
     if not value:
-        raise ConfigError(f"{key} is required: {key}=/path/to/last.ckpt of a cmexp.train run (or zoo:NAME)")
+        raise ConfigError(
+            f"{key} is required: {key}=/path/to/last.ckpt of a cmexp.train run (or zoo:NAME)"
+        )
     check_checkpoint_file(value, key)
 
 
@@ -589,14 +713,20 @@ def _check_export_out(cfg: DictConfig) -> None:
         return
     out = _sel(cfg, "out")
     if not out:
-        raise ConfigError("format=diffusers needs out=DIR (a new or empty folder for the pipeline)")
+        raise ConfigError(
+            "format=diffusers needs out=DIR (a new or empty folder for the pipeline)"
+        )
     path = Path(str(out)).expanduser()
     if path.is_file():
-        raise ConfigError(f"out={out} is a file; format=diffusers writes a folder (give a new or empty one)")
+        raise ConfigError(
+            f"out={out} is a file; format=diffusers writes a folder (give a new or empty one)"
+        )
     if path.is_dir() and any(path.iterdir()):
         shown = ", ".join(sorted(p.name for p in path.iterdir())[:3])
-        raise ConfigError(f"out={out} is a folder that is not empty ({shown}); refusing to overwrite it: "
-                          "give a new or empty folder")
+        raise ConfigError(
+            f"out={out} is a folder that is not empty ({shown}); refusing to overwrite it: "
+            "give a new or empty folder"
+        )
 
 
 def _check_samples(value: Any) -> None:
@@ -620,7 +750,9 @@ def _check_features(cfg: DictConfig, prefix: str, optional: bool = False) -> Non
     if target.endswith("ClassifierFeatures"):
         value, interp = _node(cfg, f"{prefix}.ckpt")
         value = None if value is _ABSENT else value
-        if optional and (interp or value):  # quality=fmnist_auto: skipped with a warning when absent
+        if optional and (
+            interp or value
+        ):  # quality=fmnist_auto: skipped with a warning when absent
             return
         if not value:
             raise ConfigError(
@@ -629,8 +761,11 @@ def _check_features(cfg: DictConfig, prefix: str, optional: bool = False) -> Non
             )
         check_checkpoint_file(value, f"{prefix}.ckpt", "a .ckpt of +experiment=fmnist_classifier")
     elif target.endswith("InceptionFeatures"):
-        check_file_or_folder(_sel(cfg, f"{prefix}.weights_path"), f"{prefix}.weights_path",
-                             "weights-inception-2015-12-05-6726825d.pth or its folder")
+        check_file_or_folder(
+            _sel(cfg, f"{prefix}.weights_path"),
+            f"{prefix}.weights_path",
+            "weights-inception-2015-12-05-6726825d.pth or its folder",
+        )
 
 
 def _check_dataset(cfg: DictConfig) -> None:
@@ -640,53 +775,79 @@ def _check_dataset(cfg: DictConfig) -> None:
     if _target(cfg, "dataset").endswith("ImageFolderDataModule"):
         value = _sel(cfg, "dataset.data_dir")
         if not value:
-            raise ConfigError("dataset.data_dir is required for dataset=imagefolder: dataset.data_dir=/path/to/images")
+            raise ConfigError(
+                "dataset.data_dir is required for dataset=imagefolder: dataset.data_dir=/path/to/images"
+            )
         check_folder(value, "dataset.data_dir", images=True)
-    if _target(cfg, "dataset").endswith("ImageNet64DataModule"):  # npz files or class folders of images
+    if _target(cfg, "dataset").endswith(
+        "ImageNet64DataModule"
+    ):  # npz files or class folders of images
         value = _sel(cfg, "dataset.data_dir")
         folder = check_folder(value, "dataset.data_dir") if value else None
-        if folder and not any(folder.glob("*.npz")) and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*")):
-            raise ConfigError(f"dataset.data_dir={value}: neither downsampled-ImageNet npz files (Imagenet64_train_part1.npz, ...) "
-                              "nor images in the folder")
+        if (
+            folder
+            and not any(folder.glob("*.npz"))
+            and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*"))
+        ):
+            raise ConfigError(
+                f"dataset.data_dir={value}: neither downsampled-ImageNet npz files (Imagenet64_train_part1.npz, ...) "
+                "nor images in the folder"
+            )
     res, channel_mult = _sel(cfg, "dataset.resolution"), _sel(cfg, "net.channel_mult")
     net = _target(cfg, "net")
     if net.endswith(("SongUNet", "ADMUNet")) and _is_int(res) and channel_mult:
         step = 2 ** (len(channel_mult) - 1)
         if res % step:
-            raise ConfigError(f"dataset.resolution={res} must be divisible by {step} for net.channel_mult={channel_mult} "
-                              f"(the net halves it {len(channel_mult) - 1} times)")
+            raise ConfigError(
+                f"dataset.resolution={res} must be divisible by {step} for net.channel_mult={channel_mult} "
+                f"(the net halves it {len(channel_mult) - 1} times)"
+            )
     if net.endswith("TinyUNet") and _is_int(res) and res % 2:
         raise ConfigError(f"dataset.resolution={res} must be even for net=tiny")
 
 
 def _check_net(cfg: DictConfig) -> None:
     if _target(cfg, "net").endswith("ADMUNet"):
-        nf, mults, head = _sel(cfg, "net.model_channels"), _sel(cfg, "net.channel_mult") or [], _sel(cfg, "net.num_head_channels")
+        nf, mults, head = (
+            _sel(cfg, "net.model_channels"),
+            _sel(cfg, "net.channel_mult") or [],
+            _sel(cfg, "net.num_head_channels"),
+        )
         if _is_int(nf) and _is_int(head) and head > 0 and any((nf * m) % head for m in mults):
-            raise ConfigError(f"net.num_head_channels={head} must divide every width net.model_channels x "
-                              f"net.channel_mult = {[nf * m for m in mults]}")
+            raise ConfigError(
+                f"net.num_head_channels={head} must divide every width net.model_channels x "
+                f"net.channel_mult = {[nf * m for m in mults]}"
+            )
         return
     if not _target(cfg, "net").endswith("SongUNet"):
         return
     nf, mults = _sel(cfg, "net.model_channels"), _sel(cfg, "net.channel_mult") or []
     noise, heads = _sel(cfg, "net.noise_channels_mult"), _sel(cfg, "net.num_heads")
     if _is_int(nf) and _is_int(noise) and (nf * noise) % 2:
-        raise ConfigError(f"net.model_channels x net.noise_channels_mult = {nf} x {noise} must be even "
-                          f"(the width of the {_sel(cfg, 'net.embedding_type')} noise embedding)")
+        raise ConfigError(
+            f"net.model_channels x net.noise_channels_mult = {nf} x {noise} must be even "
+            f"(the width of the {_sel(cfg, 'net.embedding_type')} noise embedding)"
+        )
     if _is_int(nf) and _is_int(heads) and any((nf * m) % heads for m in mults):
-        raise ConfigError(f"net.num_heads={heads} must divide every attention width net.model_channels x "
-                          f"net.channel_mult = {[nf * m for m in mults]}")
+        raise ConfigError(
+            f"net.num_heads={heads} must divide every attention width net.model_channels x "
+            f"net.channel_mult = {[nf * m for m in mults]}"
+        )
 
 
 def _check_task(cfg: DictConfig) -> None:
     target = _target(cfg, "task")
     if target.endswith("Stroke") and _sel(cfg, "task.sigmas") is None:
-        raise ConfigError("task.sigmas must be a non-empty list of numbers > 0 such as [5.38, 2.24] for task=stroke, got null")
+        raise ConfigError(
+            "task.sigmas must be a non-empty list of numbers > 0 such as [5.38, 2.24] for task=stroke, got null"
+        )
     mask = _sel(cfg, "task.mask")
     if target.endswith("Inpaint") and mask not in (None, "center", "boxes"):
         path = Path(str(mask)).expanduser()
         if not path.is_file():
-            raise ConfigError(f"task.mask={mask}: no such mask image (expected center, boxes or a PNG, white = fill)")
+            raise ConfigError(
+                f"task.mask={mask}: no such mask image (expected center, boxes or a PNG, white = fill)"
+            )
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -712,18 +873,25 @@ def check_train_config(cfg: DictConfig) -> None:
     if target.endswith(("CDLitModule", "PDLitModule", "ECTLitModule")):
         path = _sel(cfg, "model.teacher_path")
         if not path:
-            what = {"CDLitModule": "consistency distillation", "SCDLitModule": "consistency distillation",
-                    "PDLitModule": "progressive distillation",
-                    "ECTLitModule": "easy consistency tuning (model=ect starts from an EDM teacher)"}[target.rsplit(".", 1)[-1]]
+            what = {
+                "CDLitModule": "consistency distillation",
+                "SCDLitModule": "consistency distillation",
+                "PDLitModule": "progressive distillation",
+                "ECTLitModule": "easy consistency tuning (model=ect starts from an EDM teacher)",
+            }[target.rsplit(".", 1)[-1]]
             raise ConfigError(
                 f"model.teacher_path is required for {what}: set "
                 "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm), "
                 "or model.teacher_path=zoo:fmnist_edm (the shipped Fashion-MNIST teacher)"
             )
-        check_checkpoint_file(path, "model.teacher_path", "the last.ckpt of an EDM run (+experiment=fmnist_edm)")
+        check_checkpoint_file(
+            path, "model.teacher_path", "the last.ckpt of an EDM run (+experiment=fmnist_edm)"
+        )
     check_conditional(cfg)
     if target.endswith("ClassifierLitModule") and _sel(cfg, "dataset.num_classes") == 0:
-        raise ConfigError("model=classifier needs labelled data: dataset.num_classes must be >= 1, got 0")
+        raise ConfigError(
+            "model=classifier needs labelled data: dataset.num_classes must be >= 1, got 0"
+        )
     max_steps = _sel(cfg, "trainer.max_steps")
     if max_steps is not None and max_steps != -1 and max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {max_steps}")
@@ -733,17 +901,30 @@ def check_train_config(cfg: DictConfig) -> None:
     _check_net(cfg)
     _check_latent(cfg)
     if _present(cfg, "metric.weights_path"):
-        check_file_or_folder(_sel(cfg, "metric.weights_path"), "metric.weights_path",
-                             "the backbone file, e.g. vgg16-397923af.pth, or its folder")
+        check_file_or_folder(
+            _sel(cfg, "metric.weights_path"),
+            "metric.weights_path",
+            "the backbone file, e.g. vgg16-397923af.pth, or its folder",
+        )
     if _present(cfg, "callbacks.sample_quality._target_"):
-        _check_features(cfg, "callbacks.sample_quality.features", optional=bool(_sel(cfg, "callbacks.sample_quality.optional")))
+        _check_features(
+            cfg,
+            "callbacks.sample_quality.features",
+            optional=bool(_sel(cfg, "callbacks.sample_quality.optional")),
+        )
     accumulation_steps(cfg)  # global_batch_size fits the devices
     ckpt = _sel(cfg, "ckpt_path")
     if ckpt and str(ckpt) not in ("auto", "last"):
         path = Path(str(ckpt)).expanduser()
         if not path.exists():
-            raise ConfigError(f"ckpt_path={ckpt}: no such file (or ckpt_path=auto: the newest readable checkpoint of the run)")
-        check_checkpoint_file(ckpt, "ckpt_path", "a checkpoint of this experiment's runs (<run>/checkpoints/last.ckpt)")
+            raise ConfigError(
+                f"ckpt_path={ckpt}: no such file (or ckpt_path=auto: the newest readable checkpoint of the run)"
+            )
+        check_checkpoint_file(
+            ckpt,
+            "ckpt_path",
+            "a checkpoint of this experiment's runs (<run>/checkpoints/last.ckpt)",
+        )
 
 
 def check_conditional(cfg: DictConfig) -> None:
@@ -760,14 +941,22 @@ def check_conditional(cfg: DictConfig) -> None:
     w_min, w_max = _sel(cfg, "model.loss.guidance.w_min"), _sel(cfg, "model.loss.guidance.w_max")
     sample = _sel(cfg, "model.loss.guidance.sample")
     if _is_num(w_min) and _is_num(w_max) and w_min > w_max:
-        raise ConfigError(f"model.loss.guidance.w_min={w_min} must be <= model.loss.guidance.w_max={w_max}")
+        raise ConfigError(
+            f"model.loss.guidance.w_min={w_min} must be <= model.loss.guidance.w_max={w_max}"
+        )
     if _is_num(w_min) and _is_num(w_max) and _is_num(sample) and not w_min <= sample <= w_max:
-        raise ConfigError(f"model.loss.guidance.sample={sample} must lie in [w_min={w_min}, w_max={w_max}]")
+        raise ConfigError(
+            f"model.loss.guidance.sample={sample} must lie in [w_min={w_min}, w_max={w_max}]"
+        )
     if use_labels is not True and not _sel(cfg, "net.label_dim"):
-        raise ConfigError("model.loss.guidance (guided CD) needs class labels: set dataset.use_labels=true "
-                          "(and a class-conditional teacher)")
+        raise ConfigError(
+            "model.loss.guidance (guided CD) needs class labels: set dataset.use_labels=true "
+            "(and a class-conditional teacher)"
+        )
     if _sel(cfg, "net.guidance_embed") is not True:
-        raise ConfigError("model.loss.guidance (guided CD) needs a student that takes w: set net.guidance_embed=true")
+        raise ConfigError(
+            "model.loss.guidance (guided CD) needs a student that takes w: set net.guidance_embed=true"
+        )
 
 
 def _check_latent(cfg: DictConfig) -> None:
@@ -777,15 +966,21 @@ def _check_latent(cfg: DictConfig) -> None:
         return
     path = _sel(cfg, "latent.autoencoder_path")
     if not path:
-        raise ConfigError("latent.autoencoder_path is required in latent mode: latent.autoencoder_path=<run>/checkpoints/"
-                          "last.ckpt of +experiment=fmnist_autoencoder (or latent=none for pixel space)")
-    check_checkpoint_file(path, "latent.autoencoder_path", "the last.ckpt of +experiment=fmnist_autoencoder")
+        raise ConfigError(
+            "latent.autoencoder_path is required in latent mode: latent.autoencoder_path=<run>/checkpoints/"
+            "last.ckpt of +experiment=fmnist_autoencoder (or latent=none for pixel space)"
+        )
+    check_checkpoint_file(
+        path, "latent.autoencoder_path", "the last.ckpt of +experiment=fmnist_autoencoder"
+    )
     res, channel_mult = _sel(cfg, "latent.resolution"), _sel(cfg, "net.channel_mult")
     if _target(cfg, "net").endswith(("SongUNet", "ADMUNet")) and _is_int(res) and channel_mult:
         step = 2 ** (len(channel_mult) - 1)
         if res % step:
-            raise ConfigError(f"latent.resolution={res} must be divisible by {step} for net.channel_mult={channel_mult} "
-                              f"(the net halves it {len(channel_mult) - 1} times)")
+            raise ConfigError(
+                f"latent.resolution={res} must be divisible by {step} for net.channel_mult={channel_mult} "
+                f"(the net halves it {len(channel_mult) - 1} times)"
+            )
 
 
 def _check_pd_rounds(cfg: DictConfig, max_steps: int | None) -> None:
@@ -794,7 +989,9 @@ def _check_pd_rounds(cfg: DictConfig, max_steps: int | None) -> None:
 
     try:
         _, _, lengths = check_rounds(
-            _sel(cfg, "model.teacher_steps"), _sel(cfg, "model.num_rounds"), _sel(cfg, "model.steps_per_round")
+            _sel(cfg, "model.teacher_steps"),
+            _sel(cfg, "model.num_rounds"),
+            _sel(cfg, "model.steps_per_round"),
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -812,9 +1009,15 @@ def accumulation_steps(cfg: DictConfig) -> int:
     total = _sel(cfg, "global_batch_size")
     if not total:
         return int(_sel(cfg, "trainer.accumulate_grad_batches") or 1)
-    batch, devices, nodes = _sel(cfg, "dataset.batch_size"), _sel(cfg, "trainer.devices"), _sel(cfg, "trainer.num_nodes") or 1
+    batch, devices, nodes = (
+        _sel(cfg, "dataset.batch_size"),
+        _sel(cfg, "trainer.devices"),
+        _sel(cfg, "trainer.num_nodes") or 1,
+    )
     if not isinstance(devices, int):
-        raise ConfigError(f"global_batch_size={total} needs an integer trainer.devices, got {devices!r}")
+        raise ConfigError(
+            f"global_batch_size={total} needs an integer trainer.devices, got {devices!r}"
+        )
     per_step = int(batch) * devices * int(nodes)
     if total % per_step:
         raise ConfigError(

@@ -15,9 +15,28 @@ T = TypeVar("T")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 #: Hydra flags that print or change the config instead of running the job: no precheck.
-PASSTHROUGH_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package",
-                     "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
-                     "--experimental-rerun", "--shell-completion", "-sc", "--version"}
+PASSTHROUGH_FLAGS = {
+    "--cfg",
+    "-c",
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--resolve",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--shell-completion",
+    "-sc",
+    "--version",
+}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
 #: Entry points that write only the files their config names (``out=``), not a run folder.
 NO_RUN_FOLDER = {"export"}
@@ -41,11 +60,20 @@ def user_error(err: BaseException) -> BaseException | None:
         return err
     if isinstance(outer, InstantiationException) and isinstance(err, TypeError):
         # a config group whose keys do not fit its class (e.g. model=classifier under a CT experiment)
-        key = next((ln.split(":", 1)[1].strip() for ln in str(outer).splitlines() if ln.strip().startswith("full_key:")), "")
+        key = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in str(outer).splitlines()
+                if ln.strip().startswith("full_key:")
+            ),
+            "",
+        )
         return ConfigError(f"{key or 'config'}: {err} (the config's keys do not fit its _target_)")
     if isinstance(err, InstantiationException):
         return err
-    if type(err).__name__ == "MisconfigurationException":  # Lightning's word for a bad trainer setting
+    if (
+        type(err).__name__ == "MisconfigurationException"
+    ):  # Lightning's word for a bad trainer setting
         return err
     if "cmexp.modules.base" in sys.modules:  # only a training can raise it
         from cmexp.modules.base import NonFiniteLossError
@@ -84,7 +112,11 @@ RENAMED_KEYS: dict[str, dict[str, str]] = {
     "sample": {"grid_num_scales": "num_scales"},
     "eval": {"grid_num_scales": "num_scales"},
     "tau_search": {"grid_num_scales": "num_scales"},
-    "edit": {"num_images": "num_samples", "split": "real_split", "lpips_weights_path": "metric.weights_path"},
+    "edit": {
+        "num_images": "num_samples",
+        "split": "real_split",
+        "lpips_weights_path": "metric.weights_path",
+    },
 }
 
 
@@ -169,7 +201,9 @@ def precheck(entry: str, argv: list[str] | None = None) -> Any:
             parsed += parser.parse_overrides([override])
         except HydraException as err:
             message = hydra_message(err)
-            raise ConfigError(message if override in message else f"{override}: {message}") from None
+            raise ConfigError(
+                message if override in message else f"{override}: {message}"
+            ) from None
     if flags & MULTIRUN_FLAGS or any(o.is_sweep_override() for o in parsed):
         return None
     try:
@@ -188,7 +222,9 @@ def precheck(entry: str, argv: list[str] | None = None) -> Any:
     except Exception:  # noqa: BLE001 - an unresolvable run dir: Hydra reports it
         return cfg
     if runs.global_rank_from_env() == 0:  # DDP ranks > 0 re-run the command in rank 0's folder
-        runs.check_run_folder(run_dir, entry, resuming=entry == "train" and bool(cfg.get("ckpt_path")))
+        runs.check_run_folder(
+            run_dir, entry, resuming=entry == "train" and bool(cfg.get("ckpt_path"))
+        )
         runs.plan_run_folder(run_dir)
         if entry == "train":
             runs.lock_run_folder(run_dir)
@@ -203,6 +239,10 @@ def list_or_none(value: Any, key: str) -> list[Any] | None:
     from omegaconf import ListConfig, OmegaConf
 
     items = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
-    if not isinstance(items, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
-        raise ValueError(f"{key} must be a list of numbers such as [0.585], or null; got {value!r}")
+    if not isinstance(items, (list, tuple)) or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) for v in items
+    ):
+        raise ValueError(
+            f"{key} must be a list of numbers such as [0.585], or null; got {value!r}"
+        )
     return list(items)

@@ -13,7 +13,13 @@ from torch import Tensor
 
 def to_uint8(x: Tensor) -> Tensor:
     """``[B,C,H,W]`` in [-1,1] -> ``[B,H,W,C]`` uint8 (the OpenAI npz convention)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return (
+        ((x.detach().float().clamp(-1, 1) + 1) * 127.5)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+    )
 
 
 def image_grid(x: Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
@@ -24,7 +30,9 @@ def image_grid(x: Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarr
         imgs = np.repeat(imgs, 3, axis=-1)
     nrow = nrow or max(1, int(math.ceil(math.sqrt(b))))
     rows = int(math.ceil(b / nrow))
-    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, 3), 255, np.uint8)
+    grid = np.full(
+        (rows * (h + padding) + padding, nrow * (w + padding) + padding, 3), 255, np.uint8
+    )
     for i in range(b):
         r, col = divmod(i, nrow)
         y, xx = padding + r * (h + padding), padding + col * (w + padding)

@@ -18,10 +18,22 @@ def git_commit(cwd: str | Path | None = None) -> dict[str, Any]:
     empty values outside a git checkout."""
     cwd = Path(cwd) if cwd else Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
-                             check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": "", "dirty": None}
     return {"commit": sha, "dirty": bool(status)}
@@ -37,8 +49,12 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info: dict[str, Any] = {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-                            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None}
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+    }
     try:
         import torch
 
@@ -51,10 +67,15 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def run_provenance(entry: str = "cmexp.train", overrides: list[str] | None = None) -> dict[str, Any]:
+def run_provenance(
+    entry: str = "cmexp.train", overrides: list[str] | None = None
+) -> dict[str, Any]:
     """The command (``python -m <entry> <overrides>``), commit, machine and start time."""
     if overrides is None:
         overrides = sys.argv[1:]
-    return {"command": " ".join(["python", "-m", entry, *(shlex.quote(o) for o in overrides)]),
-            **git_commit(), "machine": machine(),
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "command": " ".join(["python", "-m", entry, *(shlex.quote(o) for o in overrides)]),
+        **git_commit(),
+        "machine": machine(),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

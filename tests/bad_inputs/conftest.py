@@ -41,7 +41,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     try:
         ct = _train(["model=ct"], base / "runs" / "ct")
         edm = _train(["model=edm"], base / "runs" / "edm")
-        cond_edm = _train(["model=edm", "dataset.use_labels=true"], base / "runs" / "cond_edm")  # 4 classes
+        cond_edm = _train(
+            ["model=edm", "dataset.use_labels=true"], base / "runs" / "cond_edm"
+        )  # 4 classes
         clf = _train(
             [
                 "model=classifier",
@@ -53,15 +55,32 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             base / "runs" / "clf",
         )
         ae = _train(  # latent mode: a tiny autoencoder (32x32x3 -> 8x8x4) and a CT model on its latents
-            ["model=autoencoder", "net=autoencoder_kl", "net.model_channels=4", "model.scale_images=16",
-             "model.psnr_images=4", "~callbacks.sample_grid"],
+            [
+                "model=autoencoder",
+                "net=autoencoder_kl",
+                "net.model_channels=4",
+                "model.scale_images=16",
+                "model.psnr_images=4",
+                "~callbacks.sample_grid",
+            ],
             base / "runs" / "ae",
         )
-        latent_ct = _train(["model=ct", "latent=autoencoder", f"latent.autoencoder_path={ae}"], base / "runs" / "latent_ct")
+        latent_ct = _train(
+            ["model=ct", "latent=autoencoder", f"latent.autoencoder_path={ae}"],
+            base / "runs" / "latent_ct",
+        )
     finally:
         torch.set_num_threads(n)
-    files: dict[str, Path] = {"ct": ct, "edm": edm, "clf": clf, "ct_run": ct.parents[1], "fx": fx, "cond_edm": cond_edm,
-                              "ae": ae, "latent_ct": latent_ct}
+    files: dict[str, Path] = {
+        "ct": ct,
+        "edm": edm,
+        "clf": clf,
+        "ct_run": ct.parents[1],
+        "fx": fx,
+        "cond_edm": cond_edm,
+        "ae": ae,
+        "latent_ct": latent_ct,
+    }
 
     # checkpoints: damaged, foreign, slim, another architecture
     raw = ct.read_bytes()
@@ -163,11 +182,20 @@ def _ncsnpp_ct(ct: Path, fx: Path) -> Path:
     from cmexp.nets import SongUNet
 
     meta = torch.load(ct, map_location="cpu", weights_only=True)["cmexp"]
-    net_cfg = {"_target_": "cmexp.nets.SongUNet", "img_resolution": 16, "img_channels": 3,
-               "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8]}
+    net_cfg = {
+        "_target_": "cmexp.nets.SongUNet",
+        "img_resolution": 16,
+        "img_channels": 3,
+        "model_channels": 16,
+        "channel_mult": [1, 2],
+        "num_blocks": 1,
+        "attn_resolutions": [8],
+    }
     meta = {**meta, "c_noise_scale": 250.0, "img_resolution": 16, "img_channels": 3}
     meta["config"] = {**meta["config"], "config": {**meta["config"]["config"], "net": net_cfg}}
-    model = CMPrecond(SongUNet(**{k: v for k, v in net_cfg.items() if k != "_target_"}), c_noise_scale=250.0)
+    model = CMPrecond(
+        SongUNet(**{k: v for k, v in net_cfg.items() if k != "_target_"}), c_noise_scale=250.0
+    )
     state = {f"ema.{k}": v for k, v in model.state_dict().items()}
     torch.save({"cmexp": meta, "state_dict": state, "global_step": 2}, fx / "ct_ncsnpp.ckpt")
     return fx / "ct_ncsnpp.ckpt"
@@ -181,13 +209,33 @@ def _foreign_files(fx: Path) -> dict[str, Path]:
     from tests import edm_format as ef
 
     gen = torch.Generator().manual_seed(0)
-    small = {"model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (8,)}
+    small = {
+        "model_channels": 16,
+        "channel_mult": (1, 2),
+        "num_blocks": 1,
+        "attn_resolutions": (8,),
+    }
     with pytest.MonkeyPatch.context() as mp:
-        ef.write_edm_pickle(fx / "edm16.pkl", ef.precond("EDMPrecond", ef.song_unet(16, 3, gen, **small), 16, 3), mp)
-        ef.write_edm_pickle(fx / "iddpm.pkl", ef.precond("iDDPMPrecond", ef.song_unet(16, 3, gen, **small), 16, 3), mp)
+        ef.write_edm_pickle(
+            fx / "edm16.pkl",
+            ef.precond("EDMPrecond", ef.song_unet(16, 3, gen, **small), 16, 3),
+            mp,
+        )
+        ef.write_edm_pickle(
+            fx / "iddpm.pkl",
+            ef.precond("iDDPMPrecond", ef.song_unet(16, 3, gen, **small), 16, 3),
+            mp,
+        )
     (fx / "evil.pkl").write_bytes(b"\x80\x04cos\nsystem\n(S'touch cmexp_bad_input_ran'\ntR.")
     state = ADMUNet(64, 3, 0, 16, (1, 2, 3, 4), 1, (8,)).state_dict()
     torch.save(state, fx / "unet_weights.pt")
-    torch.save({k: v for k, v in state.items() if not k.startswith("out.0.")}, fx / "cd_imagenet64_l2.pt")
-    return {"edm_pkl": fx / "edm16.pkl", "iddpm_pkl": fx / "iddpm.pkl", "evil_pkl": fx / "evil.pkl",
-            "oai_noname": fx / "unet_weights.pt", "oai_missing": fx / "cd_imagenet64_l2.pt"}
+    torch.save(
+        {k: v for k, v in state.items() if not k.startswith("out.0.")}, fx / "cd_imagenet64_l2.pt"
+    )
+    return {
+        "edm_pkl": fx / "edm16.pkl",
+        "iddpm_pkl": fx / "iddpm.pkl",
+        "evil_pkl": fx / "evil.pkl",
+        "oai_noname": fx / "unet_weights.pt",
+        "oai_missing": fx / "cd_imagenet64_l2.pt",
+    }

@@ -78,7 +78,10 @@ def _argv(case: Case, args: list[str]) -> list[str]:
     from cmexp.train import train_overrides
 
     if not any(override_key(a) == "experiment" for a in args):
-        args = [CT, *args]  # the cases were written for a CT run (the main job is CD from the zoo teacher)
+        args = [
+            CT,
+            *args,
+        ]  # the cases were written for a CT run (the main job is CD from the zoo teacher)
     return train_overrides(args)
 
 
@@ -164,7 +167,15 @@ def test_every_case_names_a_key_or_file() -> None:
         }
         assert any(n and (n in case.fragment) for n in names), case
     assert len(CASES) >= 100
-    assert {c.entry for c in CASES} == {"train", "sample", "eval", "edit", "tau_search", "compare", "export"}
+    assert {c.entry for c in CASES} == {
+        "train",
+        "sample",
+        "eval",
+        "edit",
+        "tau_search",
+        "compare",
+        "export",
+    }
 
 
 # ------------------------------------------------------------------------------ real processes

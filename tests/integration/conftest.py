@@ -19,7 +19,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_env(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -30,7 +32,9 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 def compose_train(overrides: list[str], out: Path, config_name: str = "train") -> DictConfig:
     """Compose conf/<config_name>.yaml like `python -m cmexp.<config_name>` would, with outputs
     under ``out``."""
-    if config_name == "train":  # the order cmexp.train applies them in (no main-job experiment here)
+    if (
+        config_name == "train"
+    ):  # the order cmexp.train applies them in (no main-job experiment here)
         from cmexp.train import train_overrides
 
         overrides = train_overrides(overrides, main_experiment=False)
@@ -40,7 +44,9 @@ def compose_train(overrides: list[str], out: Path, config_name: str = "train") -
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(out)
         cfg.hydra.runtime.cwd = str(out.parent)
-        cfg.hydra.job.override_dirname = ",".join(o for o in overrides if not o.startswith("+experiment"))
+        cfg.hydra.job.override_dirname = ",".join(
+            o for o in overrides if not o.startswith("+experiment")
+        )
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.root_dir = str(out.parent)

@@ -423,4 +423,6 @@ def test_a_schedule_that_does_not_decrease_is_one_error_naming_alpha_bars(compos
     )
     with pytest.raises(Exception) as err:  # Hydra wraps the ValueError; the CLI unwraps it
         train(cfg)
-    assert str(user_error(err.value)).startswith("vp_schedule.alpha_bars must be strictly decreasing")
+    assert str(user_error(err.value)).startswith(
+        "vp_schedule.alpha_bars must be strictly decreasing"
+    )

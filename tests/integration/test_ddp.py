@@ -24,26 +24,59 @@ class RankReport(pl.Callback):
         def vec(m: torch.nn.Module) -> list[float]:
             return torch.cat([p.detach().flatten() for p in m.parameters()]).tolist()
 
-        qual = next((c for c in trainer.callbacks if type(c).__name__ == "SampleQualityCallback"), None)
-        report = {"online": vec(pl_module.model), "target": vec(pl_module.target), "ema": vec(pl_module.ema),
-                  "kimg": pl_module.batches_seen * pl_module.global_batch_size(trainer.datamodule.batch_size) / 1000,
-                  "quality": getattr(qual, "_last", {})}
+        qual = next(
+            (c for c in trainer.callbacks if type(c).__name__ == "SampleQualityCallback"), None
+        )
+        report = {
+            "online": vec(pl_module.model),
+            "target": vec(pl_module.target),
+            "ema": vec(pl_module.ema),
+            "kimg": pl_module.batches_seen
+            * pl_module.global_batch_size(trainer.datamodule.batch_size)
+            / 1000,
+            "quality": getattr(qual, "_last", {}),
+        }
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-def test_ddp_ranks_keep_identical_target_and_ema_and_share_sample_metrics(tmp_path: Path, monkeypatch) -> None:
+def test_ddp_ranks_keep_identical_target_and_ema_and_share_sample_metrics(
+    tmp_path: Path, monkeypatch
+) -> None:
     import hydra
 
     from .test_sample_edit import TINY
 
-    clf = compose_train([*TINY, "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
-                         "~callbacks.sample_grid", "trainer.max_steps=2"], tmp_path / "clf")
+    clf = compose_train(
+        [
+            *TINY,
+            "model=classifier",
+            "net=small_cnn",
+            "net.width=4",
+            "net.feature_dim=8",
+            "~callbacks.sample_grid",
+            "trainer.max_steps=2",
+        ],
+        tmp_path / "clf",
+    )
     train(clf)
-    cfg = compose_train([*TINY, "model=ct", "trainer.devices=2", "+trainer.strategy=ddp_fork", "trainer.max_steps=3",
-                         "quality=fmnist", f"callbacks.sample_quality.features.ckpt={tmp_path / 'clf' / 'checkpoints' / 'last.ckpt'}",
-                         "callbacks.sample_quality.every_n_steps=0", "callbacks.sample_quality.num_samples=6",
-                         "callbacks.sample_quality.num_real=16", "callbacks.sample_quality.batch_size=2",
-                         f"paths.root_dir={tmp_path}", "~callbacks.best_checkpoint"], tmp_path / "ddp")
+    cfg = compose_train(
+        [
+            *TINY,
+            "model=ct",
+            "trainer.devices=2",
+            "+trainer.strategy=ddp_fork",
+            "trainer.max_steps=3",
+            "quality=fmnist",
+            f"callbacks.sample_quality.features.ckpt={tmp_path / 'clf' / 'checkpoints' / 'last.ckpt'}",
+            "callbacks.sample_quality.every_n_steps=0",
+            "callbacks.sample_quality.num_samples=6",
+            "callbacks.sample_quality.num_real=16",
+            "callbacks.sample_quality.batch_size=2",
+            f"paths.root_dir={tmp_path}",
+            "~callbacks.best_checkpoint",
+        ],
+        tmp_path / "ddp",
+    )
     report = RankReport(tmp_path)
     orig = hydra.utils.instantiate
 
@@ -60,7 +93,9 @@ def test_ddp_ranks_keep_identical_target_and_ema_and_share_sample_metrics(tmp_pa
         assert r0[key] == r1[key], key  # DDP keeps every copy identical on every rank
     assert r0["target"] != r0["ema"]
     assert r0["kimg"] == 3 * 8 * 2 / 1000  # global batch = per-device batch x 2 processes
-    assert r0["quality"] and r0["quality"] == r1["quality"]  # features all-gathered: same numbers on both ranks
+    assert (
+        r0["quality"] and r0["quality"] == r1["quality"]
+    )  # features all-gathered: same numbers on both ranks
 
 
 def test_global_batch_is_kept_by_gradient_accumulation(tmp_path: Path) -> None:
@@ -70,13 +105,30 @@ def test_global_batch_is_kept_by_gradient_accumulation(tmp_path: Path) -> None:
 
     from .test_sample_edit import TINY
 
-    cfg = compose_train(["+experiment=cifar10_cd_lpips", "trainer=ddp", "trainer.devices=8", "dataset.batch_size=32"], tmp_path / "a")
+    cfg = compose_train(
+        [
+            "+experiment=cifar10_cd_lpips",
+            "trainer=ddp",
+            "trainer.devices=8",
+            "dataset.batch_size=32",
+        ],
+        tmp_path / "a",
+    )
     assert accumulation_steps(cfg) == 2  # 512 = 32 x 8 GPUs x 2 accumulation steps
-    bad = compose_train(["+experiment=cifar10_cd_lpips", "trainer=ddp", "trainer.devices=8"], tmp_path / "b")
-    with pytest.raises(ConfigError, match=r"global_batch_size=512 must be a multiple of dataset.batch_size=512 x trainer.devices=8"):
+    bad = compose_train(
+        ["+experiment=cifar10_cd_lpips", "trainer=ddp", "trainer.devices=8"], tmp_path / "b"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"global_batch_size=512 must be a multiple of dataset.batch_size=512 x trainer.devices=8",
+    ):
         accumulation_steps(bad)
     # a tiny run: global batch 16 from per-device 8 -> 2 micro-batches per optimizer step
-    out = train(compose_train([*TINY, "model=ct", "global_batch_size=16", "trainer.max_steps=2"], tmp_path / "run"))
+    out = train(
+        compose_train(
+            [*TINY, "model=ct", "global_batch_size=16", "trainer.max_steps=2"], tmp_path / "run"
+        )
+    )
     assert out["trainer"].accumulate_grad_batches == 2 and out["trainer"].global_step == 2
     assert out["model"].batches_seen == 4
 
@@ -86,11 +138,22 @@ def test_channels_last_and_compile_options_train(tmp_path: Path) -> None:
 
     from .test_sample_edit import TINY
 
-    out = train(compose_train([*TINY, "model=ct", "model.channels_last=true", "trainer.max_steps=2"], tmp_path / "cl"))
+    out = train(
+        compose_train(
+            [*TINY, "model=ct", "model.channels_last=true", "trainer.max_steps=2"], tmp_path / "cl"
+        )
+    )
     conv = next(m for m in out["model"].model.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and out["trainer"].global_step == 2
-    ckpt = torch.load(tmp_path / "cl" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    plain = train(compose_train([*TINY, "model=ct", "trainer.max_steps=1"], tmp_path / "plain"))["model"].state_dict()
+    assert (
+        conv.weight.is_contiguous(memory_format=torch.channels_last)
+        and out["trainer"].global_step == 2
+    )
+    ckpt = torch.load(
+        tmp_path / "cl" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    plain = train(compose_train([*TINY, "model=ct", "trainer.max_steps=1"], tmp_path / "plain"))[
+        "model"
+    ].state_dict()
     assert set(ckpt["state_dict"]) == set(plain)  # same checkpoint layout
 
 
@@ -100,13 +163,23 @@ def test_compiled_online_net_trains_and_keeps_the_checkpoint_layout(tmp_path: Pa
 
     from .test_sample_edit import TINY
 
-    out = train(compose_train([*TINY, "model=ct", "model.compile_net=true", "trainer.max_steps=2"], tmp_path / "c"))
+    out = train(
+        compose_train(
+            [*TINY, "model=ct", "model.compile_net=true", "trainer.max_steps=2"], tmp_path / "c"
+        )
+    )
     assert out["trainer"].global_step == 2
-    keys = set(torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"])
+    keys = set(
+        torch.load(
+            tmp_path / "c" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+        )["state_dict"]
+    )
     assert not any("_orig_mod" in k for k in keys)
 
 
-def test_ddp_step_equals_the_single_process_step_on_the_same_global_batch(tmp_path: Path, monkeypatch) -> None:
+def test_ddp_step_equals_the_single_process_step_on_the_same_global_batch(
+    tmp_path: Path, monkeypatch
+) -> None:
     """2 processes x 4 images == 1 process x 8 images: same data, noise levels, noise and flips
     (drawn for the global batch and sliced), so the same losses and the same weights."""
     import csv
@@ -116,7 +189,10 @@ def test_ddp_step_equals_the_single_process_step_on_the_same_global_batch(tmp_pa
     from .test_sample_edit import TINY
 
     reports = {}
-    for name, extra in (("single", ["dataset.batch_size=8"]), ("ddp", ["dataset.batch_size=4", "trainer.devices=2", "+trainer.strategy=ddp_fork"])):
+    for name, extra in (
+        ("single", ["dataset.batch_size=8"]),
+        ("ddp", ["dataset.batch_size=4", "trainer.devices=2", "+trainer.strategy=ddp_fork"]),
+    ):
         folder = tmp_path / f"rep_{name}"
         folder.mkdir()
         report = RankReport(folder)
@@ -130,9 +206,15 @@ def test_ddp_step_equals_the_single_process_step_on_the_same_global_batch(tmp_pa
 
         with monkeypatch.context() as m:
             m.setattr(hydra.utils, "instantiate", with_report)
-            train(compose_train([*TINY, "model=ct", "trainer.max_steps=3", *extra], tmp_path / name))
+            train(
+                compose_train([*TINY, "model=ct", "trainer.max_steps=3", *extra], tmp_path / name)
+            )
         reports[name] = json.loads((folder / "rank0.json").read_text())
-        reports[name]["losses"] = [float(r["train/loss"]) for r in csv.DictReader(open(tmp_path / name / "csv" / "metrics.csv")) if r.get("train/loss")]
+        reports[name]["losses"] = [
+            float(r["train/loss"])
+            for r in csv.DictReader(open(tmp_path / name / "csv" / "metrics.csv"))
+            if r.get("train/loss")
+        ]
     single, ddp = reports["single"], reports["ddp"]
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert ddp["online"] == pytest.approx(single["online"], abs=1e-5)
@@ -140,7 +222,9 @@ def test_ddp_step_equals_the_single_process_step_on_the_same_global_batch(tmp_pa
 
 
 @pytest.mark.parametrize("rank", [1, 0])
-def test_ddp_preemption_one_rank_signalled_all_save_and_resume_is_exact(tmp_path: Path, rank: int) -> None:
+def test_ddp_preemption_one_rank_signalled_all_save_and_resume_is_exact(
+    tmp_path: Path, rank: int
+) -> None:
     """Two ranks under ddp_fork (every rank a child process): a SIGTERM reaching one rank makes
     both save at the same step boundary, the stop reaches this process as TrainingPreempted
     (exit code 143), and the run resumed from that last.ckpt ends with the uninterrupted
@@ -149,23 +233,43 @@ def test_ddp_preemption_one_rank_signalled_all_save_and_resume_is_exact(tmp_path
 
     from .test_sample_edit import TINY
 
-    base = [*TINY, "model=ct", "trainer.devices=2", "+trainer.strategy=ddp_fork", "trainer.max_steps=6",
-            "callbacks.checkpoint.every_n_train_steps=100", f"paths.root_dir={tmp_path}"]
+    base = [
+        *TINY,
+        "model=ct",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp_fork",
+        "trainer.max_steps=6",
+        "callbacks.checkpoint.every_n_train_steps=100",
+        f"paths.root_dir={tmp_path}",
+    ]
     full = compose_train(base, tmp_path / "full")
     train(full)
-    cut = compose_train([*base, "+callbacks.signal._target_=tests.fakes.SignalAtStep", "+callbacks.signal.step=2",
-                         f"+callbacks.signal.rank={rank}"], tmp_path / "cut")
+    cut = compose_train(
+        [
+            *base,
+            "+callbacks.signal._target_=tests.fakes.SignalAtStep",
+            "+callbacks.signal.step=2",
+            f"+callbacks.signal.rank={rank}",
+        ],
+        tmp_path / "cut",
+    )
     out = train(cut)
     stop = out["preempted"]
     assert stop is not None and stop.exit_code == 128 + int(sig.SIGTERM)
     ckpt = tmp_path / "cut" / "checkpoints" / "last.ckpt"
-    assert stop.ckpt == ckpt and not (tmp_path / "cut" / "checkpoints" / ".preempted.json").exists()
+    assert (
+        stop.ckpt == ckpt and not (tmp_path / "cut" / "checkpoints" / ".preempted.json").exists()
+    )
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert saved["global_step"] == 3  # the step in which the signal arrived, completed
     resumed = compose_train([*base, f"ckpt_path={ckpt}"], tmp_path / "resumed")
     train(resumed)
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    a = torch.load(
+        tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    b = torch.load(
+        tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     assert a["global_step"] == b["global_step"] == 6
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0)

@@ -20,11 +20,17 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 ROOT = CONF_DIR.parent
 
 
-def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "cmexp.train", *args], capture_output=True, text=True,
-        env=full_env, cwd=cwd or ROOT, timeout=300,
+        [sys.executable, "-m", "cmexp.train", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=300,
     )
 
 
@@ -52,10 +58,16 @@ def _fake_teacher(cfg, cache: dict[str, Path]) -> Path:
         net = hydra.utils.instantiate(cfg.net)
         teacher = EDMPrecond(net)
         path = cache["_dir"] / f"teacher{len(cache)}.ckpt"
-        meta = {"kind": "edm", "img_resolution": net.img_resolution, "img_channels": net.img_channels,
-                "label_dim": net.label_dim, "sigma_min": 0.002, "sigma_max": 80.0,
-                "sigma_data": float(cfg.model.sigma_data),  # 0.5; latent experiments 1.0
-                "c_noise_scale": 0.25}
+        meta = {
+            "kind": "edm",
+            "img_resolution": net.img_resolution,
+            "img_channels": net.img_channels,
+            "label_dim": net.label_dim,
+            "sigma_min": 0.002,
+            "sigma_max": 80.0,
+            "sigma_data": float(cfg.model.sigma_data),  # 0.5; latent experiments 1.0
+            "c_noise_scale": 0.25,
+        }
         state = {f"ema.{k}": v for k, v in teacher.state_dict().items()}
         torch.save({"cmexp": meta, "state_dict": state}, path)
         cache[key] = path
@@ -63,7 +75,9 @@ def _fake_teacher(cfg, cache: dict[str, Path]) -> Path:
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(name, composer, teachers, fake_weights, monkeypatch) -> None:
+def test_experiment_composes_and_instantiates(
+    name, composer, teachers, fake_weights, monkeypatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(fake_weights))
     cfg = composer([f"+experiment={name}"])
     assert cfg.model._target_.startswith("cmexp.modules.")
@@ -72,8 +86,12 @@ def test_experiment_composes_and_instantiates(name, composer, teachers, fake_wei
     datamodule = hydra.utils.instantiate(cfg.dataset)
     assert datamodule.batch_size == cfg.dataset.batch_size
     model = hydra.utils.instantiate(cfg.model)
-    net = model.model if hasattr(model, "model") else model.net  # classifier, autoencoder: a bare net
-    shape = cfg.latent if cfg.get("latent") else cfg.dataset  # latent mode: the net sees the latents
+    net = (
+        model.model if hasattr(model, "model") else model.net
+    )  # classifier, autoencoder: a bare net
+    shape = (
+        cfg.latent if cfg.get("latent") else cfg.dataset
+    )  # latent mode: the net sees the latents
     assert net.img_resolution == shape.resolution
     assert net.img_channels == shape.channels
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -91,7 +109,10 @@ def test_experiment_composes_and_instantiates(name, composer, teachers, fake_wei
         assert cfg.schedule.num_scales == 18 and cfg.schedule.mu == 0.0
         assert cfg.solver._target_ == "cmexp.diffusion.heun_step"
     if name.endswith(("_pd", "_pd_cm")):  # rounds that reach 1 step and fill the run
-        assert model.student_steps(model.num_rounds - 1) == 1 and model.total_steps == cfg.trainer.max_steps
+        assert (
+            model.student_steps(model.num_rounds - 1) == 1
+            and model.total_steps == cfg.trainer.max_steps
+        )
         assert cfg.trainer.gradient_clip_val == 1.0 and cfg.model.ema_decay == 0.0
 
 
@@ -103,11 +124,17 @@ def test_main_job_is_the_quick_fashion_mnist_cd_from_the_zoo_teacher(composer) -
     cfg = composer(train_overrides([]))
     assert cfg.dataset._target_.endswith("FashionMNISTDataModule") and cfg.dataset.batch_size == 64
     assert cfg.model._target_ == "cmexp.modules.CDLitModule" and cfg.trainer.max_steps == 700
-    assert cfg.model.teacher_path == "zoo:fmnist_edm" and cfg.net.model_channels == 16  # ncsnpp_small
+    assert (
+        cfg.model.teacher_path == "zoo:fmnist_edm" and cfg.net.model_channels == 16
+    )  # ncsnpp_small
     assert cfg.schedule.num_scales == 18 and cfg.schedule.mu == 0.0
     assert cfg.solver._target_ == "cmexp.diffusion.heun_step" and list(cfg.model.taus) == [3.2568]
     # an explicit experiment is kept as given; debug configs are applied after the experiment
-    assert train_overrides(["+experiment=fmnist_edm", "debug=tiny", "seed=1"]) == ["+experiment=fmnist_edm", "seed=1", "+debug=tiny"]
+    assert train_overrides(["+experiment=fmnist_edm", "debug=tiny", "seed=1"]) == [
+        "+experiment=fmnist_edm",
+        "seed=1",
+        "+debug=tiny",
+    ]
     assert composer(train_overrides([CT, "debug=tiny"])).dataset.batch_size == 8
 
 
@@ -131,7 +158,10 @@ def test_main_job_values_do_not_leak_into_other_experiments(composer) -> None:
     cfg = composer(["+experiment=cifar10_ct_lpips"])
     assert cfg.schedule.s1 == 150
     plain = composer([])  # the primary config's group defaults: the CM paper's CT
-    assert plain.model.ema_decay == 0.9999 and plain.schedule._target_ == "cmexp.diffusion.AdaptiveSchedule"
+    assert (
+        plain.model.ema_decay == 0.9999
+        and plain.schedule._target_ == "cmexp.diffusion.AdaptiveSchedule"
+    )
 
 
 def test_command_line_group_choice_beats_the_experiment(composer) -> None:
@@ -154,33 +184,49 @@ def test_unknown_group_option_and_bad_values_fail_with_one_clear_line(tmp_path: 
     out = _cli(CT, "net=resnet9000", f"paths.root_dir={tmp_path}")
     assert out.returncode != 0
     assert "Could not find 'net/resnet9000'" in out.stderr
-    out = _cli(CT, "schedule.s1=1", f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r"))
+    out = _cli(
+        CT, "schedule.s1=1", f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r")
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "error: schedule.s1=1 must be >= schedule.s0=10"
-    out = _cli(CT, "dataset=cifar10", f"dataset.data_dir={tmp_path / 'nothing'}", "net=tiny",
-               f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r2"))
+    out = _cli(
+        CT,
+        "dataset=cifar10",
+        f"dataset.data_dir={tmp_path / 'nothing'}",
+        "net=tiny",
+        f"paths.root_dir={tmp_path}",
+        "hydra.run.dir=" + str(tmp_path / "r2"),
+    )
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "dataset.data_dir" in last
 
 
-@pytest.mark.parametrize(("launcher", "target"), [
-    ("local", "hydra._internal.core_plugins.basic_launcher.BasicLauncher"),
-    ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
-])
+@pytest.mark.parametrize(
+    ("launcher", "target"),
+    [
+        ("local", "hydra._internal.core_plugins.basic_launcher.BasicLauncher"),
+        ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+    ],
+)
 def test_hydra_launcher_configs_compose(launcher: str, target: str) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "+experiment=cifar10_edm"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=[f"hydra/launcher={launcher}", "+experiment=cifar10_edm"],
+            return_hydra_config=True,
+        )
     assert cfg.hydra.launcher._target_ == target
     GlobalHydra.instance().clear()
 
 
-def test_inception_quality_config_builds_the_callback_with_fid_names(composer, tmp_path: Path, monkeypatch) -> None:
+def test_inception_quality_config_builds_the_callback_with_fid_names(
+    composer, tmp_path: Path, monkeypatch
+) -> None:
     import torch
     import torch_fidelity.feature_extractor_inceptionv3 as fi
 
@@ -189,10 +235,17 @@ def test_inception_quality_config_builds_the_callback_with_fid_names(composer, t
     with monkeypatch.context() as m:  # a weights file with the real layout, random values
         m.setattr(fi.torch, "load", lambda *a, **k: None)
         m.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-        state = fi.FeatureExtractorInceptionV3("x", ["2048"], feature_extractor_weights_path="unused").state_dict()
+        state = fi.FeatureExtractorInceptionV3(
+            "x", ["2048"], feature_extractor_weights_path="unused"
+        ).state_dict()
     torch.save(state, tmp_path / InceptionFeatures.FILE)
-    cfg = composer(["+experiment=cifar10_cd_lpips", "quality=inception",
-                    f"callbacks.sample_quality.features.weights_path={tmp_path}"])
+    cfg = composer(
+        [
+            "+experiment=cifar10_cd_lpips",
+            "quality=inception",
+            f"callbacks.sample_quality.features.weights_path={tmp_path}",
+        ]
+    )
     assert cfg.callbacks.best_checkpoint.monitor == "val/fid_1step"
     cb = hydra.utils.instantiate(cfg.callbacks.sample_quality)
     assert cb.name == "" and cb.features.num_features == 2048
@@ -202,21 +255,33 @@ def test_ict_recipe_has_the_papers_cifar10_values(composer) -> None:
     """iCT (Song & Dhariwal 2023) CIFAR-10, value by value (reference.md section 5.1)."""
     cfg = composer(["+experiment=cifar10_ict"])
     assert cfg.model._target_ == "cmexp.modules.CTLitModule"
-    assert cfg.global_batch_size == 1024                                  # batch 1024
+    assert cfg.global_batch_size == 1024  # batch 1024
     assert cfg.model.optimizer._target_ == "torch.optim.RAdam" and cfg.model.optimizer.lr == 1e-4
-    assert cfg.trainer.max_steps == 400_000                               # 400k iterations
-    assert (cfg.schedule.s0, cfg.schedule.s1, cfg.schedule.mu) == (10, 1280, 0.0)  # doubling, no target EMA
-    assert cfg.net.dropout == 0.3 and cfg.net.fourier_scale == 0.02 and cfg.net.embedding_type == "fourier"
-    assert cfg.model.ema_decay == 0.99993                                 # sampling EMA
-    assert list(cfg.model.taus) == [0.821]                                # 2-step sigma
+    assert cfg.trainer.max_steps == 400_000  # 400k iterations
+    assert (cfg.schedule.s0, cfg.schedule.s1, cfg.schedule.mu) == (
+        10,
+        1280,
+        0.0,
+    )  # doubling, no target EMA
+    assert (
+        cfg.net.dropout == 0.3
+        and cfg.net.fourier_scale == 0.02
+        and cfg.net.embedding_type == "fourier"
+    )
+    assert cfg.model.ema_decay == 0.99993  # sampling EMA
+    assert list(cfg.model.taus) == [0.821]  # 2-step sigma
     assert (cfg.model.sigma_min, cfg.model.sigma_max, cfg.model.rho) == (0.002, 80.0, 7.0)
-    assert cfg.metric._target_ == "cmexp.losses.PseudoHuberDistance" and cfg.metric.c is None  # 0.00054 sqrt(d)
+    assert (
+        cfg.metric._target_ == "cmexp.losses.PseudoHuberDistance" and cfg.metric.c is None
+    )  # 0.00054 sqrt(d)
     assert cfg.model.loss.index_sampler._target_ == "cmexp.losses.LognormalIndices"
     assert (cfg.model.loss.index_sampler.P_mean, cfg.model.loss.index_sampler.P_std) == (-1.1, 2.0)
-    assert cfg.model.loss.weighting._target_ == "cmexp.losses.ICTWeighting"  # 1/(sigma_{n+1} - sigma_n)
+    assert (
+        cfg.model.loss.weighting._target_ == "cmexp.losses.ICTWeighting"
+    )  # 1/(sigma_{n+1} - sigma_n)
     schedule = hydra.utils.instantiate(cfg.schedule)
     blocks = [schedule(k)[0] for k in range(0, 400_000, 50_000)]
-    assert blocks == [11, 21, 41, 81, 161, 321, 641, 1281]                # N = 11 ... 1281
+    assert blocks == [11, 21, 41, 81, 161, 321, 641, 1281]  # N = 11 ... 1281
     from cmexp.losses import pseudo_huber
 
     x = torch.zeros(1, 3, 32, 32)
@@ -232,11 +297,15 @@ def test_ect_recipe_has_the_papers_cifar10_values(composer) -> None:
     assert cfg.model._target_ == "cmexp.modules.ECTLitModule"
     assert cfg.global_batch_size == 128 and cfg.dataset.batch_size == 128
     assert cfg.model.optimizer._target_ == "torch.optim.RAdam" and cfg.model.optimizer.lr == 1e-4
-    assert cfg.net.dropout == 0.2 and cfg.net.embedding_type == "positional"   # DDPM++ teacher net
-    assert cfg.trainer.max_steps == 200_000                                     # 25.6 Mimg
-    assert cfg.model.double_kimg == 3200.0                                      # --double 250 x 12.8 kimg
+    assert cfg.net.dropout == 0.2 and cfg.net.embedding_type == "positional"  # DDPM++ teacher net
+    assert cfg.trainer.max_steps == 200_000  # 25.6 Mimg
+    assert cfg.model.double_kimg == 3200.0  # --double 250 x 12.8 kimg
     loss = cfg.model.loss
     assert (loss.P_mean, loss.P_std, loss.q, loss.k, loss.b) == (-1.1, 2.0, 2.0, 8.0, 1.0)
-    assert loss.metric._target_ == "cmexp.losses.L2NormDistance"               # c = 0
-    assert loss.weighting._target_ == "cmexp.losses.ICTWeighting"              # 1 / (t - r)
-    assert cfg.model.sigma_min == 0.003 and cfg.model.ema_decay == 0.9999 and list(cfg.model.taus) == [0.821]
+    assert loss.metric._target_ == "cmexp.losses.L2NormDistance"  # c = 0
+    assert loss.weighting._target_ == "cmexp.losses.ICTWeighting"  # 1 / (t - r)
+    assert (
+        cfg.model.sigma_min == 0.003
+        and cfg.model.ema_decay == 0.9999
+        and list(cfg.model.taus) == [0.821]
+    )

@@ -131,7 +131,8 @@ def test_one_loader_refuses_the_wrong_kind_naming_the_key(runs, tmp_path: Path) 
     from cmexp.inference.checkpoint import read_checkpoint
 
     with pytest.raises(
-        ValueError, match=r"ckpt=.* holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' here \(editing\)"
+        ValueError,
+        match=r"ckpt=.* holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' here \(editing\)",
     ):
         load_model(runs["edm"], kinds=CONSISTENCY_KINDS, purpose="editing")
     with pytest.raises(

@@ -153,16 +153,35 @@ def test_auto_and_last_without_any_checkpoint(tmp_path: Path) -> None:
         train(compose_train([*COMMON, "ckpt_path=last"], tmp_path / "b" / "runs" / "one"))
 
 
-def test_sigterm_to_the_launching_process_of_ddp_fork_ranks_saves_and_exits_143(tmp_path: Path) -> None:
+def test_sigterm_to_the_launching_process_of_ddp_fork_ranks_saves_and_exits_143(
+    tmp_path: Path,
+) -> None:
     """With ddp_fork both ranks are child processes: SIGTERM to the process the user started
     is passed on to them (not orphaning them mid-step); they save last.ckpt at a step boundary
     and the command exits with 143 and the resume line."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cmexp.train", "+experiment=fmnist_ct_pseudo_huber", "debug=tiny", "model=ct",
-           "trainer.max_steps=100000", "quality=none", "trainer.devices=2", "+trainer.strategy=ddp_fork",
-           f"hydra.run.dir={run}", f"paths.root_dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "CMEXP_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmexp.train",
+        "+experiment=fmnist_ct_pseudo_huber",
+        "debug=tiny",
+        "model=ct",
+        "trainer.max_steps=100000",
+        "quality=none",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp_fork",
+        f"hydra.run.dir={run}",
+        f"paths.root_dir={tmp_path}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "CMEXP_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     metrics = run / "csv" / "metrics.csv"
     deadline = time.time() + 180
     while time.time() < deadline and not (metrics.is_file() and metrics.stat().st_size > 0):

@@ -34,8 +34,21 @@ def jobs(overrides: list[str]) -> list[list[str]]:
     ("experiment", "sweep", "count", "expected"),
     [
         ("cifar10_cd_lpips", "fig3a", 3, [["metric=l2"], ["metric=l1"], ["metric=lpips"]]),
-        ("cifar10_cd_lpips", "fig3b", 16, [["solver=euler", "schedule.num_scales=9"], ["solver=heun", "schedule.num_scales=120"]]),
-        ("cifar10_cd_lpips", "fig3c", 8, [["solver=heun", f"schedule.num_scales={n}"] for n in NS]),
+        (
+            "cifar10_cd_lpips",
+            "fig3b",
+            16,
+            [
+                ["solver=euler", "schedule.num_scales=9"],
+                ["solver=heun", "schedule.num_scales=120"],
+            ],
+        ),
+        (
+            "cifar10_cd_lpips",
+            "fig3c",
+            8,
+            [["solver=heun", f"schedule.num_scales={n}"] for n in NS],
+        ),
         ("cifar10_ct_lpips", "fig3d", 4, [["schedule=adaptive"], ["schedule=fixed_n120"]]),
         ("fmnist_cd_l2", "seeds", 3, [["seed=0"], ["seed=1"], ["seed=2"]]),
         ("cifar10_cd_lpips", "fig4", 2, [["metric=l2"], ["metric=lpips"]]),
@@ -70,19 +83,39 @@ def test_tiny_multirun_runs_every_job_and_compare_reads_it(tmp_path: Path) -> No
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     out = subprocess.run(
-        [sys.executable, "-m", "cmexp.train", CT_EXPERIMENT, "debug=tiny", "model=ct",
-         "trainer.max_steps=2", "+sweep=seeds", "logger=wandb",
-         f"hydra.sweep.dir={tmp_path}", f"paths.root_dir={tmp_path}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "cmexp.train",
+            CT_EXPERIMENT,
+            "debug=tiny",
+            "model=ct",
+            "trainer.max_steps=2",
+            "+sweep=seeds",
+            "logger=wandb",
+            f"hydra.sweep.dir={tmp_path}",
+            f"paths.root_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "checkpoints" / "last.ckpt").is_file())
+    runs = sorted(
+        p for p in tmp_path.iterdir() if p.is_dir() and (p / "checkpoints" / "last.ckpt").is_file()
+    )
     assert [p.name for p in runs] == ["0", "1", "2"]
     assert (runs[1] / ".hydra" / "overrides.yaml").read_text().count("seed=1") == 1
     # compare: a table row and a curve per run, from the sweep folder
     files = compare([str(tmp_path)], tmp_path / "cmp", metric="train/loss")
     md = files["md"].read_text()
-    assert [line.split("|")[1].strip() for line in md.splitlines()[2:]] == ["seed=0", "seed=1", "seed=2"]
+    assert [line.split("|")[1].strip() for line in md.splitlines()[2:]] == [
+        "seed=0",
+        "seed=1",
+        "seed=2",
+    ]
     assert files["png"].stat().st_size > 1000 and "train/loss" in files["csv"].read_text()
     # without its CSV log a run is read back from its W&B offline run (wandb leet inspect --json)
     wb = tmp_path / "wb_only"
@@ -91,7 +124,9 @@ def test_tiny_multirun_runs_every_job_and_compare_reads_it(tmp_path: Path) -> No
     from cmexp.compare import find_runs
 
     (only,) = find_runs([str(wb)])
-    assert only.final("train/loss") == pytest.approx(find_runs([str(runs[0])])[0].final("train/loss"), rel=1e-6)
+    assert only.final("train/loss") == pytest.approx(
+        find_runs([str(runs[0])])[0].final("train/loss"), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", ["fig3a", "fig3b", "fig3c", "fig3d", "seeds"])
@@ -110,13 +145,32 @@ def test_wandb_sweep_files_match_the_hydra_sweeps(name: str) -> None:
 def test_submitit_local_launcher_runs_a_sweep(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     out = subprocess.run(
-        [sys.executable, "-m", "cmexp.train", "-m", CT_EXPERIMENT, "debug=tiny", "model=ct",
-         "trainer.max_steps=1", "seed=0,1",
-         "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={tmp_path}", f"paths.root_dir={tmp_path}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "cmexp.train",
+            "-m",
+            CT_EXPERIMENT,
+            "debug=tiny",
+            "model=ct",
+            "trainer.max_steps=1",
+            "seed=0,1",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.cpus_per_task=1",
+            f"hydra.sweep.dir={tmp_path}",
+            f"paths.root_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert sorted(p.parent.parent.name for p in tmp_path.glob("*/checkpoints/last.ckpt")) == ["0", "1"]
+    assert sorted(p.parent.parent.name for p in tmp_path.glob("*/checkpoints/last.ckpt")) == [
+        "0",
+        "1",
+    ]
     assert (tmp_path / ".submitit").is_dir()
 
 
@@ -134,11 +188,18 @@ def test_fig4_jobs_train_cd_and_pd_at_equal_images_seen(composer) -> None:
             budgets[experiment] = cfg.trainer.max_steps * cfg.global_batch_size
     assert budgets["cifar10_cd_lpips"] == budgets["cifar10_pd_cm"] == 800_000 * 512
     pd = composer(["+experiment=cifar10_pd_cm", "metric=l2"])
-    assert sum(pd.model.steps_per_round) == pd.trainer.max_steps and pd.model.teacher_steps == 2**13
-    assert hydra.utils.instantiate(pd.model.loss.weighting).__class__.__name__ == "TruncatedSNRWeighting"
+    assert (
+        sum(pd.model.steps_per_round) == pd.trainer.max_steps and pd.model.teacher_steps == 2**13
+    )
+    assert (
+        hydra.utils.instantiate(pd.model.loss.weighting).__class__.__name__
+        == "TruncatedSNRWeighting"
+    )
 
 
-def test_fig4_script_commands_compose_with_equal_budgets_and_the_table_reads_eval_output(tmp_path: Path) -> None:
+def test_fig4_script_commands_compose_with_equal_budgets_and_the_table_reads_eval_output(
+    tmp_path: Path,
+) -> None:
     """scripts/fig4_fmnist.sh with DRY_RUN=1 prints its commands: the CD and PD trainings
     compose with the same steps x batch, and --table turns cmexp.eval outputs into fig4.md/png."""
     import json
@@ -148,8 +209,15 @@ def test_fig4_script_commands_compose_with_equal_budgets_and_the_table_reads_eva
     teacher.touch()
     clf.touch()
     env = {**os.environ, "DRY_RUN": "1", "CLASSIFIER": str(clf), "PYTHON": sys.executable}
-    out = subprocess.run(["bash", "scripts/fig4_fmnist.sh", str(teacher), str(tmp_path / "out")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        ["bash", "scripts/fig4_fmnist.sh", str(teacher), str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     lines = [shlex.split(line) for line in out.stdout.splitlines() if " -m cmexp." in line]
     trains = [a[3:] for a in lines if a[2] == "cmexp.train"]
@@ -157,7 +225,13 @@ def test_fig4_script_commands_compose_with_equal_budgets_and_the_table_reads_eva
     assert len(trains) == 2 and len(evals) == 8
     budgets = []
     for args in trains:
-        keep = [a for a in args if not a.startswith(("+sweep", "hydra.", "model.teacher_path", "callbacks.sample_quality"))]
+        keep = [
+            a
+            for a in args
+            if not a.startswith(
+                ("+sweep", "hydra.", "model.teacher_path", "callbacks.sample_quality")
+            )
+        ]
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=keep)
@@ -167,22 +241,45 @@ def test_fig4_script_commands_compose_with_equal_budgets_and_the_table_reads_eva
             assert cfg.model.teacher_steps // 2**cfg.model.num_rounds == 1
     assert budgets[0] == budgets[1] == 1200 * 64
     assert any("solver_steps=[1,2,4,8]" in a and "sampler=ddim" in a for a in evals)
-    assert all("num_real=10000" in e and "real_split=test" in e for e in evals)  # the results.md protocol
-    assert sum(any(a.startswith("ckpt=") and "/pd/0/checkpoints/step" in a for a in e) for e in evals) == 4
+    assert all(
+        "num_real=10000" in e and "real_split=test" in e for e in evals
+    )  # the results.md protocol
+    assert (
+        sum(any(a.startswith("ckpt=") and "/pd/0/checkpoints/step" in a for a in e) for e in evals)
+        == 4
+    )
     # --table: fd_fmnist against NFE from the eval folders
-    for name, sets in {"cd": {"1step": (1, "consistency", 30.0), "2step": (2, "consistency", 20.0)},
-                       "pd_round6": {"ddim1nfe": (1, "ddim", 40.0)},
-                       "teacher_ddim": {"ddim1nfe": (1, "ddim", 90.0), "ddim2nfe": (2, "ddim", 60.0)}}.items():
+    for name, sets in {
+        "cd": {"1step": (1, "consistency", 30.0), "2step": (2, "consistency", 20.0)},
+        "pd_round6": {"ddim1nfe": (1, "ddim", 40.0)},
+        "teacher_ddim": {"ddim1nfe": (1, "ddim", 90.0), "ddim2nfe": (2, "ddim", 60.0)},
+    }.items():
         folder = tmp_path / "out" / "eval" / name
         folder.mkdir(parents=True)
-        payload = {"metrics": {k: {"fd_fmnist": v[2]} for k, v in sets.items()},
-                   "protocol": {"ckpt": name, "sets": {k: {"nfe": v[0], "sampler": v[1]} for k, v in sets.items()}}}
+        payload = {
+            "metrics": {k: {"fd_fmnist": v[2]} for k, v in sets.items()},
+            "protocol": {
+                "ckpt": name,
+                "sets": {k: {"nfe": v[0], "sampler": v[1]} for k, v in sets.items()},
+            },
+        }
         (folder / "metrics.json").write_text(json.dumps(payload))
-    table = subprocess.run(["bash", "scripts/fig4_fmnist.sh", "--table", str(tmp_path / "out")], cwd=ROOT,
-                           env={**env, "DRY_RUN": "0"}, capture_output=True, text=True, timeout=120, check=False)
+    table = subprocess.run(
+        ["bash", "scripts/fig4_fmnist.sh", "--table", str(tmp_path / "out")],
+        cwd=ROOT,
+        env={**env, "DRY_RUN": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert table.returncode == 0, table.stderr
     md = (tmp_path / "out" / "fig4.md").read_text()
-    assert "| cd | 30.00 | 20.00 |" in md and "| pd | 40.00 | - |" in md and "| teacher_ddim | 90.00 | 60.00 |" in md
+    assert (
+        "| cd | 30.00 | 20.00 |" in md
+        and "| pd | 40.00 | - |" in md
+        and "| teacher_ddim | 90.00 | 60.00 |" in md
+    )
     assert (tmp_path / "out" / "fig4.png").stat().st_size > 1000
 
 
@@ -190,18 +287,38 @@ def test_modes_sweep_trains_every_mode_at_equal_images_seen(composer, tmp_path: 
     """+sweep=modes puts CD, ECT, sCD, CT and sCT on the same budget and evaluation cadence, and
     scripts/modes_fmnist.py turns the runs' logs into the table and the fd-vs-images plot."""
     budgets = set()
-    for experiment in ("fmnist_cd_l2", "fmnist_ect", "fmnist_scd", "fmnist_ct_pseudo_huber", "fmnist_sct"):
+    for experiment in (
+        "fmnist_cd_l2",
+        "fmnist_ect",
+        "fmnist_scd",
+        "fmnist_ct_pseudo_huber",
+        "fmnist_sct",
+    ):
         cfg = composer([f"+experiment={experiment}", "+sweep=modes"])
         q = cfg.callbacks.sample_quality
-        budgets.add((cfg.trainer.max_steps, cfg.dataset.batch_size, q.every_n_steps, q.num_samples, q.seed))
+        budgets.add(
+            (cfg.trainer.max_steps, cfg.dataset.batch_size, q.every_n_steps, q.num_samples, q.seed)
+        )
     assert budgets == {(1000, 64, 250, 1000, 0)}
     env = {**os.environ, "DRY_RUN": "1"}
-    out = subprocess.run([sys.executable, "scripts/modes_fmnist.py", "T.ckpt", "--out", str(tmp_path)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "scripts/modes_fmnist.py", "T.ckpt", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     cmds = out.stdout.splitlines()
-    assert "+experiment=fmnist_cd_l2,fmnist_ect,fmnist_scd" in cmds[0] and "++model.teacher_path=T.ckpt" in cmds[0]
-    assert "+experiment=fmnist_ct_pseudo_huber,fmnist_sct" in cmds[1] and "teacher_path" not in cmds[1]
+    assert (
+        "+experiment=fmnist_cd_l2,fmnist_ect,fmnist_scd" in cmds[0]
+        and "++model.teacher_path=T.ckpt" in cmds[0]
+    )
+    assert (
+        "+experiment=fmnist_ct_pseudo_huber,fmnist_sct" in cmds[1]
+        and "teacher_path" not in cmds[1]
+    )
     for name, fd in (("fmnist_ect", 3.0), ("fmnist_sct", 5.0)):
         run = tmp_path / "runs" / "x" / name
         (run / "csv").mkdir(parents=True)
@@ -211,11 +328,18 @@ def test_modes_sweep_trains_every_mode_at_equal_images_seen(composer, tmp_path: 
             "step,train/kimg,val/fd_fmnist_1step,val/fd_fmnist_2step\n"
             f"249,16.0,,\n249,,{2 * fd},{fd}\n499,32.0,,\n499,,{fd},{fd / 2}\n"
         )
-    out = subprocess.run([sys.executable, "scripts/modes_fmnist.py", "--table", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "scripts/modes_fmnist.py", "--table", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     md = (tmp_path / "modes.md").read_text()
-    assert "| fmnist_ect | 32.0 | 3.00 | 1.50 |" in md and "| fmnist_sct | 32.0 | 5.00 | 2.50 |" in md
+    assert (
+        "| fmnist_ect | 32.0 | 3.00 | 1.50 |" in md and "| fmnist_sct | 32.0 | 5.00 | 2.50 |" in md
+    )
     assert (tmp_path / "modes.png").stat().st_size > 1000
 
 
@@ -230,8 +354,14 @@ def test_modes_script_draws_every_runs_samples_with_the_same_seeds(tmp_path: Pat
     train(compose_train(["debug=tiny", "model=ct", "trainer.max_steps=2"], run))
     (run / ".hydra").mkdir(exist_ok=True)
     (run / ".hydra" / "overrides.yaml").write_text("- +experiment=fmnist_ct_pseudo_huber\n")
-    out = subprocess.run([sys.executable, "scripts/modes_fmnist.py", "--grids", str(tmp_path)],
-                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "scripts/modes_fmnist.py", "--grids", str(tmp_path)],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     from PIL import Image
 
@@ -239,6 +369,12 @@ def test_modes_script_draws_every_runs_samples_with_the_same_seeds(tmp_path: Pat
     assert png.is_file() and Image.open(png).size[1] > 50
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = subprocess.run([sys.executable, "scripts/modes_fmnist.py", "--grids", str(empty)],
-                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "scripts/modes_fmnist.py", "--grids", str(empty)],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0 and "no checkpoints under" in out.stderr

@@ -22,7 +22,9 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    return {int(r["step"]): float(r["train/loss"]) for r in _metrics(run_dir) if r.get("train/loss")}
+    return {
+        int(r["step"]): float(r["train/loss"]) for r in _metrics(run_dir) if r.get("train/loss")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,9 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_edm_teacher_run_writes_checkpoint_grid_and_metrics(teacher_ckpt: Path) -> None:
     run = teacher_ckpt.parents[1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "last.ckpt", "step0000002.ckpt", "step0000004.ckpt"
+        "last.ckpt",
+        "step0000002.ckpt",
+        "step0000004.ckpt",
     ]
     assert (run / "samples" / "heun35nfe_last.png").is_file()
     assert (run / "config_resolved.yaml").is_file() and (run / "choices.yaml").is_file()
@@ -53,8 +57,17 @@ def test_edm_teacher_run_writes_checkpoint_grid_and_metrics(teacher_ckpt: Path) 
 
 
 def test_cd_from_trained_teacher(composer, teacher_ckpt: Path) -> None:
-    cfg = composer([*TINY, "model=cd", f"model.teacher_path={teacher_ckpt}", "schedule=fixed",
-                    "schedule.num_scales=18", "solver=heun", "metric=l2"])
+    cfg = composer(
+        [
+            *TINY,
+            "model=cd",
+            f"model.teacher_path={teacher_ckpt}",
+            "schedule=fixed",
+            "schedule.num_scales=18",
+            "solver=heun",
+            "metric=l2",
+        ]
+    )
     out = train(cfg)
     model: CDLitModule = out["model"]
     # the teacher is frozen, in eval mode, and not saved in CD checkpoints
@@ -65,7 +78,9 @@ def test_cd_from_trained_teacher(composer, teacher_ckpt: Path) -> None:
     assert not any("teacher" in k for k in ckpt["state_dict"])
     assert ckpt["cmexp"]["teacher_path"] == str(teacher_ckpt)
     assert {"train/num_scales", "train/mu"} <= set(_metrics(run)[0])
-    assert (run / "samples" / "1step_last.png").is_file() and (run / "samples" / "2step_last.png").is_file()
+    assert (run / "samples" / "1step_last.png").is_file() and (
+        run / "samples" / "2step_last.png"
+    ).is_file()
 
 
 def test_cd_starts_from_teacher_ema_weights(composer, teacher_ckpt: Path) -> None:
@@ -83,8 +98,17 @@ def test_cd_starts_from_teacher_ema_weights(composer, teacher_ckpt: Path) -> Non
 def test_ct_run_target_and_sampling_ema_are_distinct_and_follow_their_rates(composer) -> None:
     import hydra
 
-    cfg = composer([*TINY, "model=ct", "schedule=fixed", "schedule.num_scales=10", "schedule.mu=0.9",
-                    "model.ema_decay=0.5", "trainer.max_steps=1"])
+    cfg = composer(
+        [
+            *TINY,
+            "model=ct",
+            "schedule=fixed",
+            "schedule.num_scales=10",
+            "schedule.mu=0.9",
+            "model.ema_decay=0.5",
+            "trainer.max_steps=1",
+        ]
+    )
     model: CTLitModule = hydra.utils.instantiate(cfg.model)
     init = {n: p.detach().clone() for n, p in model.model.named_parameters()}
     out = train_with_model(cfg, model)
@@ -116,12 +140,17 @@ def train_with_model(cfg, model):
 
 
 def test_ct_adaptive_logs_curriculum(composer, caplog) -> None:
-    cfg = composer([*TINY, "model=ct", "schedule=adaptive", "schedule.s1=20", "trainer.max_steps=4"])
+    cfg = composer(
+        [*TINY, "model=ct", "schedule=adaptive", "schedule.s1=20", "trainer.max_steps=4"]
+    )
     with caplog.at_level("INFO", logger="cmexp.train"):
         train(cfg)
     # the run states its curriculum and that trainer.max_steps changes it (shortened sweeps)
     assert "schedule: AdaptiveSchedule at k = 0, 1, 2, 3, 4: N = 2, " in caplog.text
-    assert "K = trainer.max_steps = 4, so a shorter or longer run changes N(k) and mu(k)" in caplog.text
+    assert (
+        "K = trainer.max_steps = 4, so a shorter or longer run changes N(k) and mu(k)"
+        in caplog.text
+    )
     rows = [r for r in _metrics(Path(cfg.paths.output_dir)) if r.get("train/num_scales")]
     ns = [float(r["train/num_scales"]) for r in rows]
     assert ns[0] == 2 and ns == sorted(ns) and ns[-1] > 2
@@ -129,8 +158,14 @@ def test_ct_adaptive_logs_curriculum(composer, caplog) -> None:
 
 
 def test_resume_reproduces_the_uninterrupted_losses(composer) -> None:
-    common = [*TINY, "model=ct", "schedule=adaptive", "trainer.max_steps=6",
-              "callbacks.checkpoint.every_n_train_steps=3", "dataset.length=40"]
+    common = [
+        *TINY,
+        "model=ct",
+        "schedule=adaptive",
+        "trainer.max_steps=6",
+        "callbacks.checkpoint.every_n_train_steps=3",
+        "dataset.length=40",
+    ]
     full = composer(common, name="full")
     train(full)
     full_losses = _losses(Path(full.paths.output_dir))
@@ -147,30 +182,54 @@ def test_resume_reproduces_the_uninterrupted_losses(composer) -> None:
 def test_resume_into_the_same_folder_keeps_the_earlier_metrics(composer) -> None:
     """Lightning's CSVLogger deletes metrics.csv when its folder is not empty; the suite's
     logger keeps the rows logged before the checkpoint and replaces those after it."""
-    common = [*TINY, "model=ct", "schedule=adaptive", "trainer.max_steps=6",
-              "callbacks.checkpoint.every_n_train_steps=3", "dataset.length=40"]
+    common = [
+        *TINY,
+        "model=ct",
+        "schedule=adaptive",
+        "trainer.max_steps=6",
+        "callbacks.checkpoint.every_n_train_steps=3",
+        "dataset.length=40",
+    ]
     first = composer(common, name="same")
     train(first)
     run_dir = Path(first.paths.output_dir)
     full_losses = _losses(run_dir)
     assert sorted(full_losses) == [0, 1, 2, 3, 4, 5]
-    resumed = composer([*common, f"ckpt_path={run_dir / 'checkpoints' / 'step0000003.ckpt'}"], name="same")
+    resumed = composer(
+        [*common, f"ckpt_path={run_dir / 'checkpoints' / 'step0000003.ckpt'}"], name="same"
+    )
     assert Path(resumed.paths.output_dir) == run_dir
     train(resumed)
     rows = [r for r in _metrics(run_dir) if r.get("train/loss")]
-    assert sorted(int(r["step"]) for r in rows) == [0, 1, 2, 3, 4, 5]  # 0-2 kept, 3-5 logged once more
+    assert sorted(int(r["step"]) for r in rows) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]  # 0-2 kept, 3-5 logged once more
     for r in rows:
-        assert float(r["train/loss"]) == pytest.approx(full_losses[int(r["step"])], rel=1e-5, abs=1e-7)
+        assert float(r["train/loss"]) == pytest.approx(
+            full_losses[int(r["step"])], rel=1e-5, abs=1e-7
+        )
 
 
 def test_fashion_mnist_subset_runs_all_modes(composer, teacher_ckpt: Path) -> None:
-    fm = ["dataset=fashion_mnist", "dataset.subset=32", "dataset.batch_size=8", "trainer.max_steps=2"]
+    fm = [
+        "dataset=fashion_mnist",
+        "dataset.subset=32",
+        "dataset.batch_size=8",
+        "trainer.max_steps=2",
+    ]
     edm = composer([*TINY, *fm, "model=edm"], name="fm_edm")
     train(edm)
     ct = composer([*TINY, *fm, "model=ct"], name="fm_ct")
     assert train(ct)["trainer"].global_step == 2
     teacher = Path(edm.paths.output_dir) / "checkpoints" / "last.ckpt"
-    cd = composer([*TINY, *fm, "model=cd", f"model.teacher_path={teacher}", "schedule=fixed"], name="fm_cd")
+    cd = composer(
+        [*TINY, *fm, "model=cd", f"model.teacher_path={teacher}", "schedule=fixed"], name="fm_cd"
+    )
     assert train(cd)["trainer"].global_step == 2
 
 
@@ -179,21 +238,32 @@ def test_fashion_mnist_subset_runs_all_modes(composer, teacher_ckpt: Path) -> No
     ("overrides", "message"),
     [
         (["model=cd"], "model.teacher_path is required"),
-        (["model=cd", "model.teacher_path=/nonexistent.ckpt"], "model.teacher_path=/nonexistent.ckpt: no such checkpoint file"),
+        (
+            ["model=cd", "model.teacher_path=/nonexistent.ckpt"],
+            "model.teacher_path=/nonexistent.ckpt: no such checkpoint file",
+        ),
         (["schedule=adaptive", "schedule.s1=1"], "schedule.s1=1 must be >= schedule.s0=2"),
-        (["model.sigma_min=80", "model.sigma_max=80"], "model.sigma_min=80 must be < model.sigma_max=80"),
+        (
+            ["model.sigma_min=80", "model.sigma_max=80"],
+            "model.sigma_min=80 must be < model.sigma_max=80",
+        ),
         (["schedule=fixed", "schedule.mu=1.0"], "schedule.mu must be in [0, 1)"),
         (["schedule=adaptive", "schedule.mu0=-0.1"], "schedule.mu0 must be in [0, 1)"),
     ],
 )
 def test_config_errors_name_the_key(composer, overrides, message) -> None:
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
         train(composer([*TINY, *overrides]))
 
 
 def test_teacher_of_wrong_channels_is_rejected(composer, teacher_ckpt: Path) -> None:
     cfg = composer([*TINY, "model=cd", f"model.teacher_path={teacher_ckpt}", "dataset.channels=1"])
-    with pytest.raises(Exception, match=r"3-channel 32x32 teacher but this run uses dataset.resolution=32, dataset.channels=1"):
+    with pytest.raises(
+        Exception,
+        match=r"3-channel 32x32 teacher but this run uses dataset.resolution=32, dataset.channels=1",
+    ):
         train(cfg)
 
 
@@ -209,13 +279,20 @@ def test_ct_checkpoint_is_not_a_teacher(composer, tmp_path: Path) -> None:
     ("overrides", "keys"),
     [
         (["model.sigma_data=0.6"], ["model.sigma_data=0.6"]),
-        (["model.c_noise_scale=250", "model.sigma_max=60"], ["model.sigma_max=60", "model.c_noise_scale=250"]),
+        (
+            ["model.c_noise_scale=250", "model.sigma_max=60"],
+            ["model.sigma_max=60", "model.c_noise_scale=250"],
+        ),
     ],
 )
-def test_student_preconditioning_must_match_the_teacher(composer, teacher_ckpt: Path, overrides, keys) -> None:
+def test_student_preconditioning_must_match_the_teacher(
+    composer, teacher_ckpt: Path, overrides, keys
+) -> None:
     """The student starts from the teacher's weights, so it must scale inputs and noise labels
     the same way: every differing key is named, with the teacher's value."""
-    cfg = composer([*TINY, "model=cd", f"model.teacher_path={teacher_ckpt}", "schedule=fixed", *overrides])
+    cfg = composer(
+        [*TINY, "model=cd", f"model.teacher_path={teacher_ckpt}", "schedule=fixed", *overrides]
+    )
     with pytest.raises(Exception, match="was trained with") as err:  # Hydra wraps the ValueError
         train(cfg)
     for key in keys:
@@ -226,15 +303,23 @@ def test_student_preconditioning_must_match_the_teacher(composer, teacher_ckpt: 
 def test_existing_run_folder_is_never_overwritten(composer, tmp_path: Path) -> None:
     cfg = composer([*TINY, "model=ct", "trainer.max_steps=2"], name="same")
     train(cfg)
-    before = {p.name: p.stat().st_mtime_ns for p in (Path(cfg.paths.output_dir) / "checkpoints").iterdir()}
+    before = {
+        p.name: p.stat().st_mtime_ns
+        for p in (Path(cfg.paths.output_dir) / "checkpoints").iterdir()
+    }
     again = composer([*TINY, "model=ct", "trainer.max_steps=2"], name="same")
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(again)
-    after = {p.name: p.stat().st_mtime_ns for p in (Path(cfg.paths.output_dir) / "checkpoints").iterdir()}
+    after = {
+        p.name: p.stat().st_mtime_ns
+        for p in (Path(cfg.paths.output_dir) / "checkpoints").iterdir()
+    }
     assert before == after
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(composer, monkeypatch) -> None:
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(
+    composer, monkeypatch
+) -> None:
     orig = CTLitModule.compute_loss
 
     def poisoned(self, images, labels):
@@ -242,23 +327,36 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(composer
         return (loss * float("nan") if self.global_step == 3 else loss), extra
 
     monkeypatch.setattr(CTLitModule, "compute_loss", poisoned)
-    cfg = composer([*TINY, "model=ct", "trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=2"])
+    cfg = composer(
+        [*TINY, "model=ct", "trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=2"]
+    )
     with pytest.raises(NonFiniteLossError, match="at step 3"):
         train(cfg)
-    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(
+        Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )
     assert ckpt["global_step"] == 2
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+    )
 
 
 def test_last_checkpoint_holds_the_final_step_when_it_is_not_a_checkpoint_step(composer) -> None:
     """5 steps with a checkpoint every 2: last.ckpt is step 5 (Lightning alone left step 4 there,
     and a 1200-step run with checkpoints every 500 lost its last 200 steps)."""
-    cfg = composer([*TINY, "model=ct", "trainer.max_steps=5", "callbacks.checkpoint.every_n_train_steps=2"])
+    cfg = composer(
+        [*TINY, "model=ct", "trainer.max_steps=5", "callbacks.checkpoint.every_n_train_steps=2"]
+    )
     train(cfg)
     ckpts = Path(cfg.paths.output_dir) / "checkpoints"
     last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 5 and last["cmexp"]["batches_seen"] == 5
-    assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == ["step0000002.ckpt", "step0000004.ckpt"]
+    assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == [
+        "step0000002.ckpt",
+        "step0000004.ckpt",
+    ]
     step4 = torch.load(ckpts / "step0000004.ckpt", map_location="cpu", weights_only=False)
     assert any(not torch.equal(v, step4["state_dict"][k]) for k, v in last["state_dict"].items())
 

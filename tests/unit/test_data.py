@@ -42,7 +42,9 @@ def test_fashion_mnist_from_debian_files_padded_to_32(tmp_path: Path) -> None:
     assert len(ds) == 60000
     x, y = ds[0]
     assert x.shape == (1, 32, 32) and x.min() >= -1 and x.max() <= 1
-    assert torch.all(ds.images[:, :, :2] == 0) and torch.all(ds.images[:, :, :, -2:] == 0)  # padding = -1
+    assert torch.all(ds.images[:, :, :2] == 0) and torch.all(
+        ds.images[:, :, :, -2:] == 0
+    )  # padding = -1
     assert torch.all(x[:, :2] == -1) and torch.all(x[:, :, :2] == -1) and x.max() > 0
     assert set(ds.labels.unique().tolist()) == set(range(10))
     sub = FashionMNISTDataModule(str(tmp_path), subset=100, channels=3)
@@ -61,7 +63,9 @@ def test_fashion_mnist_from_debian_files_padded_to_32(tmp_path: Path) -> None:
     assert torch.equal(x2, full[2][0]) and torch.equal(y2, full[2][1])
 
 
-def test_missing_fashion_mnist_fails_fast_naming_data_dir(tmp_path: Path, offline, monkeypatch) -> None:
+def test_missing_fashion_mnist_fails_fast_naming_data_dir(
+    tmp_path: Path, offline, monkeypatch
+) -> None:
     monkeypatch.setattr(datamodules.FashionMNISTDataModule, "system_dirs", ())
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"dataset.data_dir=.*train-images-idx3-ubyte"):
@@ -116,14 +120,19 @@ def test_fake_cifar10_pickles(tmp_path: Path, offline) -> None:
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(folder / name, "wb") as fh:
-            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, fh)
+            pickle.dump(
+                {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]},
+                fh,
+            )
     dm = CIFAR10DataModule(str(tmp_path), batch_size=4, channels=3)
     dm.setup()
     assert len(dm.train_set) == 20 and dm.train_set[0][0].shape == (3, 32, 32)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and y.dtype == torch.long
     start = time.perf_counter()
-    with pytest.raises(FileNotFoundError, match=r"dataset.data_dir=.*data_batch_1\.\.5 and test_batch"):
+    with pytest.raises(
+        FileNotFoundError, match=r"dataset.data_dir=.*data_batch_1\.\.5 and test_batch"
+    ):
         CIFAR10DataModule(str(tmp_path / "nothing"), channels=3).setup()
     assert time.perf_counter() - start < 5
 
@@ -132,8 +141,12 @@ def test_image_folder_with_and_without_classes(tmp_path: Path) -> None:
     for cls in ("cats", "dogs"):
         (tmp_path / cls).mkdir()
         for i in range(3):
-            Image.fromarray(np.full((40, 60, 3), 50 * i, dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
-    dm = ImageFolderDataModule(str(tmp_path), batch_size=2, resolution=16, channels=3, num_classes=2)
+            Image.fromarray(np.full((40, 60, 3), 50 * i, dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png"
+            )
+    dm = ImageFolderDataModule(
+        str(tmp_path), batch_size=2, resolution=16, channels=3, num_classes=2
+    )
     dm.setup()
     assert len(dm.train_set) == 6 and dm.train_set[0][0].shape == (3, 16, 16)
     assert sorted(dm.train_set.labels.tolist()) == [0, 0, 0, 1, 1, 1]
@@ -169,8 +182,14 @@ def test_bad_arguments_name_the_key() -> None:
 @pytest.mark.parametrize("name", ["fashion_mnist", "mnist", "cifar10", "gaussian_mixture"])
 def test_dataset_configs_instantiate(name: str, tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"dataset={name}", f"paths.root_dir={tmp_path}",
-                                          f"paths.output_dir={tmp_path}"])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"dataset={name}",
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path}",
+            ],
+        )
     dm = instantiate(cfg.dataset)
     assert dm.batch_size == cfg.dataset.batch_size and dm.resolution == 32
     if name == "gaussian_mixture":
@@ -187,8 +206,15 @@ def test_imagefolder_config_requires_and_uses_data_dir(tmp_path: Path) -> None:
         cfg = compose("train", overrides=["dataset=imagefolder", f"paths.root_dir={tmp_path}"])
         with pytest.raises(MissingMandatoryValue):
             _ = cfg.dataset.data_dir
-        cfg = compose("train", overrides=["dataset=imagefolder", f"dataset.data_dir={tmp_path}",
-                                          "dataset.batch_size=2", "dataset.num_workers=0"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "dataset=imagefolder",
+                f"dataset.data_dir={tmp_path}",
+                "dataset.batch_size=2",
+                "dataset.num_workers=0",
+            ],
+        )
     dm = instantiate(cfg.dataset)
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 3, 32, 32)

@@ -43,8 +43,26 @@ def test_karras_grid_endpoints_monotone_and_reference_values() -> None:
     assert s[0].item() == 80.0 and s[-1].item() == 0.002
     assert karras_sigmas(18).dtype == torch.float32
     assert bool((s[1:] < s[:-1]).all())
-    ref = [80, 57.59, 40.79, 28.37, 19.35, 12.91, 8.401, 5.315, 3.257, 1.923, 1.088, 0.5853,
-           0.2964, 0.1395, 0.0599, 0.0229, 0.0075, 0.002]  # reference.md 1.1
+    ref = [
+        80,
+        57.59,
+        40.79,
+        28.37,
+        19.35,
+        12.91,
+        8.401,
+        5.315,
+        3.257,
+        1.923,
+        1.088,
+        0.5853,
+        0.2964,
+        0.1395,
+        0.0599,
+        0.0229,
+        0.0075,
+        0.002,
+    ]  # reference.md 1.1
     for got, want in zip(s.tolist(), ref):
         assert got == pytest.approx(want, rel=5e-3)  # printed to 2-4 significant digits
     assert s[11].item() == pytest.approx(0.585, abs=1e-3)  # the CIFAR-10 CD 2-step tau
@@ -59,10 +77,15 @@ def test_karras_grid_endpoints_monotone_and_reference_values() -> None:
     assert bool((other[1:] < other[:-1]).all())
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [
-    (dict(num_scales=1), "num_scales"), (dict(num_scales=18, sigma_min=0.0), "sigma_min"),
-    (dict(num_scales=18, sigma_min=80.0), "sigma_min must be < sigma_max"), (dict(num_scales=18, rho=0), "rho"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(num_scales=1), "num_scales"),
+        (dict(num_scales=18, sigma_min=0.0), "sigma_min"),
+        (dict(num_scales=18, sigma_min=80.0), "sigma_min must be < sigma_max"),
+        (dict(num_scales=18, rho=0), "rho"),
+    ],
+)
 def test_karras_grid_bad_arguments_name_the_argument(kwargs, name) -> None:
     with pytest.raises(ValueError, match=name):
         karras_sigmas(**kwargs)
@@ -70,16 +93,27 @@ def test_karras_grid_bad_arguments_name_the_argument(kwargs, name) -> None:
 
 # ------------------------------------------------------------------ N(k), mu(k)
 TABLE = [  # reference.md 1.5: k, N, mu (code), mu (paper); s0 2, s1 150, mu0 0.9, K 800k
-    (0, 2, 0.810, 0.900), (1_000, 6, 0.9587, 0.9655), (10_000, 17, 0.98692, 0.98768),
-    (100_000, 54, 0.99603, 0.99611), (200_000, 76, 0.99719, 0.99723), (400_000, 107, 0.99801, 0.99803),
-    (740_000, 146, 0.99855, 0.99856), (800_000, 151, 0.99860, 0.99861),
+    (0, 2, 0.810, 0.900),
+    (1_000, 6, 0.9587, 0.9655),
+    (10_000, 17, 0.98692, 0.98768),
+    (100_000, 54, 0.99603, 0.99611),
+    (200_000, 76, 0.99719, 0.99723),
+    (400_000, 107, 0.99801, 0.99803),
+    (740_000, 146, 0.99855, 0.99856),
+    (800_000, 151, 0.99860, 0.99861),
 ]
 
 
 @pytest.mark.parametrize(("k", "n", "mu_code", "mu_paper"), TABLE)
 def test_adaptive_schedule_reproduces_the_reference_table(k, n, mu_code, mu_paper) -> None:
-    assert adaptive_schedule(k, 800_000, 2, 150, 0.9, "code") == (n, pytest.approx(mu_code, abs=6e-5))
-    assert adaptive_schedule(k, 800_000, 2, 150, 0.9, "paper") == (n, pytest.approx(mu_paper, abs=6e-5))
+    assert adaptive_schedule(k, 800_000, 2, 150, 0.9, "code") == (
+        n,
+        pytest.approx(mu_code, abs=6e-5),
+    )
+    assert adaptive_schedule(k, 800_000, 2, 150, 0.9, "paper") == (
+        n,
+        pytest.approx(mu_paper, abs=6e-5),
+    )
     assert AdaptiveSchedule(800_000)(k) == adaptive_schedule(k, 800_000)
 
 
@@ -104,7 +138,16 @@ def test_schedule_objects() -> None:
     # iCT: N(k) = min(s0 2^floor(k/K'), s1) + 1, K' = floor(K/(log2 floor(s1/s0) + 1)); K' = 100
     ict = ImprovedSchedule(total_steps=800)
     assert [ict(k)[0] for k in (0, 99, 100, 199, 200, 600, 699, 700, 799)] == [
-        11, 11, 21, 21, 41, 641, 641, 1281, 1281]
+        11,
+        11,
+        21,
+        21,
+        41,
+        641,
+        641,
+        1281,
+        1281,
+    ]
     assert ict(10**6) == (1281, 0.0)
     # a ratio that is no power of 2: s1/s0 = 100 -> log2(100) + 1 = 7.64 stages, K' = 130
     ict = ImprovedSchedule(total_steps=1000, s0=10, s1=1000)
@@ -116,13 +159,21 @@ def test_schedule_objects() -> None:
 def test_describe_curriculum_states_that_it_stretches_with_the_run_length() -> None:
     from cmexp.diffusion import describe_curriculum
 
-    assert describe_curriculum(FixedSchedule(120, 0.99)) == "fixed N = 120, mu = 0.99 at every step"
-    short, full = describe_curriculum(AdaptiveSchedule(800)), describe_curriculum(AdaptiveSchedule(800_000))
+    assert (
+        describe_curriculum(FixedSchedule(120, 0.99)) == "fixed N = 120, mu = 0.99 at every step"
+    )
+    short, full = (
+        describe_curriculum(AdaptiveSchedule(800)),
+        describe_curriculum(AdaptiveSchedule(800_000)),
+    )
     assert "k = 0, 200, 400, 600, 800: N = 2, " in short and short.endswith(
-        "K = trainer.max_steps = 800, so a shorter or longer run changes N(k) and mu(k)")
+        "K = trainer.max_steps = 800, so a shorter or longer run changes N(k) and mu(k)"
+    )
     n_mid = adaptive_schedule(400, 800)[0]
     assert f", {n_mid}, " in short and "N = 2, " in full and ", 151; mu = 0.81, " in full
-    assert "N = 11, 11, 21, 41, 41; mu = 0, 0, 0, 0, 0;" in describe_curriculum(ImprovedSchedule(total_steps=800, s0=10, s1=40))
+    assert "N = 11, 11, 21, 41, 41; mu = 0, 0, 0, 0, 0;" in describe_curriculum(
+        ImprovedSchedule(total_steps=800, s0=10, s1=40)
+    )
 
 
 # ------------------------------------------------------------------ scalings, boundary
@@ -209,7 +260,9 @@ def test_local_error_order(step, order) -> None:
     s = 1.0
     errs = []
     for h in (0.1, 0.05, 0.025):
-        x1 = step(D, x0, torch.tensor(s, dtype=torch.float64), torch.tensor(s - h, dtype=torch.float64))
+        x1 = step(
+            D, x0, torch.tensor(s, dtype=torch.float64), torch.tensor(s - h, dtype=torch.float64)
+        )
         errs.append((x1 - _exact(x0, s, s - h)).abs().max().item())
     for a, b in zip(errs, errs[1:]):
         assert a / b == pytest.approx(2**order, rel=0.2)
@@ -301,14 +354,17 @@ def test_multistep_renoising_scale_clipping_and_sample_std() -> None:
     for tau in taus[1:]:
         want = f(want + math.sqrt(tau**2 - eps**2) * 0.5, tau)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=0)
-    assert len(seen) == 3  # NFE = len(sigmas); the last tau = eps adds sqrt(eps^2 - eps^2) = 0 noise
+    assert (
+        len(seen) == 3
+    )  # NFE = len(sigmas); the last tau = eps adds sqrt(eps^2 - eps^2) = 0 noise
 
     # clipping: each output is clamped to [-1, 1] before re-noising, and the result too
     big = lambda x, s, c=None: 3 * x + 5  # noqa: E731
     out = sample_multistep(big, torch.zeros(1, 1, 1, 1), [80.0, 1.0], noise=torch.zeros_like)
     assert out.item() == 1.0
-    out = sample_multistep(big, torch.zeros(1, 1, 1, 1), [80.0, 1.0], noise=torch.zeros_like,
-                           clip_denoised=False)
+    out = sample_multistep(
+        big, torch.zeros(1, 1, 1, 1), [80.0, 1.0], noise=torch.zeros_like, clip_denoised=False
+    )
     assert out.item() == 3 * 5 + 5  # f(f(0) + 0) with f(0) = 5 unclipped
 
     # the exact consistency function produces N(0, sd^2 + eps^2) samples with any tau list
@@ -328,11 +384,13 @@ def test_seeded_noise_does_not_depend_on_batch_composition() -> None:
     # a multistep sampler driven by per-seed noise gives each seed the same image in any batch
     f = lambda x, s, c=None: torch.tanh(x / s)  # noqa: E731
     full_noise = SeededNoise([7, 8, 9])
-    full = sample_multistep(f, full_noise.randn((1, 4, 4)), [80.0, 2.0, 0.5],
-                            noise=full_noise.randn_like)
+    full = sample_multistep(
+        f, full_noise.randn((1, 4, 4)), [80.0, 2.0, 0.5], noise=full_noise.randn_like
+    )
     part_noise = SeededNoise([9, 7])
-    part = sample_multistep(f, part_noise.randn((1, 4, 4)), [80.0, 2.0, 0.5],
-                            noise=part_noise.randn_like)
+    part = sample_multistep(
+        f, part_noise.randn((1, 4, 4)), [80.0, 2.0, 0.5], noise=part_noise.randn_like
+    )
     assert torch.equal(full[2], part[0]) and torch.equal(full[0], part[1])
     with pytest.raises(ValueError, match="seeds"):
         SeededNoise([1, 2]).randn_like(torch.zeros(3, 1))

@@ -30,7 +30,9 @@ def scrambler():
 
 # ------------------------------------------------------------------------------ transforms
 def test_luma_basis_matches_the_paper_matrix_up_to_column_signs() -> None:
-    paper = torch.tensor([[0.4471, -0.8204, 0.3563], [0.8780, 0.4785, 0.0], [0.1705, -0.3129, -0.9343]])
+    paper = torch.tensor(
+        [[0.4471, -0.8204, 0.3563], [0.8780, 0.4785, 0.0], [0.1705, -0.3129, -0.9343]]
+    )
     q = E.orthogonal_basis(E.LUMA_WEIGHTS).float()
     assert torch.allclose(q.T @ q, torch.eye(3), atol=1e-6)
     # the luma column is fixed; the chroma plane is the same plane (any orthonormal basis of it
@@ -58,8 +60,14 @@ def test_color_transform_is_invertible_and_downsample_keeps_patch_means() -> Non
     x = torch.rand(2, 3, 4, 4) * 2 - 1
     assert torch.allclose(t.inverse(t.forward(x)), x, atol=1e-6)
     low = E.downsample(x, 2)
-    assert torch.allclose(torch.nn.functional.avg_pool2d(low, 2), torch.nn.functional.avg_pool2d(x, 2), atol=1e-6)
-    assert torch.allclose(low, torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2), scale_factor=2), atol=1e-6)
+    assert torch.allclose(
+        torch.nn.functional.avg_pool2d(low, 2), torch.nn.functional.avg_pool2d(x, 2), atol=1e-6
+    )
+    assert torch.allclose(
+        low,
+        torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2), scale_factor=2),
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="3-channel"):
         t.forward(torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="divisible"):
@@ -83,7 +91,9 @@ def test_every_editor_keeps_the_known_part() -> None:
     pt = E.PatchTransform(2)
     low = E.downsample(y, 2)
     out = E.superres(f, low, 2, sig, EPS)
-    assert torch.allclose(pt.forward(out)[:, :, 0], pt.forward(y)[:, :, 0], atol=1e-5)  # patch means kept
+    assert torch.allclose(
+        pt.forward(out)[:, :, 0], pt.forward(y)[:, :, 0], atol=1e-5
+    )  # patch means kept
     assert not torch.allclose(out, low, atol=1e-3)
 
 
@@ -108,7 +118,9 @@ def test_inpainting_with_the_exact_gaussian_model_follows_the_closed_form() -> N
     it = iter(zs)
     y = torch.rand(2, 1, 6, 6) - 0.5
     mask = E.center_square_mask(y.shape, 2)
-    out = E.edit(f, y, E.IdentityTransform(), mask, sig, EPS, noise=lambda x: next(it), clip_denoised=False)
+    out = E.edit(
+        f, y, E.IdentityTransform(), mask, sig, EPS, noise=lambda x: next(it), clip_denoised=False
+    )
     x = c(80.0) * 80.0 * zs[0]
     for t, z in zip(sig[1:], zs[1:]):
         x = c(t) * (x + math.sqrt(t**2 - EPS**2) * z)
@@ -139,7 +151,9 @@ def test_edits_sample_the_exact_conditional_distribution_of_gaussian_data() -> N
         gen_part = coeffs[m]
         assert abs(gen_part.mean()) < 0.02, name
         assert abs(gen_part.var() / target - 1) < 0.03, name
-        assert torch.equal(coeffs[~m].isclose(known[~m], atol=1e-5), torch.ones_like(known[~m], dtype=torch.bool)), name
+        assert torch.equal(
+            coeffs[~m].isclose(known[~m], atol=1e-5), torch.ones_like(known[~m], dtype=torch.bool)
+        ), name
         # independent of the known values: correlation of a generated with a known coefficient ~ 0
         a = coeffs[m].reshape(len(y), -1)[:, 0]
         b = known[~m].reshape(len(y), -1)[:, 0]
@@ -152,7 +166,9 @@ def test_denoise_and_interpolate_match_closed_forms() -> None:
     x = torch.randn(3, 1, 4, 4)
     assert torch.allclose(E.denoise(f, x, 0.3, clip_denoised=False), c(0.3) * x, atol=1e-6)
     z1, z2 = torch.randn(1, 8, 8), torch.randn(1, 8, 8)
-    strip = E.interpolate(lambda x, s, cl=None: x / s, z1, z2, num=5, sigma_max=T)  # f = identity on z
+    strip = E.interpolate(
+        lambda x, s, cl=None: x / s, z1, z2, num=5, sigma_max=T
+    )  # f = identity on z
     assert torch.allclose(strip[0], z1.clamp(-1, 1), atol=1e-5)
     assert torch.allclose(strip[-1], z2.clamp(-1, 1), atol=1e-5)
     # slerp keeps the norm for orthogonal unit vectors, and is linear for parallel ones
@@ -169,8 +185,17 @@ def test_stroke_edit_starts_from_the_strokes() -> None:
     s = E.coarse_strokes(torch.rand(2, 1, 8, 8) * 2 - 1, 4, 4)
     assert len(torch.unique(s)) <= 4
     zs = iter([torch.zeros_like(s), torch.zeros_like(s)])
-    out = E.edit(f, s, E.IdentityTransform(), torch.ones(1, 1, 1, 1), [5.38, 2.24], EPS,
-                 noise=lambda x: next(zs), clip_denoised=False, start=s)
+    out = E.edit(
+        f,
+        s,
+        E.IdentityTransform(),
+        torch.ones(1, 1, 1, 1),
+        [5.38, 2.24],
+        EPS,
+        noise=lambda x: next(zs),
+        clip_denoised=False,
+        start=s,
+    )
     assert torch.allclose(out, c(2.24) * c(5.38) * s, atol=1e-6)
     assert E.stroke(f, s, [5.38, 2.24], EPS).shape == s.shape
 
@@ -185,10 +210,16 @@ def test_editors_are_deterministic_per_seed_whatever_the_batch() -> None:
     sig = [80.0, 2.0, 0.3]
     with torch.no_grad():
         whole = E.inpaint(f, y, mask, sig, EPS, noise=SeededNoise(range(10, 14)).randn_like)
-        parts = torch.cat([
-            E.inpaint(f, y[:1], mask[:1], sig, EPS, noise=SeededNoise(range(10, 11)).randn_like),
-            E.inpaint(f, y[1:], mask[1:], sig, EPS, noise=SeededNoise(range(11, 14)).randn_like),
-        ])
+        parts = torch.cat(
+            [
+                E.inpaint(
+                    f, y[:1], mask[:1], sig, EPS, noise=SeededNoise(range(10, 11)).randn_like
+                ),
+                E.inpaint(
+                    f, y[1:], mask[1:], sig, EPS, noise=SeededNoise(range(11, 14)).randn_like
+                ),
+            ]
+        )
     assert torch.allclose(whole, parts, atol=1e-6)
 
 
@@ -211,9 +242,13 @@ def test_ternary_search_on_unimodal_functions_and_greedy_order(target: int) -> N
     from cmexp.diffusion.tau_search import greedy_tau_search, ternary_search
 
     assert ternary_search(lambda j: (j - target) ** 2, 1, 16) == target
-    assert ternary_search(lambda j: abs(j - target) // 3, 1, 16) in range(max(1, target - 2), target + 3)  # plateaus
+    assert ternary_search(lambda j: abs(j - target) // 3, 1, 16) in range(
+        max(1, target - 2), target + 3
+    )  # plateaus
     # two taus: the second is searched after the first, and both stay strictly descending in sigma
-    idx, _ = greedy_tau_search(lambda ts: sum((j - t) ** 2 for j, t in zip(ts[1:], (6, 12))), 18, 2)
+    idx, _ = greedy_tau_search(
+        lambda ts: sum((j - t) ** 2 for j, t in zip(ts[1:], (6, 12))), 18, 2
+    )
     assert idx == [6, 12]
     with pytest.raises(ValueError, match="num_taus"):
         greedy_tau_search(lambda ts: 0.0, 18, 17)

@@ -64,8 +64,14 @@ def test_vp_schedule_plans_use_the_trailing_timesteps() -> None:
     from cmexp.diffusion import VPSchedule, cosine_alpha_bars
 
     sched = VPSchedule(cosine_alpha_bars(100), zero_terminal_snr=True)
-    vp = SamplingSpec(consistency=False, sigma_min=sched.sigma_min, sigma_max=sched.sigma_max, num_scales=4,
-                      sampler="ddim", alpha_bars=tuple(sched.alpha_bars.tolist()))
+    vp = SamplingSpec(
+        consistency=False,
+        sigma_min=sched.sigma_min,
+        sigma_max=sched.sigma_max,
+        num_scales=4,
+        sampler="ddim",
+        alpha_bars=tuple(sched.alpha_bars.tolist()),
+    )
     plan = sigma_plan(vp)
     assert plan[0] == float("inf") and plan[-1] == 0.0 and len(plan) == 5
     assert plan[:-1] == sched.plan(4) and solver_plan(vp, 2) == [*sched.plan(2), 0.0]
@@ -76,8 +82,13 @@ def test_vp_schedule_plans_use_the_trailing_timesteps() -> None:
 
 def test_sampler_names_and_options_are_checked_naming_the_key() -> None:
     edm = SamplingSpec(consistency=False)
-    assert check_sampler("edm_sde", edm) == "edm_sde" and check_sampler("consistency", CD) == "consistency"
-    with pytest.raises(ValueError, match="^sampler must be one of heun, euler, ddim, ddpm, edm_sde, got 'plms'"):
+    assert (
+        check_sampler("edm_sde", edm) == "edm_sde"
+        and check_sampler("consistency", CD) == "consistency"
+    )
+    with pytest.raises(
+        ValueError, match="^sampler must be one of heun, euler, ddim, ddpm, edm_sde, got 'plms'"
+    ):
         check_sampler("plms", edm)
     with pytest.raises(ValueError, match="^sampler=heun does not fit a consistency model"):
         check_sampler("heun", CD)
@@ -85,10 +96,18 @@ def test_sampler_names_and_options_are_checked_naming_the_key() -> None:
         nfe([80.0, 0.0], "plms")
     opts = {"eta": 0.5, "s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
     assert sampler_options("ddim", opts) == {"eta": 0.5}
-    assert sampler_options("edm_sde", opts) == {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+    assert sampler_options("edm_sde", opts) == {
+        "s_churn": 40.0,
+        "s_tmin": 0.05,
+        "s_tmax": 50.0,
+        "s_noise": 1.003,
+    }
     assert sampler_options("heun", opts) == {}
-    for key, value, message in [("eta", -0.5, "^eta must be >= 0"), ("s_churn", -1.0, "^s_churn must be >= 0"),
-                                ("s_tmax", 0.01, "^s_tmax must be >= s_tmin")]:
+    for key, value, message in [
+        ("eta", -0.5, "^eta must be >= 0"),
+        ("s_churn", -1.0, "^s_churn must be >= 0"),
+        ("s_tmax", 0.01, "^s_tmax must be >= s_tmin"),
+    ]:
         with pytest.raises(ValueError, match=message):
             sampler_options("heun", {**opts, key: value})
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from cmexp.diffusion import CMPrecond, euler_step, gaussian_consistency_fn, gaussian_denoiser, heun_step, karras_sigmas
+from cmexp.diffusion import (
+    CMPrecond,
+    euler_step,
+    gaussian_consistency_fn,
+    gaussian_denoiser,
+    heun_step,
+    karras_sigmas,
+)
 from cmexp.losses.consistency import (
     ConsistencyDistillationLoss,
     ConsistencyTrainingLoss,
@@ -38,7 +45,9 @@ class Scaled(nn.Module):
 def every_interval(reps: int):
     """Index sampler that visits every grid interval ``reps`` times: the expectation over
     j ~ U{0..N-2} becomes an exact average."""
-    return lambda sigmas, b, device: torch.arange(len(sigmas) - 1, device=device).repeat_interleave(reps)[:b]
+    return lambda sigmas, b, device: torch.arange(
+        len(sigmas) - 1, device=device
+    ).repeat_interleave(reps)[:b]
 
 
 class Perturbed(nn.Module):
@@ -58,9 +67,15 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
     return SD * torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64)
 
 
-@pytest.mark.parametrize(("solver", "n", "tol"), [
-    (heun_step, 18, 1e-4), (heun_step, 40, 1e-6), (heun_step, 200, 1e-9), (euler_step, 1000, 1e-9),
-])
+@pytest.mark.parametrize(
+    ("solver", "n", "tol"),
+    [
+        (heun_step, 18, 1e-4),
+        (heun_step, 40, 1e-6),
+        (heun_step, 200, 1e-9),
+        (euler_step, 1000, 1e-9),
+    ],
+)
 def test_cd_with_exact_teacher_and_exact_model_has_zero_loss_and_gradient(solver, n, tol) -> None:
     """Exact denoiser as teacher, exact consistency function as online and target model: the
     loss is the teacher solver's error only (relative to E d(f, 0) = sd^2), and d loss/d theta
@@ -69,7 +84,10 @@ def test_cd_with_exact_teacher_and_exact_model_has_zero_loss_and_gradient(solver
     loss_fn = ConsistencyDistillationLoss(l2, solver, teacher=gaussian_denoiser(SD))
     sigmas = karras_sigmas(n, dtype=torch.float64)
     x = _images(2048)
-    for exact, wrong, name in ((Perturbed(0.0), Perturbed(0.05), "b"), (Scaled(1.0), Perturbed(0.05), "a")):
+    for exact, wrong, name in (
+        (Perturbed(0.0), Perturbed(0.05), "b"),
+        (Scaled(1.0), Perturbed(0.05), "a"),
+    ):
         out = loss_fn(exact, exact, x, sigmas).loss
         ref = loss_fn(wrong, wrong, x, sigmas).loss
         assert out.shape == (2048,) and out.dtype == torch.float64
@@ -86,10 +104,13 @@ def test_cd_euler_error_shrinks_like_dt4_for_a_consistent_model() -> None:
     for n in (200, 400):
         torch.manual_seed(0)
         reps = 8000 // (n - 1) + 1
-        fn = ConsistencyDistillationLoss(l2, euler_step, teacher=gaussian_denoiser(SD),
-                                         index_sampler=every_interval(reps))
+        fn = ConsistencyDistillationLoss(
+            l2, euler_step, teacher=gaussian_denoiser(SD), index_sampler=every_interval(reps)
+        )
         grid = karras_sigmas(n, dtype=torch.float64)
-        means.append(fn(Scaled(1.0), Scaled(1.0), _images(reps * (n - 1)), grid).loss.mean().item())
+        means.append(
+            fn(Scaled(1.0), Scaled(1.0), _images(reps * (n - 1)), grid).loss.mean().item()
+        )
     assert means[0] / means[1] == pytest.approx(16.0, rel=0.15)
 
 
@@ -97,7 +118,9 @@ def test_ct_and_cd_gradients_agree_for_small_steps_theorem_2() -> None:
     """Thm. 2: with Euler and the exact score, CT and CD have the same gradient up to o(dt)."""
     sigmas = torch.tensor([1.0, 0.99], dtype=torch.float64)
     first = lambda s, b, d: torch.zeros(b, dtype=torch.long, device=d)  # noqa: E731
-    cd = ConsistencyDistillationLoss(l2, euler_step, teacher=gaussian_denoiser(SD), index_sampler=first)
+    cd = ConsistencyDistillationLoss(
+        l2, euler_step, teacher=gaussian_denoiser(SD), index_sampler=first
+    )
     ct = ConsistencyTrainingLoss(l2, index_sampler=first)
     grads = {}
     for name, fn in (("cd", cd), ("ct", ct)):
@@ -139,8 +162,11 @@ def test_ct_and_cd_expected_losses_and_gradients_theorem_2(n, b) -> None:
     res = {}
     for name in ("cd", "ct"):
         kw = dict(index_sampler=every_interval(reps))
-        fn = (ConsistencyDistillationLoss(l2, euler_step, teacher=gaussian_denoiser(SD), **kw)
-              if name == "cd" else ConsistencyTrainingLoss(l2, **kw))
+        fn = (
+            ConsistencyDistillationLoss(l2, euler_step, teacher=gaussian_denoiser(SD), **kw)
+            if name == "cd"
+            else ConsistencyTrainingLoss(l2, **kw)
+        )
         model = Perturbed(b)
         torch.manual_seed(1)
         loss = fn(model, model, _images(reps * (n - 1), seed=2), sigmas).loss.mean()
@@ -165,7 +191,9 @@ def test_ct_and_cd_loss_both_scale_like_dt_squared() -> None:
     sigmas = {n: karras_sigmas(n, dtype=torch.float64) for n in (250, 500, 1000)}
     for make in (
         lambda kw: ConsistencyTrainingLoss(l2, **kw),
-        lambda kw: ConsistencyDistillationLoss(l2, euler_step, teacher=gaussian_denoiser(SD), **kw),
+        lambda kw: ConsistencyDistillationLoss(
+            l2, euler_step, teacher=gaussian_denoiser(SD), **kw
+        ),
     ):
         losses = []
         for n, grid in sigmas.items():
@@ -216,7 +244,9 @@ def test_online_and_target_see_the_same_dropout_mask() -> None:
     assert torch.equal(cd(model, model, x, karras_sigmas(10)).loss, torch.zeros(16))
     # two copies with equal weights (online vs target network) behave the same way
     twin = DropoutFn().train()
-    assert torch.equal(ConsistencyTrainingLoss(l2)(model, twin, x, karras_sigmas(10)).loss, torch.zeros(16))
+    assert torch.equal(
+        ConsistencyTrainingLoss(l2)(model, twin, x, karras_sigmas(10)).loss, torch.zeros(16)
+    )
 
 
 def test_replay_rng_replays_and_leaves_the_stream_untouched() -> None:
@@ -273,7 +303,9 @@ def test_cd_end_to_end_with_a_conditional_net_only_the_online_net_gets_gradients
     teacher = gaussian_denoiser(SD)
     x = torch.randn(4, 1, 8, 8) * SD
     labels = torch.tensor([0, 1, 2, 3])  # 3 = null label
-    out = ConsistencyDistillationLoss(l2, heun_step, teacher=teacher)(online, target, x, karras_sigmas(18), labels)
+    out = ConsistencyDistillationLoss(l2, heun_step, teacher=teacher)(
+        online, target, x, karras_sigmas(18), labels
+    )
     out.loss.mean().backward()
     assert out.loss.shape == (4,)
     assert all(p.grad is not None for p in online.parameters())
@@ -287,6 +319,8 @@ def test_cd_end_to_end_with_a_conditional_net_only_the_online_net_gets_gradients
     b = fn(online, target, x, karras_sigmas(18), None).loss
     assert not torch.equal(a, b)
     # CT end to end as well; a missing teacher is reported
-    ConsistencyTrainingLoss(l2)(online, target, x, karras_sigmas(18), labels).loss.mean().backward()
+    ConsistencyTrainingLoss(l2)(
+        online, target, x, karras_sigmas(18), labels
+    ).loss.mean().backward()
     with pytest.raises(ValueError, match="teacher"):
         ConsistencyDistillationLoss(l2, heun_step)(online, target, x, karras_sigmas(18))

@@ -56,7 +56,9 @@ def fake_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-def test_lpips_loads_backbone_from_hub_cache(fake_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lpips_loads_backbone_from_hub_cache(
+    fake_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(fake_home))
     d = LPIPSDistance(resize=64)
     saved = fake_vgg16_state()
@@ -74,10 +76,14 @@ def test_lpips_loads_backbone_from_hub_cache(fake_home: Path, monkeypatch: pytes
     assert x.grad is not None and x.grad.abs().sum() > 0
     # grey images are repeated to RGB
     g = torch.rand(2, 1, 32, 32) * 2 - 1
-    torch.testing.assert_close(d(g, g.flip(-1)), d(g.expand(-1, 3, -1, -1), g.flip(-1).expand(-1, 3, -1, -1)))
+    torch.testing.assert_close(
+        d(g, g.flip(-1)), d(g.expand(-1, 3, -1, -1), g.flip(-1).expand(-1, 3, -1, -1))
+    )
 
 
-def test_lpips_upsamples_before_the_backbone(fake_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lpips_upsamples_before_the_backbone(
+    fake_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(fake_home))
     seen = []
     d = LPIPSDistance(resize=48)
@@ -87,17 +93,23 @@ def test_lpips_upsamples_before_the_backbone(fake_home: Path, monkeypatch: pytes
     assert LPIPSDistance().resize == 224
 
 
-def test_lpips_weights_path_file_or_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lpips_weights_path_file_or_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     path = write_fake_vgg16(tmp_path / "w", seed=3)
     for given in (path, path.parent):
         d = LPIPSDistance(weights_path=str(given), resize=None)
-        assert torch.equal(d.model.net.state_dict()["slice2.5.weight"], fake_vgg16_state(3)["features.5.weight"])
+        assert torch.equal(
+            d.model.net.state_dict()["slice2.5.weight"], fake_vgg16_state(3)["features.5.weight"]
+        )
     with pytest.raises(FileNotFoundError, match="metric.weights_path"):
         LPIPSDistance(weights_path=str(tmp_path / "missing.pth"))
 
 
-def test_lpips_offline_error_is_fast_and_names_file_and_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lpips_offline_error_is_fast_and_names_file_and_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     monkeypatch.setattr(distances, "online", lambda url, timeout=2.0: False)
     start = time.perf_counter()
@@ -109,7 +121,9 @@ def test_lpips_offline_error_is_fast_and_names_file_and_folder(tmp_path: Path, m
     assert "metric.weights_path" in msg
 
 
-def test_lpips_offline_check_really_is_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lpips_offline_check_really_is_quick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without patching: on a machine without network the real check also fails in < 5 s."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     monkeypatch.setenv("CMEXP_OFFLINE", "1")

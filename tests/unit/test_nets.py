@@ -22,8 +22,14 @@ def test_cifar10_ncsnpp_and_ddpmpp_parameter_counts_are_pinned() -> None:
     torch.manual_seed(0)
     ncsnpp = SongUNet(32, 3)
     assert _count(ncsnpp) == 56_395_523
-    ddpmpp = SongUNet(32, 3, embedding_type="positional", resample_filter=(1, 1),
-                      progressive_input="none", noise_channels_mult=1)
+    ddpmpp = SongUNet(
+        32,
+        3,
+        embedding_type="positional",
+        resample_filter=(1, 1),
+        progressive_input="none",
+        noise_channels_mult=1,
+    )
     assert _count(ddpmpp) == 55_732_739
     # one forward of the full CIFAR-10 network (batch 1): shape kept, init_scale 0 -> ~0 output
     x = torch.randn(1, 3, 32, 32)
@@ -33,13 +39,33 @@ def test_cifar10_ncsnpp_and_ddpmpp_parameter_counts_are_pinned() -> None:
     assert y.abs().max().item() < 1e-2
 
 
-
-@pytest.mark.parametrize("make", [
-    lambda c, **kw: SongUNet(16, c, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), **kw),
-    lambda c, **kw: SongUNet(16, c, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
-                             embedding_type="positional", resample_filter=(1, 1), progressive_input="none", **kw),
-    lambda c, **kw: TinyUNet(16, c, **kw),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda c, **kw: SongUNet(
+            16,
+            c,
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_blocks=1,
+            attn_resolutions=(8,),
+            **kw,
+        ),
+        lambda c, **kw: SongUNet(
+            16,
+            c,
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_blocks=1,
+            attn_resolutions=(8,),
+            embedding_type="positional",
+            resample_filter=(1, 1),
+            progressive_input="none",
+            **kw,
+        ),
+        lambda c, **kw: TinyUNet(16, c, **kw),
+    ],
+)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shapes_labels_dropout_and_gradients(make, channels) -> None:
     torch.manual_seed(0)
@@ -59,7 +85,12 @@ def test_shapes_labels_dropout_and_gradients(make, channels) -> None:
     with pytest.raises(ValueError, match="noise_labels"):
         net(x, torch.randn(3))
     assert net(x, torch.tensor(0.1)).shape == x.shape  # a scalar noise label is broadcast
-    assert (net.img_resolution, net.img_channels, net.label_dim, cond.label_dim) == (16, channels, 0, 4)
+    assert (net.img_resolution, net.img_channels, net.label_dim, cond.label_dim) == (
+        16,
+        channels,
+        0,
+        4,
+    )
     drop = make(channels, dropout=0.5)
     drop.train()
     for p in drop.parameters():  # make the residual branches matter
@@ -71,7 +102,9 @@ def test_shapes_labels_dropout_and_gradients(make, channels) -> None:
     missing = [n for n, p in net.named_parameters() if p.grad is None]
     assert not missing
     cond(x, noise, torch.tensor([0, 1])).square().mean().backward()
-    missing = [n for n, p in cond.named_parameters() if p.grad is None or not bool(p.grad.ne(0).any())]
+    missing = [
+        n for n, p in cond.named_parameters() if p.grad is None or not bool(p.grad.ne(0).any())
+    ]
     # every parameter, the label embedding included, gets a nonzero gradient
     assert missing == [], missing
 

@@ -264,7 +264,11 @@ def test_the_shipped_cd_student_loads_by_name_and_samples_in_one_step() -> None:
     from cmexp.inference import generate, load_model, sigma_plan
 
     prov = zoo.info("zoo:fmnist_cd")["provenance"]
-    assert prov["kind"] == "cd" and prov["steps"] == 1200 and prov["teacher"].startswith("zoo:fmnist_edm")
+    assert (
+        prov["kind"] == "cd"
+        and prov["steps"] == 1200
+        and prov["teacher"].startswith("zoo:fmnist_edm")
+    )
     model = load_model("zoo:fmnist_cd")
     assert model.is_consistency and list(model.spec.taus) == [0.585]
     x = generate(model, 4, sigma_plan(model.spec, 1), seed=0)
@@ -282,7 +286,11 @@ def test_the_shipped_ct_model_loads_by_name_and_samples_in_one_step() -> None:
     assert prov["kind"] == "ct" and "+experiment=fmnist_ct_pseudo_huber" in prov["command"]
     assert prov["steps"] * prov["batch_size"] == prov["images_seen"] and prov["scores"]
     model = load_model("zoo:fmnist_ct")
-    assert model.is_consistency and model.kind == "ct" and (model.img_channels, model.img_resolution) == (1, 32)
+    assert (
+        model.is_consistency
+        and model.kind == "ct"
+        and (model.img_channels, model.img_resolution) == (1, 32)
+    )
     x = generate(model, 4, sigma_plan(model.spec, 1), seed=0)
     assert x.shape == (4, 1, 32, 32) and bool(torch.isfinite(x).all()) and x.abs().max() <= 1
     # a garment on a dark background: the border is darker than the centre
