@@ -157,15 +157,19 @@ def test_ct_adaptive_logs_curriculum(composer, caplog) -> None:
     assert float(rows[0]["train/mu"]) == pytest.approx(0.81)
 
 
+#: a 6-step CT run with a checkpoint at step 3 (the resume tests)
+_SIX_STEPS_CKPT_AT_3 = [
+    *TINY,
+    "model=ct",
+    "schedule=adaptive",
+    "trainer.max_steps=6",
+    "callbacks.checkpoint.every_n_train_steps=3",
+    "dataset.length=40",
+]
+
+
 def test_resume_reproduces_the_uninterrupted_losses(composer) -> None:
-    common = [
-        *TINY,
-        "model=ct",
-        "schedule=adaptive",
-        "trainer.max_steps=6",
-        "callbacks.checkpoint.every_n_train_steps=3",
-        "dataset.length=40",
-    ]
+    common = _SIX_STEPS_CKPT_AT_3
     full = composer(common, name="full")
     train(full)
     full_losses = _losses(Path(full.paths.output_dir))
@@ -182,14 +186,7 @@ def test_resume_reproduces_the_uninterrupted_losses(composer) -> None:
 def test_resume_into_the_same_folder_keeps_the_earlier_metrics(composer) -> None:
     """Lightning's CSVLogger deletes metrics.csv when its folder is not empty; the suite's
     logger keeps the rows logged before the checkpoint and replaces those after it."""
-    common = [
-        *TINY,
-        "model=ct",
-        "schedule=adaptive",
-        "trainer.max_steps=6",
-        "callbacks.checkpoint.every_n_train_steps=3",
-        "dataset.length=40",
-    ]
+    common = _SIX_STEPS_CKPT_AT_3
     first = composer(common, name="same")
     train(first)
     run_dir = Path(first.paths.output_dir)
