@@ -69,7 +69,7 @@ def build(
     from hydra.utils import instantiate
 
     from cmexp.diffusion.precond import EDMPrecond
-    from cmexp.modules.base import frozen_copy
+    from cmexp.training.base import frozen_copy
 
     GlobalHydra.instance().clear()
     over = [
@@ -88,7 +88,7 @@ def build(
     teacher = None
     if kind == "cd":  # the CD loss with a teacher of the same architecture
         from cmexp.diffusion import heun_step
-        from cmexp.losses import ConsistencyDistillationLoss
+        from cmexp.methods.consistency.loss import ConsistencyDistillationLoss
 
         teacher = frozen_copy(EDMPrecond(instantiate(cfg.net))).to(device).eval()
         module.loss = ConsistencyDistillationLoss(module.loss.metric, heun_step, teacher=teacher)

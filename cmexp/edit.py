@@ -29,15 +29,16 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from hydra.utils import instantiate
 
+    from cmexp import registry
     from cmexp.diffusion.sampling import SeededNoise
-    from cmexp.inference import CONSISTENCY_KINDS, load_from_config
+    from cmexp.inference import load_from_config
     from cmexp.inference.data import real_images, restoration_metrics
     from cmexp.inference.tasks import EditContext, check_latent_task
     from cmexp.utils.images import image_grid, save_png
 
     loaded, device = load_from_config(
         cfg,
-        kinds=CONSISTENCY_KINDS,
+        kinds=registry.kinds("consistency"),
         purpose="editing needs a consistency model: CD, CT, ECT, sCT or sCD",
     )
     task = instantiate(cfg.task)

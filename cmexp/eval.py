@@ -139,16 +139,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             cfg.dataset, resolve=True
         )  # folder only the user can name
         n = int(cfg.num_samples)
-        options: dict[str, float] = {}
-        if loaded.is_consistency:
-            taus = list_or_none(cfg.taus, "taus")
-            steps = cfg.steps if isinstance(cfg.steps, Sequence) else [cfg.steps]
-            for k in steps:
-                mids = taus[: int(k) - 1] if taus is not None else None
-                plans.append((f"{k}step", sigma_plan(loaded.spec, int(k), mids), "consistency"))
-        else:
-            sampler = check_sampler(str(cfg.sampler or loaded.spec.sampler), loaded.spec)
-            options = sampler_options(sampler, cfg)
+        sampler = check_sampler(cfg.get("sampler"), loaded.spec)  # null: the model's own
+        options = sampler_options(sampler, cfg)
+        if loaded.spec.uses_solver:
             solver_steps = list_or_none(cfg.get("solver_steps"), "solver_steps")
             sigs = (
                 [sigma_plan(loaded.spec)]
@@ -156,6 +149,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 else [solver_plan(loaded.spec, k) for k in solver_steps]
             )
             plans += [(f"{sampler}{nfe(sig, sampler, passes)}nfe", sig, sampler) for sig in sigs]
+        else:
+            taus = list_or_none(cfg.taus, "taus")
+            steps = cfg.steps if isinstance(cfg.steps, Sequence) else [cfg.steps]
+            for k in steps:
+                mids = taus[: int(k) - 1] if taus is not None else None
+                plans.append((f"{k}step", sigma_plan(loaded.spec, int(k), mids), sampler))
         protocol.update(
             {
                 "ckpt": str(cfg.ckpt),

@@ -6,7 +6,7 @@ need; a fraction of a training checkpoint). ``zoo``: the same file shipped in ``
 under ``zoo:NAME`` with its SHA-256 in the registry and a provenance file (command, commit,
 steps, images seen, wall time, machine, and the scores given with ``scores=``). ``diffusers``: a
 ``ConsistencyModelPipeline`` folder (``UNet2DModel`` + ``CMStochasticIterativeScheduler``) of an
-ADMUNet consistency model (:mod:`cmexp.interop.to_diffusers`; docs/interop.md).
+ADMUNet consistency model (:mod:`cmexp.inference.to_diffusers`; docs/interop.md).
 """
 
 from __future__ import annotations
@@ -72,14 +72,14 @@ def provenance_record(
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Write the slim file (and for ``format=zoo`` its registry entry and provenance)."""
     from cmexp import zoo
-    from cmexp.inference.checkpoint import MODEL_KINDS, export_weights, read_checkpoint
+    from cmexp.inference.checkpoint import export_weights, read_checkpoint
 
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise ValueError("ckpt is required: ckpt=/path/to/last.ckpt of a cmexp.train run")
     fmt = str(cfg.format)
     if fmt == "diffusers":
         return export_to_diffusers(cfg)
-    ckpt = read_checkpoint(cfg.ckpt, "ckpt", MODEL_KINDS)
+    ckpt = read_checkpoint(cfg.ckpt, "ckpt")
     if fmt == "slim":
         if not cfg.out:
             raise ValueError("format=slim needs out=/path/to/file.pt")
@@ -129,16 +129,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 def export_to_diffusers(cfg: DictConfig) -> dict[str, Any]:
     """``format=diffusers``: the sampling-EMA (or online) network as a diffusers pipeline folder
     at ``out`` (refused unless new or empty; nothing is written anywhere else)."""
-    from cmexp.inference.checkpoint import CONSISTENCY_KINDS
+    from cmexp import registry
     from cmexp.inference.loader import load_model
-    from cmexp.interop.to_diffusers import export_diffusers
+    from cmexp.inference.to_diffusers import export_diffusers
 
     if not cfg.out:
         raise ValueError("format=diffusers needs out=DIR (a new or empty folder for the pipeline)")
     loaded = load_model(
         cfg.ckpt,
         use_ema=bool(cfg.use_ema),
-        kinds=CONSISTENCY_KINDS,
+        kinds=registry.kinds("consistency"),
         purpose="format=diffusers exports consistency models",
     )
     dst = export_diffusers(loaded, cfg.out)

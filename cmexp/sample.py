@@ -49,19 +49,18 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     )
     guidance = check_guidance(loaded, cfg.get("guidance"))
     passes = conditioned_model(loaded, guidance)[1]
-    if loaded.is_consistency:
-        sampler, options = "consistency", {}
+    sampler = check_sampler(cfg.get("sampler"), loaded.spec)  # null: the model's own
+    options = sampler_options(sampler, cfg)
+    if loaded.spec.uses_solver:
+        steps = cfg.get("solver_steps")
+        sigmas = sigma_plan(loaded.spec) if steps is None else solver_plan(loaded.spec, steps)
+    else:
         sigmas = sigma_plan(
             loaded.spec,
             int(cfg.steps),
             list_or_none(cfg.taus, "taus"),
             list_or_none(cfg.tau_indices, "tau_indices"),
         )
-    else:
-        sampler = check_sampler(str(cfg.sampler or loaded.spec.sampler), loaded.spec)
-        options = sampler_options(sampler, cfg)
-        steps = cfg.get("solver_steps")
-        sigmas = sigma_plan(loaded.spec) if steps is None else solver_plan(loaded.spec, steps)
     t0 = time.perf_counter()
     images = generate(
         loaded,

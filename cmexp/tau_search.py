@@ -29,14 +29,15 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     check_config("tau_search", cfg)
     from hydra.utils import instantiate
 
+    from cmexp import registry
     from cmexp.diffusion.tau_search import greedy_tau_search
-    from cmexp.inference import CONSISTENCY_KINDS, generate, load_from_config, sigma_plan
+    from cmexp.inference import generate, load_from_config, sigma_plan
     from cmexp.inference.data import reference_datamodule
     from cmexp.metrics.suite import RealFeatureCache, extract, frechet_distance, reference_features
 
     loaded, device = load_from_config(
         cfg,
-        kinds=CONSISTENCY_KINDS,
+        kinds=registry.kinds("consistency"),
         purpose="the tau search needs a consistency model: CD, CT, ECT, sCT or sCD",
     )
     features = instantiate(cfg.features).to(device)

@@ -1,7 +1,8 @@
 """Training entry point: ``python -m cmexp.train [+experiment=NAME] [overrides]``.
 
 Builds datamodule, model, callbacks, loggers and trainer from the config and calls fit;
-everything method-specific lives in the config groups and ``cmexp.modules``.
+everything method-specific lives in the config groups and the method's folder
+(``cmexp/methods/<name>/``, found through ``cmexp.registry``).
 """
 
 from __future__ import annotations

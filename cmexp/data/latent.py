@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cmexp.data.loader import StepLoader
-from cmexp.inference.latent import LatentCodec
+from cmexp.nets.autoencoder import LatentCodec
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class LatentDataModule(pl.LightningDataModule):
 
     Args:
         images: the image datamodule (:class:`cmexp.data.ImageDataModule`).
-        codec: the frozen autoencoder and scale (:class:`cmexp.inference.latent.LatentCodec`).
+        codec: the frozen autoencoder and scale (:class:`cmexp.nets.autoencoder.LatentCodec`).
         encode_batch_size: images per encoder call when building the cache.
     """
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 
-def _mix(*ints: int) -> int:
+def mix(*ints: int) -> int:
     h = 0x9E3779B97F4A7C15
     for i in ints:
         h = (h ^ (int(i) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & ((1 << 63) - 1)
@@ -63,7 +63,7 @@ class StepLoader:
     def batch_indices(self, b: int) -> Tensor:
         """Dataset indices of global batch ``b`` for this rank."""
         epoch, i = divmod(b, self.batches_per_epoch)
-        gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        gen = torch.Generator().manual_seed(mix(self.seed, epoch))
         perm = torch.randperm(len(self.dataset), generator=gen)  # type: ignore[arg-type]
         per_step = self.batch_size * self.world_size
         chunk = perm[i * per_step : (i + 1) * per_step]
@@ -78,14 +78,14 @@ class StepLoader:
             self.dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(_mix(self.seed, epoch, 1)),
+            generator=torch.Generator().manual_seed(mix(self.seed, epoch, 1)),
             persistent_workers=False,
         )
         for b, (images, labels) in enumerate(loader, start=first):
             self.start_batch = b + 1
             if self.random_flip:
                 # drawn for the whole global batch, then this rank's slice (= one process's flips)
-                gen = torch.Generator().manual_seed(_mix(self.seed, b, 2, 0))
+                gen = torch.Generator().manual_seed(mix(self.seed, b, 2, 0))
                 n = images.shape[0]
                 flip = (
                     torch.rand(n * self.world_size, generator=gen)[

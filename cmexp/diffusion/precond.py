@@ -7,12 +7,33 @@ class_labels [B] | None) -> [B,C,H,W]``; it knows nothing about sigma (EDM's spl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.karras import append_dims, as_sigma_batch, check_sigma_range
+
+#: Wrappers by the name their ``describe()`` records in checkpoints (``meta["precond"]``); the
+#: loader rebuilds each with its ``from_meta(net, meta)``. A method adds its own with
+#: :func:`register_precond`.
+PRECONDS: dict[str, type[nn.Module]] = {}
+
+
+def register_precond(name: str) -> Callable[[type], type]:
+    """Class decorator: the wrapper recorded as ``{"name": name}`` in checkpoints."""
+
+    def add(cls: type) -> type:
+        PRECONDS[name] = cls
+        return cls
+
+    return add
+
+
+def precond_args(meta: dict[str, Any]) -> tuple[float, float, float, float]:
+    """``(sigma_min, sigma_max, sigma_data, c_noise_scale)`` of a checkpoint's metadata."""
+    return (meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
 
 
 def edm_scalings(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,6 +90,11 @@ class _Precond(nn.Module):
         self.sigma_data = float(sigma_data)
         self.c_noise_scale = float(c_noise_scale)
 
+    @classmethod
+    def from_meta(cls, net: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        """The wrapper around ``net`` that a checkpoint's metadata describes."""
+        return cls(net, *precond_args(meta))
+
     @property
     def img_resolution(self) -> int:
         return int(self.net.img_resolution)
@@ -113,6 +139,7 @@ class _Precond(nn.Module):
         return (c_skip * x + c_out * out.to(c_out.dtype)).to(x.dtype)
 
 
+@register_precond("edm")
 class EDMPrecond(_Precond):
     """EDM denoiser ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` with EDM scalings."""
 
@@ -150,6 +177,7 @@ class ECTPrecond(CMPrecond):
         return super().scalings(sigma)
 
 
+@register_precond("ve_sde")
 class VESDEPrecond(_Precond):
     """Song et al. (2021)'s variance-exploding parameterisation as an EDM denoiser (EDM
     Table 1, "VE" column; NVlabs/edm ``VEPrecond``): ``D(x, sigma) = x + sigma F(x, ln(sigma/2))``,
@@ -168,6 +196,7 @@ class VESDEPrecond(_Precond):
         return {"name": "ve_sde"}
 
 
+@register_precond("vp_sde")
 class VPSDEPrecond(_Precond):
     """Song et al. (2021)'s variance-preserving parameterisation as an EDM denoiser (EDM
     Table 1, "VP" column; NVlabs/edm ``VPPrecond``): the net predicts the noise,
@@ -196,6 +225,11 @@ class VPSDEPrecond(_Precond):
                 f"VP schedule needs beta_d > 0, beta_min >= 0, M >= 2; got {beta_d}, {beta_min}, {M}"
             )
         self.beta_d, self.beta_min, self.M = float(beta_d), float(beta_min), int(M)
+
+    @classmethod
+    def from_meta(cls, net: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        p = meta["precond"]
+        return cls(net, *precond_args(meta), beta_d=p["beta_d"], beta_min=p["beta_min"], M=p["M"])
 
     def t_of_sigma(self, sigma: Tensor) -> Tensor:
         """``t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d``."""

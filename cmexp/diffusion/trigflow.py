@@ -24,11 +24,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.karras import append_dims, as_sigma_batch, check_sigma_range
+from cmexp.diffusion.precond import precond_args, register_precond
 
 HALF_PI = math.pi / 2
 
@@ -55,6 +57,7 @@ def check_trigflow_times(
     return out
 
 
+@register_precond("trigflow")
 class TrigFlowPrecond(nn.Module):
     """A raw network as a TrigFlow consistency model (sCM Eq. 7).
 
@@ -88,6 +91,11 @@ class TrigFlowPrecond(nn.Module):
         self.net = net
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data, self.c_noise_scale = float(sigma_data), float(c_noise_scale)
+
+    @classmethod
+    def from_meta(cls, net: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        """The wrapper around ``net`` that a checkpoint's metadata describes."""
+        return cls(net, *precond_args(meta))
 
     @property
     def img_resolution(self) -> int:
@@ -148,6 +156,7 @@ class TrigFlowPrecond(nn.Module):
         return self.consistency(x_t, t, class_labels)
 
 
+@register_precond("trigflow_edm")
 class EDMTrigFlowPrecond(TrigFlowPrecond):
     """The TrigFlow view of an EDM-preconditioned network (module docstring): ``F = -F_raw(x_t /
     sd, c_noise_scale ln(sd tan t))``. Its consistency function equals the EDM denoiser,

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.karras import append_dims, as_sigma_batch
-from cmexp.diffusion.precond import _Precond
+from cmexp.diffusion.precond import _Precond, precond_args, register_precond
 
 PREDICTIONS = ("eps", "v", "x0")
 
@@ -212,6 +213,7 @@ def vp_scalings(sigma: Tensor, prediction: str = "v") -> tuple[Tensor, Tensor, T
     raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
 
 
+@register_precond("vp")
 class VPrecond(_Precond):
     """A VP-parameterised network as an EDM-style denoiser ``D(x_ve, sigma)``
     (:func:`vp_scalings`), so the EDM loss, the samplers and the checkpoints treat it like
@@ -248,6 +250,11 @@ class VPrecond(_Precond):
                 "(vp_schedule.zero_terminal_snr=true, sigma_max = inf): use prediction=v (Lin et al. 2024)"
             )
         self.prediction = prediction
+
+    @classmethod
+    def from_meta(cls, net: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        prediction = str(meta["precond"].get("prediction", "v"))
+        return cls(net, *precond_args(meta), prediction=prediction)
 
     def c_noise(self, sigma: Tensor) -> Tensor:
         return self.c_noise_scale * (2 / math.pi) * torch.atan(sigma)

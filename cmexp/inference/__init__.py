@@ -3,9 +3,6 @@ plan, seeded generation, real images and restoration metrics, and the editing ta
 ``cmexp.sample``/``eval``/``edit``/``tau_search`` entry points are thin layers over it."""
 
 from cmexp.inference.checkpoint import (
-    CONSISTENCY_KINDS,
-    DIFFUSION_KINDS,
-    MODEL_KINDS,
     CheckpointFile,
     export_weights,
     read_checkpoint,
@@ -20,7 +17,6 @@ from cmexp.inference.loader import (
     sampling_spec,
 )
 from cmexp.inference.plan import (
-    DIFFUSION_SAMPLERS,
     SamplingSpec,
     check_plan,
     check_sampler,
@@ -30,10 +26,6 @@ from cmexp.inference.plan import (
 )
 
 __all__ = [
-    "CONSISTENCY_KINDS",
-    "DIFFUSION_KINDS",
-    "DIFFUSION_SAMPLERS",
-    "MODEL_KINDS",
     "CheckpointFile",
     "LoadedModel",
     "SamplingSpec",

@@ -1,8 +1,8 @@
 """Reading the files that hold a trained model: one reader for every kind of checkpoint.
 
 A cmexp checkpoint (full Lightning ``.ckpt``, or the slim copy of :func:`export_weights`) is
-self-describing: ``checkpoint["cmexp"]`` holds the kind ("edm", "pd", "cd", "ct", "sct", "scd",
-"classifier"), the settings needed to use the model (preconditioning constants and the wrapper,
+self-describing: ``checkpoint["cmexp"]`` holds the kind of the method that wrote it ("edm", "pd", "cd",
+"ct", "ect", "sct", "scd", "classifier", ...: ``cmexp.registry``), the settings needed to use the model (preconditioning constants and the wrapper,
 ``rho``, grid ``num_scales``, default ``taus``, resolution, channels, labels) and the resolved run
 config, whose ``net`` entry rebuilds the raw network. ``zoo:NAME`` sources name files shipped in ``cmexp/zoo``.
 NVlabs/edm pickles and openai/consistency_models ``.pt`` files are converted in memory into
@@ -18,9 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-DIFFUSION_KINDS = ("edm", "pd")
-CONSISTENCY_KINDS = ("cd", "ct", "ect", "sct", "scd")
-MODEL_KINDS = DIFFUSION_KINDS + CONSISTENCY_KINDS
+from cmexp import registry
 
 
 def resolve_source(source: str | Path, key: str = "ckpt") -> Path:
@@ -78,7 +76,7 @@ class CheckpointFile:
 
 
 def read_checkpoint(
-    source: str | Path, key: str = "ckpt", kinds: tuple[str, ...] = MODEL_KINDS
+    source: str | Path, key: str = "ckpt", kinds: tuple[str, ...] | None = None
 ) -> CheckpointFile:
     """Read a cmexp checkpoint (``torch.load(weights_only=True)``: no code runs) and check its
     kind. Every failure is one error naming ``key``, the file, what it is and what was expected.
@@ -86,7 +84,8 @@ def read_checkpoint(
     Args:
         source: a path or ``zoo:NAME``.
         key: the config key that named it (``ckpt``, ``model.teacher_path``, ``features.ckpt``).
-        kinds: the kinds accepted here.
+        kinds: the kinds accepted here (None: every kind of a registered method that is
+            sampled, ``cmexp.registry.kinds(sampled=True)``).
     """
     # NVlabs/edm pickles and OpenAI CM .pt files are converted in memory
     from cmexp.interop import adapt_foreign, read_foreign
@@ -106,6 +105,11 @@ def read_checkpoint(
         raise ValueError(
             f"{key}={source} is not a checkpoint written by cmexp.train (no 'cmexp' entry with a kind)"
         )
+    try:  # a plug-in method's kind: its checkpoints name the package that registers it
+        registry.method(str(meta["kind"]), meta.get("method_package"))
+    except ValueError:
+        pass  # an unknown kind: refused below, naming the kinds expected
+    kinds = registry.kinds(sampled=True) if kinds is None else kinds
     if meta["kind"] not in kinds:
         raise ValueError(
             f"{key}={source} holds a '{meta['kind']}' model; expected {' or '.join(repr(k) for k in kinds)} here"

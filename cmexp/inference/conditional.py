@@ -79,7 +79,7 @@ def check_guidance(loaded: Any, guidance: float | None, key: str = "guidance") -
             f"{key}={guidance} needs a class-conditional model (classifier-free guidance), but "
             f"{loaded.source or 'the model'} is unconditional (label_dim=0)"
         )
-    if loaded.is_consistency:
+    if not loaded.spec.uses_solver:  # a one-step map takes w as an input (guided CD)
         if g is None:
             raise ValueError(
                 f"{key}={guidance}: this '{loaded.kind}' model was distilled without guidance (it takes no "
@@ -99,7 +99,7 @@ def conditioned_model(loaded: Any, guidance: float | None) -> tuple[nn.Module, i
     model = loaded.model
     if guidance is None:
         return model, 1
-    if loaded.is_consistency:
+    if not loaded.spec.uses_solver:  # a one-step map takes w as an input (guided CD)
         return ScaleConditioned(model, guidance), 1
     if guidance == 1.0:  # D_1 = D_cond exactly: one pass
         return model, 1

@@ -15,15 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cmexp.diffusion.samplers import sample_ddim, sample_ddpm, sample_edm_sde
-from cmexp.diffusion.sampling import SeededNoise, sample_multistep
-from cmexp.diffusion.solvers import sample_euler, sample_heun
+from cmexp import registry
+from cmexp.diffusion.sampling import SeededNoise
 from cmexp.inference.loader import LoadedModel
 from cmexp.inference.plan import check_sampler
 from cmexp.utils.images import image_grid, save_png, to_uint8
-
-#: Options of the stochastic samplers (command-line keys of cmexp.sample / cmexp.eval).
-SAMPLER_OPTIONS = {"ddim": ("eta",), "edm_sde": ("s_churn", "s_tmin", "s_tmax", "s_noise")}
 
 
 def sampler_options(sampler: str, values: Any) -> dict[str, float]:
@@ -37,7 +33,7 @@ def sampler_options(sampler: str, values: Any) -> dict[str, float]:
     if tmin is not None and tmax is not None and not float(tmax) >= float(tmin):
         raise ValueError(f"s_tmax must be >= s_tmin, got s_tmax={tmax} < s_tmin={tmin}")
     return {
-        k: float(values[k]) for k in SAMPLER_OPTIONS.get(sampler, ()) if values.get(k) is not None
+        k: float(values[k]) for k in registry.sampler(sampler).options if values.get(k) is not None
     }
 
 
@@ -48,7 +44,7 @@ def generate(
     sigmas: Sequence[float] | Tensor,
     seed: int = 0,
     batch_size: int = 256,
-    sampler: str = "consistency",
+    sampler: str | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
     options: dict[str, float] | None = None,
@@ -62,8 +58,9 @@ def generate(
         sigmas: the plan of :func:`cmexp.inference.plan.sigma_plan` / ``solver_plan``:
             consistency models ``[T, tau_1, ...]``; diffusion models the solver grid (ending in
             0, or at sigma_min for a PD plan; ``sigmas[0]`` = inf for a zero-SNR VP model).
-        sampler: "consistency" (Alg. 1), or for a denoiser one of
-            :data:`cmexp.inference.plan.DIFFUSION_SAMPLERS`.
+        sampler: a registered sampler of the model's family (``cmexp.registry``):
+            "consistency" (Alg. 1) for consistency models, "heun", "euler", "ddim", "ddpm",
+            "edm_sde" for denoisers; None: the model's own (``loaded.spec.sampler``).
         options: the sampler's options (DDIM ``eta``; EDM-SDE ``s_churn``, ``s_tmin``,
             ``s_tmax``, ``s_noise``). Fresh noise of stochastic samplers comes from image i's
             own generator, like its initial noise.
@@ -76,20 +73,9 @@ def generate(
 
     loaded.model.to(device)
     m, _ = conditioned_model(loaded, check_guidance(loaded, guidance))
-    if loaded.is_consistency != (sampler == "consistency"):
-        raise ValueError(
-            f"sampler={sampler} does not fit a '{loaded.kind}' checkpoint "
-            f"(use {'consistency' if loaded.is_consistency else 'a diffusion sampler'})"
-        )
     sampler = check_sampler(sampler, loaded.spec)
+    run = registry.load(registry.sampler(sampler).run)
     options = dict(options or {})
-    solvers = {
-        "heun": sample_heun,
-        "euler": sample_euler,
-        "ddim": sample_ddim,
-        "ddpm": sample_ddpm,
-        "edm_sde": sample_edm_sde,
-    }
     shape = (m.img_channels, m.img_resolution, m.img_resolution)
     out = []
     starts = range(0, num_samples, batch_size)
@@ -107,25 +93,16 @@ def generate(
             loaded, range(seed + start, seed + start + n), class_labels, offset=start
         )
         labels = labels.to(device) if labels is not None else None
-        clip = loaded.latent is None
-        if sampler == "consistency":
-            x = sample_multistep(
-                m,
-                z,
-                sigmas,
-                loaded.spec.sigma_min,
-                class_labels=labels,
-                noise=noise.randn_like,
-                clip_denoised=clip,
-            )
-        else:
-            sig = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
-            x0 = z if torch.isinf(sig[0]) else z * sig[0]  # zero terminal SNR: the VP state z
-            kwargs = dict(options)
-            if sampler in ("ddim", "ddpm", "edm_sde"):
-                kwargs["noise"] = noise.randn_like
-            x = solvers[sampler](m, x0, sig, class_labels=labels, **kwargs)
-            x = x.clamp(-1, 1) if clip else x
+        x = run(
+            m,
+            z,
+            sigmas,
+            sigma_min=loaded.spec.sigma_min,
+            class_labels=labels,
+            noise=noise.randn_like,
+            clip=loaded.latent is None,  # latents are not in [-1, 1]: never clamped
+            **options,
+        )
         if loaded.latent is not None:
             x = loaded.latent.to(device).decode(x).clamp(-1, 1)
         out.append(x.cpu())

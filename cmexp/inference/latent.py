@@ -14,90 +14,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
 
 from cmexp.inference.checkpoint import CheckpointFile, read_checkpoint
+from cmexp.nets.autoencoder import LatentCodec
 
 AUTOENCODER_KINDS = ("autoencoder",)
-
-
-class LatentCodec(nn.Module):
-    """Frozen encoder/decoder between images and scaled latents.
-
-    Args:
-        autoencoder: a trained :class:`cmexp.nets.ConvAutoencoder`.
-        scale: LDM's scale factor, 1 / std of the training set's latents.
-        source: the autoencoder checkpoint it was read from (recorded, not re-read).
-        sha256: that file's SHA-256.
-        net_config: the autoencoder's net config (rebuilds it from a latent model's checkpoint).
-
-    Shapes:
-        ``encode``: images ``[B, C, H, W]`` in [-1, 1] -> latents ``[B, z, h, w]``;
-        ``decode``: latents -> images ``[B, C, H, W]`` (not clamped).
-    """
-
-    def __init__(
-        self,
-        autoencoder: nn.Module,
-        scale: float,
-        source: str = "",
-        sha256: str = "",
-        net_config: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        if not float(scale) > 0:
-            raise ValueError(f"the latent scale factor must be > 0, got {scale!r}")
-        self.autoencoder = autoencoder.eval().requires_grad_(False)
-        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
-        self.source, self.sha256 = str(source), str(sha256)
-        self.net_config = dict(net_config or {})
-
-    # the frozen autoencoder stays in eval mode whatever its owner does
-    def train(self, mode: bool = True) -> LatentCodec:
-        super().train(False)
-        return self
-
-    @property
-    def resolution(self) -> int:
-        """Latent side h = w."""
-        return int(self.autoencoder.latent_resolution)
-
-    @property
-    def channels(self) -> int:
-        """Latent channels z."""
-        return int(self.autoencoder.latent_channels)
-
-    @property
-    def img_resolution(self) -> int:
-        return int(self.autoencoder.img_resolution)
-
-    @property
-    def img_channels(self) -> int:
-        return int(self.autoencoder.img_channels)
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        """Scaled posterior means ``scale * mean(q(z | x))``: ``[B, z, h, w]``."""
-        return self.autoencoder.encode(images)[0] * self.scale
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Images ``D(latents / scale)``: ``[B, C, H, W]``."""
-        return self.autoencoder.decode(latents / self.scale)
-
-    def describe(self) -> dict[str, Any]:
-        """``checkpoint["cmexp"]["latent"]`` of a latent model."""
-        return {
-            "autoencoder_path": self.source,
-            "autoencoder_sha256": self.sha256,
-            "scale": float(self.scale),
-            "resolution": self.resolution,
-            "channels": self.channels,
-            "img_resolution": self.img_resolution,
-            "img_channels": self.img_channels,
-            "net": self.net_config,
-        }
 
 
 def file_sha256(path: str | Path) -> str:

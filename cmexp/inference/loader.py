@@ -12,24 +12,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmexp.diffusion.precond import CMPrecond, EDMPrecond, VESDEPrecond, VPSDEPrecond
-from cmexp.diffusion.trigflow import EDMTrigFlowPrecond, TrigFlowPrecond
-from cmexp.diffusion.vp import VPrecond
-from cmexp.inference.checkpoint import (
-    CONSISTENCY_KINDS,
-    MODEL_KINDS,
-    CheckpointFile,
-    read_checkpoint,
-)
+from cmexp import registry
+from cmexp.diffusion.precond import PRECONDS
+from cmexp.inference.checkpoint import CheckpointFile, read_checkpoint
 from cmexp.inference.plan import SamplingSpec
 
 log = logging.getLogger(__name__)
 
 
 def sampling_spec(meta: dict[str, Any], config: dict[str, Any] | None = None) -> SamplingSpec:
-    """The :class:`SamplingSpec` written in a checkpoint's metadata. Checkpoints written
+    """The :class:`SamplingSpec` written in a checkpoint's metadata; its family, default
+    sampler and plan end come from the registered method of its kind. Checkpoints written
     before ``rho``/``num_scales``/``taus`` were recorded fall back to their run config (then
-    to the CM paper's rho = 7, N = 18)."""
+    to the CM paper's rho = 7, N = 18); a recorded sampler of another family (checkpoints of
+    consistency models once recorded ``heun``) gives way to the method's own."""
+    method = registry.method(str(meta["kind"]), meta.get("method_package"))
     model_cfg = (config or {}).get("model") or {}
     schedule_cfg = (config or {}).get("schedule") or {}
     rho = meta.get("rho", model_cfg.get("rho", 7.0))
@@ -41,15 +38,18 @@ def sampling_spec(meta: dict[str, Any], config: dict[str, Any] | None = None) ->
     )
     taus = meta.get("taus", model_cfg.get("taus", model_cfg.get("sample_sigmas", ())))
     alpha_bars = meta.get("alpha_bars")
+    sampler = str(meta.get("sampler") or method.sampler)
+    if sampler not in registry.samplers(method.family):
+        sampler = str(method.sampler)
     return SamplingSpec(
-        consistency=meta["kind"] in CONSISTENCY_KINDS,
+        family=str(method.family),
         sigma_min=float(meta["sigma_min"]),
         sigma_max=float(meta["sigma_max"]),
         rho=float(rho),
         num_scales=int(num_scales),
         taus=tuple(float(t) for t in taus or ()),
-        sampler=str(meta.get("sampler") or ("ddim" if meta["kind"] == "pd" else "heun")),
-        final_zero=bool(meta.get("final_zero", meta["kind"] != "pd")),
+        sampler=sampler,
+        final_zero=bool(meta.get("final_zero", method.final_zero)),
         alpha_bars=tuple(float(a) for a in alpha_bars) if alpha_bars is not None else (),
     )
 
@@ -58,9 +58,9 @@ def sampling_spec(meta: dict[str, Any], config: dict[str, Any] | None = None) ->
 class LoadedModel:
     """A trained model ready to use.
 
-    ``model``: a denoiser D(x, sigma) (kinds "edm", "pd": :class:`EDMPrecond`, or
-    :class:`VPrecond` for a VP-parameterised teacher) or a :class:`CMPrecond` consistency
-    function f(x, sigma) (kinds "cd"/"ct"), in eval mode, without gradients.
+    ``model``: the preconditioned network of its method's family (a denoiser D(x, sigma) such
+    as ``EDMPrecond``; a consistency function f(x, sigma) such as ``CMPrecond``), in eval
+    mode, without gradients.
     ``spec``: its sampling settings (sigma range, rho, grid N, default taus).
     ``config``: the run's resolved config (dict). ``meta``: ``checkpoint["cmexp"]``.
     ``latent``: a latent model's codec (:class:`cmexp.inference.latent.LatentCodec`; None in
@@ -78,8 +78,9 @@ class LoadedModel:
     latent: nn.Module | None = None
 
     @property
-    def is_consistency(self) -> bool:
-        return self.kind in CONSISTENCY_KINDS
+    def family(self) -> str:
+        """The sampling family (``cmexp.registry``): which samplers fit the model."""
+        return self.spec.family
 
     @property
     def net(self) -> nn.Module:
@@ -121,27 +122,19 @@ def pick_device(name: str) -> str:
 
 
 def build_wrapper(net: nn.Module, meta: dict[str, Any], source: str = "ckpt") -> nn.Module:
-    """The preconditioning wrapper a checkpoint's metadata describes around ``net``: CMPrecond
-    for CD/CT, EDMPrecond for EDM/PD, VPrecond where ``meta["precond"]`` says "vp", the TrigFlow
-    wrappers of sCT/sCD ("trigflow", "trigflow_edm"; sigma interface)."""
-    args = (net, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta["c_noise_scale"])
-    precond = meta.get("precond") or {"name": "edm"}
-    trigflow = {"trigflow": TrigFlowPrecond, "trigflow_edm": EDMTrigFlowPrecond}
-    if precond.get("name") in trigflow:
-        return trigflow[precond["name"]](*args)
-    if meta["kind"] in CONSISTENCY_KINDS:
-        return CMPrecond(*args)
-    if precond.get("name") == "vp":
-        return VPrecond(*args, prediction=str(precond.get("prediction", "v")))
-    if precond.get("name") == "vp_sde":  # NVlabs/edm VPPrecond (cmexp.interop)
-        return VPSDEPrecond(
-            *args, beta_d=precond["beta_d"], beta_min=precond["beta_min"], M=precond["M"]
-        )
-    if precond.get("name") == "ve_sde":  # NVlabs/edm VEPrecond
-        return VESDEPrecond(*args)
-    if precond.get("name") != "edm":
-        raise ValueError(f"{source}: unknown preconditioning {precond!r}")
-    return EDMPrecond(*args)
+    """The preconditioning wrapper a checkpoint's metadata describes around ``net``: the
+    registered wrapper named in ``meta["precond"]`` (``cmexp.diffusion.precond.PRECONDS``:
+    edm, vp, vp_sde, ve_sde, trigflow, ...), else its method's default wrapper (CD/CT:
+    ``CMPrecond``). Each is rebuilt by its ``from_meta(net, meta)``."""
+    method = registry.method(str(meta["kind"]), meta.get("method_package"))
+    default = registry.load(method.wrapper) if method.wrapper else None  # registers its names
+    name = (meta.get("precond") or {}).get("name")
+    if name is not None and name not in PRECONDS:
+        raise ValueError(f"{source}: unknown preconditioning {meta['precond']!r}")
+    cls = PRECONDS[name] if name is not None else default
+    if cls is None:
+        raise ValueError(f"{source}: a '{meta['kind']}' model has no preconditioning to rebuild")
+    return cls.from_meta(net, meta)
 
 
 def build_model(ckpt: CheckpointFile, prefix: str = "ema.") -> nn.Module:
@@ -166,7 +159,7 @@ def load_model(
     use_ema: bool = True,
     device: str | torch.device = "cpu",
     key: str = "ckpt",
-    kinds: tuple[str, ...] = MODEL_KINDS,
+    kinds: tuple[str, ...] | None = None,
     purpose: str = "",
 ) -> LoadedModel:
     """Load the sampling-EMA (``use_ema``) or online weights of a trained model.
@@ -174,7 +167,8 @@ def load_model(
     Args:
         source: a ``.ckpt`` written by ``python -m cmexp.train``, its slim export, or ``zoo:NAME``.
         key: the config key that named ``source`` (used in error messages).
-        kinds: the kinds accepted (``CONSISTENCY_KINDS`` for editing and the tau search).
+        kinds: the kinds accepted (None: every sampled kind; editing and the tau search:
+            ``cmexp.registry.kinds("consistency")``).
         purpose: what the model is for, named in a kind mismatch ("editing needs ...").
     """
     try:
@@ -201,7 +195,7 @@ def load_model(
 
 
 def load_from_config(
-    cfg: Any, kinds: tuple[str, ...] = MODEL_KINDS, purpose: str = ""
+    cfg: Any, kinds: tuple[str, ...] | None = None, purpose: str = ""
 ) -> tuple[LoadedModel, str]:
     """The model of an inference command line (``ckpt``, ``use_ema``, ``device``, and the
     optional overrides ``rho``/``num_scales``) and the device it is on."""

@@ -17,11 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from cmexp import registry
 from cmexp.diffusion.karras import karras_sigmas
-
-#: Samplers of a diffusion model (a denoiser D): EDM's Heun (Alg. 1) and stochastic sampler
-#: (Alg. 2), Euler, DDIM (eta = 0 equals Euler in sigma) and DDPM ancestral sampling.
-DIFFUSION_SAMPLERS = ("heun", "euler", "ddim", "ddpm", "edm_sde")
 
 
 @dataclass(frozen=True)
@@ -29,13 +26,16 @@ class SamplingSpec:
     """What sampling needs to know about a model, written into its checkpoint.
 
     Attributes:
-        consistency: a consistency function f (Alg. 1) rather than an EDM denoiser D.
+        family: what the model computes, so which samplers fit it (``cmexp.registry``):
+            "consistency" (a consistency function f, Alg. 1 jumps), "denoiser" (an EDM
+            denoiser D, solver plans), or a family a plug-in method registers.
         sigma_min, sigma_max: eps and T (0.002, 80).
         rho: curvature of the Karras grid (7).
         num_scales: N of the model's grid: the CD/CT discretisation at the end of training
             (``tau_indices`` index it; CIFAR-10 CD: 18) or the EDM sampler's (18 -> Heun NFE 35).
         taus: default levels after T for multistep sampling (CIFAR-10 CD 2-step: 0.585).
-        sampler: a diffusion model's own sampler (EDM: heun; a PD student: ddim).
+        sampler: the model's own sampler (consistency models: consistency; EDM: heun; a PD
+            student: ddim).
         final_zero: the diffusion plan ends with a step into sigma = 0 (EDM's convention:
             N levels and 0); False: it ends at sigma_min (a PD student's N steps on N + 1
             Karras levels, the CM paper's PD sampler).
@@ -44,7 +44,7 @@ class SamplingSpec:
             trailing timesteps instead of the Karras levels (``sigma_max`` may be inf).
     """
 
-    consistency: bool
+    family: str = "denoiser"
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -53,6 +53,12 @@ class SamplingSpec:
     sampler: str = "heun"
     final_zero: bool = True
     alpha_bars: tuple[float, ...] = ()
+
+    @property
+    def uses_solver(self) -> bool:
+        """Sampled by integrating an ODE/SDE over a solver grid (a denoiser), rather than by
+        jumps ``[T, tau_1, ...]`` of a one-step map (consistency and flow-map families)."""
+        return self.family in registry.SOLVER_FAMILIES
 
     def grid(self, num_scales: int | None = None) -> Tensor:
         """``[num_scales]`` descending levels (float64), index 0 = T: the Karras grid (index
@@ -121,7 +127,7 @@ def sigma_plan(
     = N + 1 levels ending at sigma_min (DDIM NFE N); ``steps``/``taus`` do not apply. Use
     :func:`solver_plan` for an explicit step count.
     """
-    if not spec.consistency:
+    if spec.uses_solver:
         grid = spec.grid().tolist()
         return [*grid, 0.0] if spec.final_zero or spec.alpha_bars else grid
     if int(steps) != steps or steps < 1:
@@ -161,9 +167,9 @@ def solver_plan(spec: SamplingSpec, solver_steps: int) -> list[float]:
     Karras levels from sigma_max to sigma_min (the grid of a k-step PD student, so the
     teacher and the student are compared on the same levels; Euler/DDIM/DDPM NFE k, Heun and
     EDM-SDE 2k), or, for a VP schedule, its ``k`` trailing timesteps and a final 0."""
-    if spec.consistency:
+    if not spec.uses_solver:
         raise ValueError(
-            "solver_steps applies to diffusion models; consistency models take steps="
+            f"solver_steps applies to diffusion models; {spec.family} models take steps="
         )
     if int(solver_steps) != solver_steps or solver_steps < 1:
         raise ValueError(f"solver_steps must be an integer >= 1, got {solver_steps!r}")
@@ -173,40 +179,31 @@ def solver_plan(spec: SamplingSpec, solver_steps: int) -> list[float]:
     return spec.grid(k + 1).tolist()
 
 
-def check_sampler(sampler: str, spec: SamplingSpec) -> str:
-    """``sampler`` as given when it fits the model, else a ValueError naming ``sampler``."""
-    if spec.consistency:
-        if sampler not in ("consistency", None):
-            raise ValueError(
-                f"sampler={sampler} does not fit a consistency model (it samples with Alg. 1)"
-            )
-        return "consistency"
-    if sampler not in DIFFUSION_SAMPLERS:
+def check_sampler(sampler: str | None, spec: SamplingSpec) -> str:
+    """``sampler`` (None: the model's own, ``spec.sampler``) when it is registered for the
+    model's family (``cmexp.registry``), else a ValueError naming ``sampler``."""
+    name = spec.sampler if sampler is None else str(sampler)
+    fits = registry.samplers(spec.family)
+    if name not in registry.samplers():
+        raise ValueError(f"sampler must be one of {', '.join(registry.samplers())}, got {name!r}")
+    if name not in fits:
         raise ValueError(
-            f"sampler must be one of {', '.join(DIFFUSION_SAMPLERS)}, got {sampler!r}"
+            f"sampler={name} does not fit a {spec.family} model (its samplers: {', '.join(fits)})"
         )
-    if sampler in ("heun", "edm_sde") and math.isinf(spec.sigma_max):
+    if registry.sampler(name).finite_start and math.isinf(spec.sigma_max):
         raise ValueError(
-            f"sampler={sampler} cannot start at sigma_max = inf (a zero-terminal-SNR model); use ddim, ddpm or euler"
+            f"sampler={name} cannot start at sigma_max = inf (a zero-terminal-SNR model); "
+            f"use one of {', '.join(s for s in fits if not registry.sampler(s).finite_start)}"
         )
-    return str(sampler)
+    return name
 
 
 def nfe(sigmas: Sequence[float] | Tensor, sampler: str, passes: int = 1) -> int:
-    """Network evaluations of a plan: one per level for Alg. 1; Euler/DDIM/DDPM one per step;
-    Heun and EDM-SDE two per step, one for a final step into 0 (N levels + 0: 2N - 1); times
-    ``passes`` network passes per evaluation (classifier-free guidance: 2, conditional and
-    unconditional; ``cmexp.diffusion.guidance``)."""
+    """Network evaluations of a plan with ``sampler`` (its registered count: one per level for
+    Alg. 1; Euler/DDIM/DDPM one per step; Heun and EDM-SDE two per step, one for a final step
+    into 0), times ``passes`` network passes per evaluation (classifier-free guidance: 2,
+    conditional and unconditional; ``cmexp.diffusion.guidance``)."""
     sig = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
-    n = len(sig)
     if int(passes) != passes or passes < 1:
         raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
-    if sampler == "consistency":
-        return n * int(passes)
-    if sampler in ("euler", "ddim", "ddpm"):
-        return (n - 1) * int(passes)
-    if sampler in ("heun", "edm_sde"):
-        return (2 * (n - 1) - (1 if sig[-1] == 0 else 0)) * int(passes)
-    raise ValueError(
-        f"sampler must be one of consistency, {', '.join(DIFFUSION_SAMPLERS)}, got {sampler!r}"
-    )
+    return registry.sampler(sampler).nfe(sig) * int(passes)

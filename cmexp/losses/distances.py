@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmexp.utils.network import online
+
+#: A distance d(x, y) -> ``[B]`` over images ``[B, C, H, W]``.
+Metric = Callable[[Tensor, Tensor], Tensor]
 
 # torchvision's ImageNet backbones used by LPIPS: (file name in the torch hub cache, URL).
 BACKBONES = {

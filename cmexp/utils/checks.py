@@ -5,7 +5,10 @@ Nothing here imports torch: :func:`check_config` runs on the command line before
 the job (``cmexp.utils.cli.precheck``), so a bad value fails in well under a second. The
 value rules are one table per entry point (:data:`SCHEMAS`: key -> type, range or choices,
 applied to the keys present in the composed config); the checks between keys and the file
-checks follow the tables. Checks that need a model or data (a checkpoint's kind or
+checks follow the tables. Only generic rules live here (data, nets, trainer, callbacks, files,
+devices, the keys every method shares): a training method's own keys and checks are in its
+folder (``cmexp/methods/<name>/rules.py``), found through :mod:`cmexp.registry` by the
+config's ``model._target_``. Checks that need a model or data (a checkpoint's kind or
 architecture, an image's size) stay with the code that loads them.
 """
 
@@ -55,11 +58,11 @@ def _show(value: Any) -> str:
     return "null" if value is None else repr(value)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
+def is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -77,9 +80,9 @@ def Int(
     words += "".join(f", or {a}" for a in also) + note
 
     def test(v: Any) -> bool:
-        if _is_int(v) and v in also:
+        if is_int(v) and v in also:
             return True
-        return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+        return is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
 
     bad = (
         "abc",
@@ -108,7 +111,7 @@ def Num(
         words = "a number"
 
     def test(v: Any) -> bool:
-        if not _is_num(v):
+        if not is_num(v):
             return False
         if lo is not None and (v <= lo if lo_open else v < lo):
             return False
@@ -164,7 +167,7 @@ def Numbers(
     def test(v: Any) -> bool:
         if not isinstance(v, (list, tuple)) or len(v) < min_len:
             return False
-        ok = _is_int if ints else _is_num
+        ok = is_int if ints else is_num
         return all(ok(x) and (lo is None or (x > lo if lo_open else x >= lo)) for x in v)
 
     bad = (
@@ -174,6 +177,25 @@ def Numbers(
         *(([],) if min_len else ()),
     )
     return Rule(words, test, null, bad)
+
+
+class RegisteredSampler(Rule):
+    """A sampler registered in :mod:`cmexp.registry` (which fit the model is checked on load),
+    or null (the model's own)."""
+
+    def __init__(self) -> None:
+        super().__init__("", self._known, null=True, bad=("not-a-sampler", 5))
+
+    @staticmethod
+    def _known(v: Any) -> bool:
+        from cmexp import registry
+
+        return isinstance(v, str) and v in registry.samplers()
+
+    def describe(self) -> str:
+        from cmexp import registry
+
+        return "one of " + ", ".join(registry.samplers()) + " or null"
 
 
 DEVICE = Rule(
@@ -204,14 +226,16 @@ FRACTION = Num(
     0, 1, hi_open=True
 )  # [0, 1): dropout, EMA rates (ranges of mu/ema_decay: check_train_config)
 POSITIVE = Num(0, lo_open=True)
+#: A lognormal noise-level distribution's ``model.loss.P_mean``/``P_std`` (EDM, ECT, sCM).
+LOGNORMAL = {"model.loss.P_mean": Num(), "model.loss.P_std": POSITIVE}
 
 
 def _devices(v: Any) -> bool:
-    if _is_int(v):
+    if is_int(v):
         return v >= 1 or v == -1
     if isinstance(v, str):
         return v == "auto" or re.fullmatch(r"-?\d+(,\d+)*,?", v) is not None
-    return isinstance(v, (list, tuple)) and bool(v) and all(_is_int(x) and x >= 0 for x in v)
+    return isinstance(v, (list, tuple)) and bool(v) and all(is_int(x) and x >= 0 for x in v)
 
 
 DATASET: dict[str, Rule] = {
@@ -255,12 +279,6 @@ TRAIN: dict[str, Rule] = {
     "net.resblock_updown": Bool(),  # ADMUNet
     "net.label_dim": Int(0),
     "net.guidance_embed": Bool(),  # guided CD students take w (cmexp.nets.guidance)
-    "model.label_dropout": FRACTION,  # EDM teacher: labels -> null label with this probability (CFG)
-    "model.loss.guidance.w_min": Num(
-        0
-    ),  # guided CD: w ~ U[w_min, w_max] (w_min <= w_max: check_guidance)
-    "model.loss.guidance.w_max": Num(0),
-    "model.loss.guidance.sample": Num(0),
     "net.width": Int(1),
     "net.feature_dim": Int(1),
     # model (ranges of sigma_min/max, ema_decay: check_train_config)
@@ -274,82 +292,37 @@ TRAIN: dict[str, Rule] = {
     "model.rho": POSITIVE,
     "model.c_noise_scale": POSITIVE,
     "model.taus": Numbers(lo=0, lo_open=True, example="[0.585]"),
-    "model.sample_num_scales": Int(2),
-    "model.num_rounds": Int(
-        1, null=True
-    ),  # progressive distillation (model=pd); null: down to 1 step
-    "model.steps_per_round": Rule(
-        "an integer >= 1 or a list of them (one per round) such as [200, 400]",
-        lambda v: (
-            (_is_int(v) and v >= 1)
-            or (isinstance(v, (list, tuple)) and bool(v) and all(_is_int(k) and k >= 1 for k in v))
-        ),
-        bad=("abc", 0, [], [0]),
-    ),
-    "model.teacher_steps": Int(2),
-    "model.anneal_lr": Bool(),
-    "model.translate": Int(0),  # classifier: random shifts in pixels
-    "model.warmup_steps": Int(0),
     "net.channels_last": Bool(),
     "net.convs": Numbers(lo=1, ints=True, min_len=1, example="[1, 2, 2]"),
-    "vp_schedule.alpha_bars.num_steps": Int(2),
-    "vp_schedule.alpha_bars.max_beta": Num(0, 1, lo_open=True),
-    "vp_schedule.alpha_bars.s": Num(0),
-    "vp_schedule.zero_terminal_snr": Bool(),
-    "model.loss.P_mean": Num(),
-    "model.loss.P_std": POSITIVE,
-    "model.loss.q": Num(1, lo_open=True),  # ECT: the gap t - r shrinks by q per stage
-    "model.loss.k": Num(0),
-    "model.loss.b": Num(0),
-    "model.loss.stage": Int(0),
-    "model.loss.metric.c": Num(0, lo_open=True, null=True),
-    "model.double_kimg": POSITIVE,
-    "model.edm_scalings_in_training": Bool(),
-    "model.loss.index_sampler.P_mean": Num(),
-    "model.loss.index_sampler.P_std": POSITIVE,
     "model.teacher_path": Str(null=True),
-    # sCT / sCD (model=sct, scd; cmexp.losses.scm)
-    "model.loss.warmup_steps": Int(0),
-    "model.loss.tangent_c": POSITIVE,
-    "model.loss.prior_weighting": Bool(),
-    "model.loss.sigma_data": POSITIVE,
-    "model.weighting.channels": Rule(
-        "an even integer >= 2",
-        lambda v: _is_int(v) and v >= 2 and v % 2 == 0,
-        bad=("abc", 2.5, 0, 3),
-    ),
-    "model.t_mids": Rule(
-        "a list of TrigFlow times in (0, pi/2) such as [1.1]",
-        lambda v: (
-            isinstance(v, (list, tuple)) and all(_is_num(x) and 0 < x < math.pi / 2 for x in v)
-        ),
-        bad=("abc", ["abc"], [0], [1.6]),
-    ),
-    "model.num_scales": Int(2),
     "model.optimizer.betas": Rule(
         "a list of two numbers in [0, 1) such as [0.9, 0.99]",
         lambda v: (
             isinstance(v, (list, tuple))
             and len(v) == 2
-            and all(_is_num(x) and 0 <= x < 1 for x in v)
+            and all(is_num(x) and 0 <= x < 1 for x in v)
         ),
         bad=("abc", [0.9], [0.9, 1.0]),
     ),
     "model.optimizer.eps": POSITIVE,
-    "tangent.eps": Num(0, 0.1, lo_open=True),
     "model.init_from_teacher": Bool(),
     "model.compile_net": Bool(),
     "model.channels_last": Bool(),
-    "model.eval_batch_size": Int(1),
-    "model.export_path": Str(null=True),
     # schedule (s1 >= s0, mu ranges: check_train_config)
-    "schedule.s0": Int(1),
+    # metric
+    # the groups every training config holds (used by the methods that select them)
+    "schedule.s0": Int(1),  # CD/CT's N(k) curriculum (CM paper Table 3; iCT: 10 -> 1280)
     "schedule.s1": Int(1),
-    "schedule.mu": Num(),
+    "schedule.mu": Num(),  # target rate mu: [0, 1) (check_train_config)
     "schedule.mu0": Num(),
     "schedule.num_scales": Int(2),
     "schedule.variant": OneOf("code", "paper"),
-    # metric
+    "vp_schedule.alpha_bars.num_steps": Int(2),  # model=edm_vp: the discrete VP schedule
+    "vp_schedule.alpha_bars.max_beta": Num(0, 1, lo_open=True),
+    "vp_schedule.alpha_bars.s": Num(0),
+    "vp_schedule.zero_terminal_snr": Bool(),
+    "tangent.eps": Num(0, 0.1, lo_open=True),  # sCT/sCD's finite-difference tangent
+    "model.loss.metric.c": Num(0, lo_open=True, null=True),  # a loss's own distance's c
     "metric.net": OneOf("vgg", "alex", "squeeze"),
     "metric.resize": Int(16, null=True),
     "metric.c": Num(0, lo_open=True, null=True),
@@ -373,7 +346,7 @@ TRAIN: dict[str, Rule] = {
     "trainer.sync_batchnorm": Bool(),
     "trainer.fast_dev_run": Rule(
         "true, false or an integer >= 0",
-        lambda v: isinstance(v, bool) or (_is_int(v) and v >= 0),
+        lambda v: isinstance(v, bool) or (is_int(v) and v >= 0),
         bad=(-1, "abc"),
     ),
     "trainer.strategy": Str(),
@@ -412,9 +385,6 @@ TRAIN: dict[str, Rule] = {
     "latent.channels": Int(1),
     "latent.encode_batch_size": Int(1),
     "net.latent_channels": Int(1),
-    "model.kl_weight": Num(0),
-    "model.scale_images": Int(2),
-    "model.psnr_images": Int(1),
 }
 
 _INFERENCE: dict[str, Rule] = {
@@ -428,7 +398,7 @@ _INFERENCE: dict[str, Rule] = {
 }
 _TAUS = {
     "taus": Numbers(lo=0, lo_open=True, example="[0.585]", null=True),
-    "sampler": OneOf("heun", "euler", "ddim", "ddpm", "edm_sde", null=True),
+    "sampler": RegisteredSampler(),
     "eta": Num(0),
     "s_churn": Num(0),
     "s_tmin": Num(0),
@@ -467,11 +437,11 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
         "steps": Rule(
             "an integer >= 1 or a non-empty list of them such as [1, 2]",
             lambda v: (
-                (_is_int(v) and v >= 1)
+                (is_int(v) and v >= 1)
                 or (
                     isinstance(v, (list, tuple))
                     and bool(v)
-                    and all(_is_int(k) and k >= 1 for k in v)
+                    and all(is_int(k) and k >= 1 for k in v)
                 )
             ),
             bad=("abc", 0, [], [0], [1.5]),
@@ -518,7 +488,7 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
         "description": Str(null=True),
         "scores": Rule(
             "a mapping of score names to numbers such as {fd_fmnist_2step: 3.1}",  # zoo
-            lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
+            lambda v: isinstance(v, dict) and all(is_num(x) for x in v.values()),
             bad=("abc", {"fd": "x"}),
         ),
         "replace": Bool(),
@@ -563,17 +533,17 @@ def _node(cfg: DictConfig, key: str) -> tuple[Any, bool]:
     return value, interp
 
 
-def _sel(cfg: DictConfig, key: str):
+def sel(cfg: DictConfig, key: str):
     value, _ = _node(cfg, key)
     return None if value is _ABSENT else value
 
 
-def _present(cfg: DictConfig, key: str) -> bool:
+def present(cfg: DictConfig, key: str) -> bool:
     return _node(cfg, key)[0] is not _ABSENT
 
 
-def _target(cfg: DictConfig, group: str) -> str:
-    return str(_sel(cfg, f"{group}._target_") or "")
+def target_of(cfg: DictConfig, group: str) -> str:
+    return str(sel(cfg, f"{group}._target_") or "")
 
 
 def apply_schema(cfg: DictConfig, schema: dict[str, Rule]) -> None:
@@ -668,7 +638,7 @@ def check_config(entry: str, cfg: DictConfig) -> None:
     if entry in ("sample", "edit", "tau_search"):
         _required_checkpoint(cfg, "ckpt")
     if entry == "eval":
-        ckpt, samples = _sel(cfg, "ckpt"), _sel(cfg, "samples")
+        ckpt, samples = sel(cfg, "ckpt"), sel(cfg, "samples")
         if bool(ckpt) == bool(samples):
             raise ConfigError(
                 "give exactly one of ckpt=PATH (sample and score) or samples=PATH (score a file)"
@@ -681,25 +651,25 @@ def check_config(entry: str, cfg: DictConfig) -> None:
     if entry in ("eval", "tau_search"):
         _check_features(cfg, "features")
     if entry == "edit":
-        if _sel(cfg, "images_dir"):
-            check_folder(_sel(cfg, "images_dir"), "images_dir", images=True)
-        if _sel(cfg, "data_dir"):
-            check_folder(_sel(cfg, "data_dir"), "data_dir")
+        if sel(cfg, "images_dir"):
+            check_folder(sel(cfg, "images_dir"), "images_dir", images=True)
+        if sel(cfg, "data_dir"):
+            check_folder(sel(cfg, "data_dir"), "data_dir")
         check_file_or_folder(
-            _sel(cfg, "metric.weights_path"),
+            sel(cfg, "metric.weights_path"),
             "metric.weights_path",
             "the VGG16 file vgg16-397923af.pth or its folder",
         )
         _check_task(cfg)
-    if entry == "tau_search" and _sel(cfg, "data_dir"):
-        check_folder(_sel(cfg, "data_dir"), "data_dir")
+    if entry == "tau_search" and sel(cfg, "data_dir"):
+        check_folder(sel(cfg, "data_dir"), "data_dir")
     if entry == "export":
         _required_checkpoint(cfg, "ckpt")
         _check_export_out(cfg)
 
 
 def _required_checkpoint(cfg: DictConfig, key: str) -> None:
-    value = _sel(cfg, key)
+    value = sel(cfg, key)
     if not value:
         raise ConfigError(
             f"{key} is required: {key}=/path/to/last.ckpt of a cmexp.train run (or zoo:NAME)"
@@ -709,9 +679,9 @@ def _required_checkpoint(cfg: DictConfig, key: str) -> None:
 
 def _check_export_out(cfg: DictConfig) -> None:
     """``format=diffusers`` writes a folder at ``out``: required, and new or empty."""
-    if _sel(cfg, "format") != "diffusers":
+    if sel(cfg, "format") != "diffusers":
         return
-    out = _sel(cfg, "out")
+    out = sel(cfg, "out")
     if not out:
         raise ConfigError(
             "format=diffusers needs out=DIR (a new or empty folder for the pipeline)"
@@ -746,7 +716,7 @@ def _check_samples(value: Any) -> None:
 def _check_features(cfg: DictConfig, prefix: str, optional: bool = False) -> None:
     """The feature extractor of eval / tau_search / in-training quality: a classifier needs its
     checkpoint, Inception's weights file must exist when given."""
-    target = _target(cfg, prefix)
+    target = target_of(cfg, prefix)
     if target.endswith("ClassifierFeatures"):
         value, interp = _node(cfg, f"{prefix}.ckpt")
         value = None if value is _ABSENT else value
@@ -762,7 +732,7 @@ def _check_features(cfg: DictConfig, prefix: str, optional: bool = False) -> Non
         check_checkpoint_file(value, f"{prefix}.ckpt", "a .ckpt of +experiment=fmnist_classifier")
     elif target.endswith("InceptionFeatures"):
         check_file_or_folder(
-            _sel(cfg, f"{prefix}.weights_path"),
+            sel(cfg, f"{prefix}.weights_path"),
             f"{prefix}.weights_path",
             "weights-inception-2015-12-05-6726825d.pth or its folder",
         )
@@ -770,19 +740,19 @@ def _check_features(cfg: DictConfig, prefix: str, optional: bool = False) -> Non
 
 def _check_dataset(cfg: DictConfig) -> None:
     """An image folder dataset needs an existing folder with images."""
-    if not _present(cfg, "dataset._target_"):
+    if not present(cfg, "dataset._target_"):
         return
-    if _target(cfg, "dataset").endswith("ImageFolderDataModule"):
-        value = _sel(cfg, "dataset.data_dir")
+    if target_of(cfg, "dataset").endswith("ImageFolderDataModule"):
+        value = sel(cfg, "dataset.data_dir")
         if not value:
             raise ConfigError(
                 "dataset.data_dir is required for dataset=imagefolder: dataset.data_dir=/path/to/images"
             )
         check_folder(value, "dataset.data_dir", images=True)
-    if _target(cfg, "dataset").endswith(
+    if target_of(cfg, "dataset").endswith(
         "ImageNet64DataModule"
     ):  # npz files or class folders of images
-        value = _sel(cfg, "dataset.data_dir")
+        value = sel(cfg, "dataset.data_dir")
         folder = check_folder(value, "dataset.data_dir") if value else None
         if (
             folder
@@ -793,42 +763,42 @@ def _check_dataset(cfg: DictConfig) -> None:
                 f"dataset.data_dir={value}: neither downsampled-ImageNet npz files (Imagenet64_train_part1.npz, ...) "
                 "nor images in the folder"
             )
-    res, channel_mult = _sel(cfg, "dataset.resolution"), _sel(cfg, "net.channel_mult")
-    net = _target(cfg, "net")
-    if net.endswith(("SongUNet", "ADMUNet")) and _is_int(res) and channel_mult:
+    res, channel_mult = sel(cfg, "dataset.resolution"), sel(cfg, "net.channel_mult")
+    net = target_of(cfg, "net")
+    if net.endswith(("SongUNet", "ADMUNet")) and is_int(res) and channel_mult:
         step = 2 ** (len(channel_mult) - 1)
         if res % step:
             raise ConfigError(
                 f"dataset.resolution={res} must be divisible by {step} for net.channel_mult={channel_mult} "
                 f"(the net halves it {len(channel_mult) - 1} times)"
             )
-    if net.endswith("TinyUNet") and _is_int(res) and res % 2:
+    if net.endswith("TinyUNet") and is_int(res) and res % 2:
         raise ConfigError(f"dataset.resolution={res} must be even for net=tiny")
 
 
 def _check_net(cfg: DictConfig) -> None:
-    if _target(cfg, "net").endswith("ADMUNet"):
+    if target_of(cfg, "net").endswith("ADMUNet"):
         nf, mults, head = (
-            _sel(cfg, "net.model_channels"),
-            _sel(cfg, "net.channel_mult") or [],
-            _sel(cfg, "net.num_head_channels"),
+            sel(cfg, "net.model_channels"),
+            sel(cfg, "net.channel_mult") or [],
+            sel(cfg, "net.num_head_channels"),
         )
-        if _is_int(nf) and _is_int(head) and head > 0 and any((nf * m) % head for m in mults):
+        if is_int(nf) and is_int(head) and head > 0 and any((nf * m) % head for m in mults):
             raise ConfigError(
                 f"net.num_head_channels={head} must divide every width net.model_channels x "
                 f"net.channel_mult = {[nf * m for m in mults]}"
             )
         return
-    if not _target(cfg, "net").endswith("SongUNet"):
+    if not target_of(cfg, "net").endswith("SongUNet"):
         return
-    nf, mults = _sel(cfg, "net.model_channels"), _sel(cfg, "net.channel_mult") or []
-    noise, heads = _sel(cfg, "net.noise_channels_mult"), _sel(cfg, "net.num_heads")
-    if _is_int(nf) and _is_int(noise) and (nf * noise) % 2:
+    nf, mults = sel(cfg, "net.model_channels"), sel(cfg, "net.channel_mult") or []
+    noise, heads = sel(cfg, "net.noise_channels_mult"), sel(cfg, "net.num_heads")
+    if is_int(nf) and is_int(noise) and (nf * noise) % 2:
         raise ConfigError(
             f"net.model_channels x net.noise_channels_mult = {nf} x {noise} must be even "
-            f"(the width of the {_sel(cfg, 'net.embedding_type')} noise embedding)"
+            f"(the width of the {sel(cfg, 'net.embedding_type')} noise embedding)"
         )
-    if _is_int(nf) and _is_int(heads) and any((nf * m) % heads for m in mults):
+    if is_int(nf) and is_int(heads) and any((nf * m) % heads for m in mults):
         raise ConfigError(
             f"net.num_heads={heads} must divide every attention width net.model_channels x "
             f"net.channel_mult = {[nf * m for m in mults]}"
@@ -836,12 +806,12 @@ def _check_net(cfg: DictConfig) -> None:
 
 
 def _check_task(cfg: DictConfig) -> None:
-    target = _target(cfg, "task")
-    if target.endswith("Stroke") and _sel(cfg, "task.sigmas") is None:
+    target = target_of(cfg, "task")
+    if target.endswith("Stroke") and sel(cfg, "task.sigmas") is None:
         raise ConfigError(
             "task.sigmas must be a non-empty list of numbers > 0 such as [5.38, 2.24] for task=stroke, got null"
         )
-    mask = _sel(cfg, "task.mask")
+    mask = sel(cfg, "task.mask")
     if target.endswith("Inpaint") and mask not in (None, "center", "boxes"):
         path = Path(str(mask)).expanduser()
         if not path.is_file():
@@ -853,67 +823,50 @@ def _check_task(cfg: DictConfig) -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad value of a training config."""
     apply_schema(cfg, TRAIN)
-    smin, smax = _sel(cfg, "model.sigma_min"), _sel(cfg, "model.sigma_max")
+    method = method_of(cfg)
+    if method is not None:
+        apply_schema(cfg, method.schema)
+    s0, s1 = sel(cfg, "schedule.s0"), sel(cfg, "schedule.s1")
+    if s0 is not None and s1 is not None and s1 < s0:
+        raise ConfigError(f"schedule.s1={s1} must be >= schedule.s0={s0}")
+    for key in ("schedule.mu", "schedule.mu0"):
+        mu = sel(cfg, key)
+        if mu is not None and not 0 <= mu < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {mu}")
+    smin, smax = sel(cfg, "model.sigma_min"), sel(cfg, "model.sigma_max")
     if smin is not None and smax is not None:
         if not smin > 0:
             raise ConfigError(f"model.sigma_min must be > 0, got {smin}")
         if not smin < smax:
             raise ConfigError(f"model.sigma_min={smin} must be < model.sigma_max={smax}")
-    s0, s1 = _sel(cfg, "schedule.s0"), _sel(cfg, "schedule.s1")
-    if s0 is not None and s1 is not None and s1 < s0:
-        raise ConfigError(f"schedule.s1={s1} must be >= schedule.s0={s0}")
-    for key in ("schedule.mu", "schedule.mu0"):
-        mu = _sel(cfg, key)
-        if mu is not None and not 0 <= mu < 1:
-            raise ConfigError(f"{key} must be in [0, 1), got {mu}")
-    ema = _sel(cfg, "model.ema_decay")
+    ema = sel(cfg, "model.ema_decay")
     if ema is not None and not 0 <= ema < 1:
         raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema}")
-    target = _target(cfg, "model")
-    if target.endswith(("CDLitModule", "PDLitModule", "ECTLitModule")):
-        path = _sel(cfg, "model.teacher_path")
-        if not path:
-            what = {
-                "CDLitModule": "consistency distillation",
-                "SCDLitModule": "consistency distillation",
-                "PDLitModule": "progressive distillation",
-                "ECTLitModule": "easy consistency tuning (model=ect starts from an EDM teacher)",
-            }[target.rsplit(".", 1)[-1]]
-            raise ConfigError(
-                f"model.teacher_path is required for {what}: set "
-                "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm), "
-                "or model.teacher_path=zoo:fmnist_edm (the shipped Fashion-MNIST teacher)"
-            )
-        check_checkpoint_file(
-            path, "model.teacher_path", "the last.ckpt of an EDM run (+experiment=fmnist_edm)"
-        )
+    if method is not None and method.teacher:
+        _check_teacher(cfg, method.teacher)
     check_conditional(cfg)
-    if target.endswith("ClassifierLitModule") and _sel(cfg, "dataset.num_classes") == 0:
-        raise ConfigError(
-            "model=classifier needs labelled data: dataset.num_classes must be >= 1, got 0"
-        )
-    max_steps = _sel(cfg, "trainer.max_steps")
+    max_steps = sel(cfg, "trainer.max_steps")
     if max_steps is not None and max_steps != -1 and max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {max_steps}")
-    if target.endswith("PDLitModule"):
-        _check_pd_rounds(cfg, max_steps)
+    if method is not None and method.rules is not None:
+        method.rules(cfg)
     _check_dataset(cfg)
     _check_net(cfg)
     _check_latent(cfg)
-    if _present(cfg, "metric.weights_path"):
+    if present(cfg, "metric.weights_path"):
         check_file_or_folder(
-            _sel(cfg, "metric.weights_path"),
+            sel(cfg, "metric.weights_path"),
             "metric.weights_path",
             "the backbone file, e.g. vgg16-397923af.pth, or its folder",
         )
-    if _present(cfg, "callbacks.sample_quality._target_"):
+    if present(cfg, "callbacks.sample_quality._target_"):
         _check_features(
             cfg,
             "callbacks.sample_quality.features",
-            optional=bool(_sel(cfg, "callbacks.sample_quality.optional")),
+            optional=bool(sel(cfg, "callbacks.sample_quality.optional")),
         )
     accumulation_steps(cfg)  # global_batch_size fits the devices
-    ckpt = _sel(cfg, "ckpt_path")
+    ckpt = sel(cfg, "ckpt_path")
     if ckpt and str(ckpt) not in ("auto", "last"):
         path = Path(str(ckpt)).expanduser()
         if not path.exists():
@@ -928,43 +881,55 @@ def check_train_config(cfg: DictConfig) -> None:
 
 
 def check_conditional(cfg: DictConfig) -> None:
-    """Class-conditional training and guided CD: labels exist, the guidance range is ordered,
-    a guided student takes w and learns from labelled data."""
-    use_labels, classes = _sel(cfg, "dataset.use_labels"), _sel(cfg, "dataset.num_classes")
+    """Class-conditional training needs labelled data."""
+    use_labels, classes = sel(cfg, "dataset.use_labels"), sel(cfg, "dataset.num_classes")
     if use_labels is True and classes == 0:
         raise ConfigError(
             "dataset.use_labels=true but dataset.num_classes=0: this dataset has no class labels "
             "(dataset=imagefolder: one subfolder per class and dataset.num_classes=<their count>)"
         )
-    if not _present(cfg, "model.loss.guidance._target_"):
-        return
-    w_min, w_max = _sel(cfg, "model.loss.guidance.w_min"), _sel(cfg, "model.loss.guidance.w_max")
-    sample = _sel(cfg, "model.loss.guidance.sample")
-    if _is_num(w_min) and _is_num(w_max) and w_min > w_max:
+
+
+def method_of(cfg: DictConfig) -> Any:
+    """The registered method (:class:`cmexp.registry.Method`) of the config's
+    ``model._target_``, or None (no model, or a LightningModule no method registered)."""
+    from cmexp import registry
+
+    target = target_of(cfg, "model")
+    return registry.method_for_target(target) if target else None
+
+
+def train_schema() -> dict[str, Rule]:
+    """Every value rule of a training config: the generic ones and every registered
+    method's (a method's own keys are checked only when that method is selected)."""
+    from cmexp import registry
+
+    out = dict(TRAIN)
+    for m in registry.methods().values():
+        out.update(m.schema)
+    return out
+
+
+def _check_teacher(cfg: DictConfig, what: str) -> None:
+    """A method that starts from a teacher (``Method.teacher``) needs ``model.teacher_path``."""
+    path = sel(cfg, "model.teacher_path")
+    if not path:
         raise ConfigError(
-            f"model.loss.guidance.w_min={w_min} must be <= model.loss.guidance.w_max={w_max}"
+            f"model.teacher_path is required for {what}: set "
+            "model.teacher_path=/path/to/last.ckpt of an EDM run (e.g. +experiment=fmnist_edm), "
+            "or model.teacher_path=zoo:fmnist_edm (the shipped Fashion-MNIST teacher)"
         )
-    if _is_num(w_min) and _is_num(w_max) and _is_num(sample) and not w_min <= sample <= w_max:
-        raise ConfigError(
-            f"model.loss.guidance.sample={sample} must lie in [w_min={w_min}, w_max={w_max}]"
-        )
-    if use_labels is not True and not _sel(cfg, "net.label_dim"):
-        raise ConfigError(
-            "model.loss.guidance (guided CD) needs class labels: set dataset.use_labels=true "
-            "(and a class-conditional teacher)"
-        )
-    if _sel(cfg, "net.guidance_embed") is not True:
-        raise ConfigError(
-            "model.loss.guidance (guided CD) needs a student that takes w: set net.guidance_embed=true"
-        )
+    check_checkpoint_file(
+        path, "model.teacher_path", "the last.ckpt of an EDM run (+experiment=fmnist_edm)"
+    )
 
 
 def _check_latent(cfg: DictConfig) -> None:
     """Latent mode (``latent=autoencoder``): the autoencoder checkpoint exists, and the latent
     side fits the net's downsampling (its shape is checked against the checkpoint on load)."""
-    if _sel(cfg, "latent") is None:
+    if sel(cfg, "latent") is None:
         return
-    path = _sel(cfg, "latent.autoencoder_path")
+    path = sel(cfg, "latent.autoencoder_path")
     if not path:
         raise ConfigError(
             "latent.autoencoder_path is required in latent mode: latent.autoencoder_path=<run>/checkpoints/"
@@ -973,8 +938,8 @@ def _check_latent(cfg: DictConfig) -> None:
     check_checkpoint_file(
         path, "latent.autoencoder_path", "the last.ckpt of +experiment=fmnist_autoencoder"
     )
-    res, channel_mult = _sel(cfg, "latent.resolution"), _sel(cfg, "net.channel_mult")
-    if _target(cfg, "net").endswith(("SongUNet", "ADMUNet")) and _is_int(res) and channel_mult:
+    res, channel_mult = sel(cfg, "latent.resolution"), sel(cfg, "net.channel_mult")
+    if target_of(cfg, "net").endswith(("SongUNet", "ADMUNet")) and is_int(res) and channel_mult:
         step = 2 ** (len(channel_mult) - 1)
         if res % step:
             raise ConfigError(
@@ -983,36 +948,17 @@ def _check_latent(cfg: DictConfig) -> None:
             )
 
 
-def _check_pd_rounds(cfg: DictConfig, max_steps: int | None) -> None:
-    """The rounds of progressive distillation fit their teacher and the run's length."""
-    from cmexp.modules.pd import check_rounds
-
-    try:
-        _, _, lengths = check_rounds(
-            _sel(cfg, "model.teacher_steps"),
-            _sel(cfg, "model.num_rounds"),
-            _sel(cfg, "model.steps_per_round"),
-        )
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if max_steps is not None and max_steps != -1 and max_steps > sum(lengths):
-        raise ConfigError(
-            f"trainer.max_steps={max_steps} exceeds the rounds' total sum(model.steps_per_round) = {sum(lengths)}; "
-            "lengthen the rounds or shorten the run"
-        )
-
-
 def accumulation_steps(cfg: DictConfig) -> int:
     """Gradient-accumulation steps that keep ``global_batch_size`` (512 for CIFAR-10, CM
     Table 3) whatever the device count: ``global / (dataset.batch_size x trainer.devices x
     trainer.num_nodes)``. Without ``global_batch_size``, ``trainer.accumulate_grad_batches``."""
-    total = _sel(cfg, "global_batch_size")
+    total = sel(cfg, "global_batch_size")
     if not total:
-        return int(_sel(cfg, "trainer.accumulate_grad_batches") or 1)
+        return int(sel(cfg, "trainer.accumulate_grad_batches") or 1)
     batch, devices, nodes = (
-        _sel(cfg, "dataset.batch_size"),
-        _sel(cfg, "trainer.devices"),
-        _sel(cfg, "trainer.num_nodes") or 1,
+        sel(cfg, "dataset.batch_size"),
+        sel(cfg, "trainer.devices"),
+        sel(cfg, "trainer.num_nodes") or 1,
     )
     if not isinstance(devices, int):
         raise ConfigError(

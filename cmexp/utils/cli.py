@@ -75,11 +75,10 @@ def user_error(err: BaseException) -> BaseException | None:
         type(err).__name__ == "MisconfigurationException"
     ):  # Lightning's word for a bad trainer setting
         return err
-    if "cmexp.modules.base" in sys.modules:  # only a training can raise it
-        from cmexp.modules.base import NonFiniteLossError
+    from cmexp.utils.errors import NonFiniteLossError
 
-        if isinstance(err, NonFiniteLossError):
-            return err
+    if isinstance(err, NonFiniteLossError):
+        return err
     return None
 
 

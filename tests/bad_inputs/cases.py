@@ -247,7 +247,7 @@ CASES: list[Case] = [
     C("sample", "ckpt={cond_edm} guidance=-1", "guidance must be a number >= 0 or null, got -1"),
     C("sample", "ckpt={cond_edm} guidance=abc", "guidance must be a number >= 0 or null, got 'abc'"),
     C("sample", "ckpt={ct} device=tpu", "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
-    C("sample", "ckpt={edm} sampler=dpm", "sampler must be one of heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'"),
+    C("sample", "ckpt={edm} sampler=dpm", "sampler must be one of consistency, heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'"),
     C("sample", "ckpt={edm} sampler=ddim eta=-1", "eta must be a number >= 0, got -1"),
     C("sample", "ckpt={ct} num_scales=1", "num_scales must be an integer >= 2 or null, got 1"),
     C("sample", "ckpt={ct} rho=0", "rho must be a number > 0 or null, got 0"),
@@ -330,7 +330,7 @@ CASES: list[Case] = [
     C("eval", "ckpt={ct} features.ckpt={clf} taus=abc", "taus must be a list of numbers > 0"),
     C("eval", "ckpt={ct} features.ckpt={clf} device=cuda", "device=cuda but no CUDA device is available here", "load", cpu_only=True),
     C("edit", "task=denoise ckpt={ct} device=cuda", "device=cuda but no CUDA device is available here", "load", cpu_only=True),
-    C("eval", "ckpt={edm} features.ckpt={clf} sampler=dpm", "sampler must be one of heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'"),
+    C("eval", "ckpt={edm} features.ckpt={clf} sampler=dpm", "sampler must be one of consistency, heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'"),
     C("eval", "ckpt={edm} features.ckpt={clf} solver_steps=[0]", "solver_steps must be a non-empty list of integers >= 1"),
     C("eval", "ckpt={ct} features.ckpt={clf} hydra.run.dir={ct_run}", "hydra.run.dir={ct_run} already holds a train run"),
     # ------------------------------------------------------------------ tau_search

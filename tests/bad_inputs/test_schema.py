@@ -13,8 +13,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from cmexp.utils.checks import NOT_SETTINGS, SCHEMAS, ConfigError, check_config
+from cmexp.utils.checks import NOT_SETTINGS, SCHEMAS, ConfigError, check_config, train_schema
 from cmexp.utils.cli import CONF_DIR
+
+
+def _schema(entry: str) -> dict:
+    """The rules of an entry point; training: the generic ones and every registered method's
+    (``cmexp/methods/<name>/rules.py``)."""
+    return train_schema() if entry == "train" else SCHEMAS[entry]
 
 
 def _options(group: str) -> list[str]:
@@ -79,7 +85,7 @@ def test_every_number_and_switch_has_a_rule(entry: str, configs) -> None:
             if (
                 numeric
                 and key.rsplit(".", 1)[-1] not in NOT_SETTINGS
-                and key not in SCHEMAS[entry]
+                and key not in _schema(entry)
             ):
                 missing.add(key)
     assert not missing, (
@@ -106,7 +112,7 @@ def test_every_rejected_value_names_its_key(entry: str, configs) -> None:
     """Each key of the schema, set to each value its rule rejects (a string for a number, a
     number out of range, a choice that does not exist, ...), stops with one message naming it."""
     wrong, checked = [], 0
-    for key, rule in SCHEMAS[entry].items():
+    for key, rule in _schema(entry).items():
         holders = [c for c in configs[entry] if _settable(c, key)]
         if not holders:
             continue

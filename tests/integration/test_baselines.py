@@ -146,7 +146,7 @@ def test_pd_rounds_halve_the_steps_and_checkpoints_sample_with_their_own_ddim_pl
     # each round's checkpoint loads on the inference side with its student's own plan
     for step, n in ((3, 4), (6, 2), (9, 1)):
         loaded = load_model(run / "checkpoints" / f"step{step:07d}.ckpt")
-        assert loaded.kind == "pd" and not loaded.is_consistency
+        assert loaded.kind == "pd" and loaded.family == "denoiser"
         assert (loaded.spec.sampler, loaded.spec.final_zero, loaded.spec.num_scales) == (
             "ddim",
             False,

@@ -131,7 +131,7 @@ def test_in_training_grids_show_every_class(ckpts, mode: str, tmp_path: Path) ->
     extra = [] if mode == "sct" else [f"model.teacher_path={ckpts['edm']}"]
     out = train(compose_train([*TINY, f"model={mode}", *extra], tmp_path / mode))
     module = out["model"]
-    grids = module.sample_images(4, seed=3, steps=(1, 2))
+    grids = module.sample_sets(4, seed=3)
     loaded = load_model(tmp_path / mode / "checkpoints" / "last.ckpt")
     for k in (1, 2):
         ref = generate(
@@ -139,6 +139,6 @@ def test_in_training_grids_show_every_class(ckpts, mode: str, tmp_path: Path) ->
         )
         torch.testing.assert_close(grids[f"{k}step"].clamp(-1, 1), ref, atol=1e-5, rtol=1e-5)
     unlabelled = module.grid_labels
-    module.grid_labels = lambda num: None  # the null label: other images
-    assert not torch.allclose(module.sample_images(4, seed=3, steps=(1,))["1step"], grids["1step"])
+    module.grid_labels = lambda num: None  # labels from the seeds: other images
+    assert not torch.allclose(module.sample_sets(4, seed=3)["1step"], grids["1step"])
     module.grid_labels = unlabelled

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cmexp.inference import load_model
-from cmexp.modules import ECTLitModule
+from cmexp.methods.ect.module import ECTLitModule
 from cmexp.sample import sample
 from cmexp.train import train
 from cmexp.utils.checks import ConfigError
@@ -44,7 +44,7 @@ def test_ect_starts_from_the_teacher_and_trains_through_stages(composer, teacher
         torch.testing.assert_close(p, state[f"ema.net.{name}"])
         torch.testing.assert_close(dict(model.ema.net.named_parameters())[name], p)
     # before tuning, the model in training mode is the teacher's EDM denoiser
-    from cmexp.modules.consistency import load_teacher
+    from cmexp.training.teacher import load_teacher
 
     t = load_teacher(str(teacher), hydra.utils.instantiate(cfg.net))
     x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.5, 3.0])
@@ -67,7 +67,7 @@ def test_ect_starts_from_the_teacher_and_trains_through_stages(composer, teacher
 
     # the inference seam: a consistency model with the boundary scalings, sampled with Alg. 1
     loaded = load_model(run / "checkpoints" / "last.ckpt")
-    assert loaded.is_consistency and not loaded.model.training
+    assert loaded.family == "consistency" and not loaded.model.training
     torch.testing.assert_close(loaded.model(x, 0.003), x)
     out = sample(
         compose_train(

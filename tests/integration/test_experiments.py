@@ -80,7 +80,7 @@ def test_experiment_composes_and_instantiates(
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(fake_weights))
     cfg = composer([f"+experiment={name}"])
-    assert cfg.model._target_.startswith("cmexp.modules.")
+    assert cfg.model._target_.startswith("cmexp.methods.")
     if cfg.model._target_.endswith(("CDLitModule", "PDLitModule", "ECTLitModule")):
         OmegaConf.update(cfg, "model.teacher_path", str(_fake_teacher(cfg, teachers)))
     datamodule = hydra.utils.instantiate(cfg.dataset)
@@ -123,7 +123,10 @@ def test_main_job_is_the_quick_fashion_mnist_cd_from_the_zoo_teacher(composer) -
     assert train_overrides([]) == [f"+experiment={MAIN_EXPERIMENT}"]
     cfg = composer(train_overrides([]))
     assert cfg.dataset._target_.endswith("FashionMNISTDataModule") and cfg.dataset.batch_size == 64
-    assert cfg.model._target_ == "cmexp.modules.CDLitModule" and cfg.trainer.max_steps == 700
+    assert (
+        cfg.model._target_ == "cmexp.methods.consistency.module.CDLitModule"
+        and cfg.trainer.max_steps == 700
+    )
     assert (
         cfg.model.teacher_path == "zoo:fmnist_edm" and cfg.net.model_channels == 16
     )  # ncsnpp_small
@@ -177,7 +180,7 @@ def test_cfg_job_prints_resolved_config(name: str) -> None:
     out = _cli(f"+experiment={name}", "--cfg", "job", "--resolve")
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
-    assert cfg.model._target_.startswith("cmexp.modules.")
+    assert cfg.model._target_.startswith("cmexp.methods.")
 
 
 def test_unknown_group_option_and_bad_values_fail_with_one_clear_line(tmp_path: Path) -> None:
@@ -254,7 +257,7 @@ def test_inception_quality_config_builds_the_callback_with_fid_names(
 def test_ict_recipe_has_the_papers_cifar10_values(composer) -> None:
     """iCT (Song & Dhariwal 2023) CIFAR-10, value by value (reference.md section 5.1)."""
     cfg = composer(["+experiment=cifar10_ict"])
-    assert cfg.model._target_ == "cmexp.modules.CTLitModule"
+    assert cfg.model._target_ == "cmexp.methods.consistency.module.CTLitModule"
     assert cfg.global_batch_size == 1024  # batch 1024
     assert cfg.model.optimizer._target_ == "torch.optim.RAdam" and cfg.model.optimizer.lr == 1e-4
     assert cfg.trainer.max_steps == 400_000  # 400k iterations
@@ -274,7 +277,9 @@ def test_ict_recipe_has_the_papers_cifar10_values(composer) -> None:
     assert (
         cfg.metric._target_ == "cmexp.losses.PseudoHuberDistance" and cfg.metric.c is None
     )  # 0.00054 sqrt(d)
-    assert cfg.model.loss.index_sampler._target_ == "cmexp.losses.LognormalIndices"
+    assert (
+        cfg.model.loss.index_sampler._target_ == "cmexp.methods.consistency.loss.LognormalIndices"
+    )
     assert (cfg.model.loss.index_sampler.P_mean, cfg.model.loss.index_sampler.P_std) == (-1.1, 2.0)
     assert (
         cfg.model.loss.weighting._target_ == "cmexp.losses.ICTWeighting"
@@ -294,7 +299,7 @@ def test_ict_recipe_has_the_papers_cifar10_values(composer) -> None:
 def test_ect_recipe_has_the_papers_cifar10_values(composer) -> None:
     """ECT (Geng et al. 2025) CIFAR-10 as in locuslab/ect run_ecm.sh (reference.md section 5.2)."""
     cfg = composer(["+experiment=cifar10_ect"])
-    assert cfg.model._target_ == "cmexp.modules.ECTLitModule"
+    assert cfg.model._target_ == "cmexp.methods.ect.module.ECTLitModule"
     assert cfg.global_batch_size == 128 and cfg.dataset.batch_size == 128
     assert cfg.model.optimizer._target_ == "torch.optim.RAdam" and cfg.model.optimizer.lr == 1e-4
     assert cfg.net.dropout == 0.2 and cfg.net.embedding_type == "positional"  # DDPM++ teacher net

@@ -52,7 +52,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_checkpoint_round_trips_every_setting(runs) -> None:
     ct = load_model(runs["ct"])
-    assert ct.kind == "ct" and ct.is_consistency
+    assert ct.kind == "ct" and ct.family == "consistency"
     assert (ct.spec.rho, ct.spec.num_scales, ct.spec.taus) == (5.0, 7, (1.5, 0.3))
     assert (ct.spec.sigma_min, ct.spec.sigma_max, ct.sigma_data) == (0.002, 80.0, 0.5)
     assert (ct.img_resolution, ct.img_channels, ct.label_dim) == (32, 3, 0)
@@ -63,7 +63,7 @@ def test_checkpoint_round_trips_every_setting(runs) -> None:
     expected = (80 ** (1 / 5) + 3 / 6 * (0.002 ** (1 / 5) - 80 ** (1 / 5))) ** 5
     assert grid[1] == pytest.approx(expected, rel=1e-12)
     edm = load_model(runs["edm"])
-    assert edm.kind == "edm" and not edm.is_consistency
+    assert edm.kind == "edm" and edm.family == "denoiser"
     assert (edm.spec.rho, edm.spec.num_scales) == (6.0, 6)
     assert len(sigma_plan(edm.spec)) == 7 and sigma_plan(edm.spec)[-1] == 0.0
 
@@ -127,14 +127,14 @@ def test_command_line_overrides_only_when_given_and_says_so(runs, tmp_path: Path
 
 
 def test_one_loader_refuses_the_wrong_kind_naming_the_key(runs, tmp_path: Path) -> None:
-    from cmexp.inference import CONSISTENCY_KINDS
+    from cmexp import registry
     from cmexp.inference.checkpoint import read_checkpoint
 
     with pytest.raises(
         ValueError,
         match=r"ckpt=.* holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' here \(editing\)",
     ):
-        load_model(runs["edm"], kinds=CONSISTENCY_KINDS, purpose="editing")
+        load_model(runs["edm"], kinds=registry.kinds("consistency"), purpose="editing")
     with pytest.raises(
         ValueError, match=r"features.ckpt=.* holds a 'ct' model; expected 'classifier'"
     ):

@@ -167,7 +167,7 @@ def test_edit_rejects_teachers_and_grey_colorization(ckpts, tmp_path: Path) -> N
         f=lambda x, s, c=None: x,
         images=torch.zeros(2, 1, 8, 8),
         noise=SeededNoise([0, 1]),
-        spec=SamplingSpec(consistency=True),
+        spec=SamplingSpec(family="consistency", sampler="consistency"),
     )
     with pytest.raises(ValueError, match="task=colorize needs a 3-channel model"):
         Colorize()(ctx)

@@ -81,7 +81,7 @@ def test_fmnist_sct_trains_and_its_checkpoint_describes_the_trigflow_model(runs)
         warm = [float(r["train/warmup"]) for r in csv.DictReader(fh) if r.get("train/warmup")]
     assert warm == pytest.approx([0.0, 1 / 200, 2 / 200, 3 / 200])  # fmnist_sct: 200-step warm-up
     loaded = load_model(runs["sct"])
-    assert isinstance(loaded.model, TrigFlowPrecond) and loaded.is_consistency
+    assert isinstance(loaded.model, TrigFlowPrecond) and loaded.family == "consistency"
     assert loaded.spec.taus == pytest.approx((0.5 * math.tan(1.1),))
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmexp.modules import CDLitModule, CTLitModule, NonFiniteLossError
+from cmexp.methods.consistency.module import CDLitModule, CTLitModule
+from cmexp.utils.errors import NonFiniteLossError
 from cmexp.train import train
 from cmexp.utils.checks import ConfigError
 

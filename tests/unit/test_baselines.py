@@ -33,13 +33,8 @@ from cmexp.diffusion import (
     ve_to_vp,
     vp_to_ve,
 )
-from cmexp.losses import (
-    L2Distance,
-    ProgressiveDistillationLoss,
-    SNRPlusOneWeighting,
-    TruncatedSNRWeighting,
-    progressive_target,
-)
+from cmexp.losses import L2Distance, SNRPlusOneWeighting, TruncatedSNRWeighting
+from cmexp.methods.pd.loss import ProgressiveDistillationLoss, progressive_target
 
 SD = 0.5
 F64 = torch.float64

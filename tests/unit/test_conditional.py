@@ -32,10 +32,10 @@ from cmexp.inference.conditional import (
     conditioned_model,
     sample_labels,
 )
-from cmexp.inference.plan import nfe
-from cmexp.losses.consistency import ConsistencyDistillationLoss
+from cmexp.inference.plan import SamplingSpec, nfe
+from cmexp.methods.consistency.loss import ConsistencyDistillationLoss
 from cmexp.losses.distances import L2Distance
-from cmexp.modules.consistency import load_teacher_weights
+from cmexp.training.teacher import load_teacher_weights
 from cmexp.nets import ADMUNet, SongUNet, TinyUNet
 
 K, D, STD = 3, 4, 0.3
@@ -237,9 +237,10 @@ def test_label_dropout_and_seeded_labels() -> None:
 
 def _loaded(label_dim: int, consistency: bool, guidance: dict | None = None):
     model = SimpleNamespace(label_dim=label_dim)
+    family = "consistency" if consistency else "denoiser"
     return SimpleNamespace(
         label_dim=label_dim,
-        is_consistency=consistency,
+        spec=SamplingSpec(family=family),
         kind="cd" if consistency else "edm",
         meta={"guidance": guidance} if guidance else {},
         model=model,

@@ -15,7 +15,8 @@ from cmexp.diffusion.precond import (
     edm_scalings,
     gaussian_consistency_fn,
 )
-from cmexp.losses import ECTLoss, L2Distance, PseudoHuberDistance
+from cmexp.losses import L2Distance, PseudoHuberDistance
+from cmexp.methods.ect.loss import ECTLoss
 
 
 def test_t_to_r_matches_ect_mapping() -> None:

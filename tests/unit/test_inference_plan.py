@@ -17,7 +17,7 @@ from cmexp.inference import (
 )
 from cmexp.utils.cli import list_or_none, override_key
 
-CD = SamplingSpec(consistency=True, num_scales=18, taus=(0.585,))
+CD = SamplingSpec(family="consistency", sampler="consistency", num_scales=18, taus=(0.585,))
 
 
 def test_consistency_plan_precedence() -> None:
@@ -36,7 +36,7 @@ def test_consistency_plan_precedence() -> None:
 
 
 def test_diffusion_plan_is_the_solver_grid_ending_in_zero() -> None:
-    edm = SamplingSpec(consistency=False, num_scales=18)
+    edm = SamplingSpec(family="denoiser", num_scales=18)
     plan = sigma_plan(edm, steps=5)  # steps do not apply to an EDM sampler
     assert plan[:-1] == karras_sigmas(18, dtype=torch.float64).tolist() and plan[-1] == 0.0
     assert nfe(plan, "heun") == 35 and nfe(plan, "euler") == 18
@@ -46,11 +46,11 @@ def test_diffusion_plan_is_the_solver_grid_ending_in_zero() -> None:
 def test_pd_and_explicit_solver_step_plans_end_at_sigma_min() -> None:
     """A k-step PD student samples on k + 1 Karras levels T ... eps (no step into 0, NFE k);
     solver_plan puts a teacher on the same levels, so NFE k compares like with like."""
-    pd = SamplingSpec(consistency=False, num_scales=5, sampler="ddim", final_zero=False)
+    pd = SamplingSpec(family="denoiser", num_scales=5, sampler="ddim", final_zero=False)
     plan = sigma_plan(pd)
     assert plan == karras_sigmas(5, dtype=torch.float64).tolist() and plan[-1] == 0.002
     assert nfe(plan, "ddim") == 4 and nfe(plan, "heun") == 8
-    edm = SamplingSpec(consistency=False, num_scales=18)
+    edm = SamplingSpec(family="denoiser", num_scales=18)
     assert solver_plan(edm, 4) == plan and solver_plan(edm, 1) == [80.0, 0.002]
     # Karras grids nest: the teacher's 2k-step levels hold the student's k-step ones
     assert solver_plan(edm, 8)[::2] == pytest.approx(solver_plan(edm, 4), rel=1e-12)
@@ -65,7 +65,7 @@ def test_vp_schedule_plans_use_the_trailing_timesteps() -> None:
 
     sched = VPSchedule(cosine_alpha_bars(100), zero_terminal_snr=True)
     vp = SamplingSpec(
-        consistency=False,
+        family="denoiser",
         sigma_min=sched.sigma_min,
         sigma_max=sched.sigma_max,
         num_scales=4,
@@ -81,13 +81,14 @@ def test_vp_schedule_plans_use_the_trailing_timesteps() -> None:
 
 
 def test_sampler_names_and_options_are_checked_naming_the_key() -> None:
-    edm = SamplingSpec(consistency=False)
+    edm = SamplingSpec(family="denoiser")
     assert (
         check_sampler("edm_sde", edm) == "edm_sde"
         and check_sampler("consistency", CD) == "consistency"
     )
     with pytest.raises(
-        ValueError, match="^sampler must be one of heun, euler, ddim, ddpm, edm_sde, got 'plms'"
+        ValueError,
+        match="^sampler must be one of consistency, heun, euler, ddim, ddpm, edm_sde, got 'plms'",
     ):
         check_sampler("plms", edm)
     with pytest.raises(ValueError, match="^sampler=heun does not fit a consistency model"):

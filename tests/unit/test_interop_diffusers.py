@@ -1,4 +1,4 @@
-"""ADMUNet -> diffusers ``UNet2DModel`` (``cmexp.interop.to_diffusers``): the same forward pass
+"""ADMUNet -> diffusers ``UNet2DModel`` (``cmexp.inference.to_diffusers``): the same forward pass
 for every ADM variant the mapping handles (scale-shift norm on/off, residual or conv
 resampling, attention at one or two levels, class labels), and one-line refusals naming what
 exports for everything UNet2DModel / CMStochasticIterativeScheduler cannot represent."""
@@ -10,7 +10,7 @@ import torch
 
 from cmexp.diffusion.precond import CMPrecond, EDMPrecond
 from cmexp.diffusion.trigflow import TrigFlowPrecond
-from cmexp.interop.to_diffusers import (
+from cmexp.inference.to_diffusers import (
     check_exportable,
     grid_timesteps,
     unet_config,

@@ -232,9 +232,9 @@ def test_edm_pickle_as_cd_teacher(tmp_path: Path, monkeypatch) -> None:
     spacing) and a VP teacher with init_from_teacher are refused with the reason."""
     from cmexp.diffusion.schedules import FixedSchedule
     from cmexp.diffusion.solvers import heun_step
-    from cmexp.losses.consistency import ConsistencyDistillationLoss
+    from cmexp.methods.consistency.loss import ConsistencyDistillationLoss
     from cmexp.losses.distances import L2Distance
-    from cmexp.modules.consistency import CDLitModule
+    from cmexp.methods.consistency.module import CDLitModule
     from cmexp.nets import SongUNet
 
     kind, arch, pre, kw = _build("ncsnpp_edm")

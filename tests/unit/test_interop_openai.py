@@ -130,9 +130,9 @@ def test_cd_distils_from_the_released_edm_teacher(tmp_path: Path) -> None:
     as it (f = D at sigma >> eps) and takes a training step on class-conditional data."""
     from cmexp.diffusion.schedules import FixedSchedule
     from cmexp.diffusion.solvers import heun_step
-    from cmexp.losses.consistency import ConsistencyDistillationLoss
+    from cmexp.methods.consistency.loss import ConsistencyDistillationLoss
     from cmexp.losses.distances import L2Distance
-    from cmexp.modules.consistency import CDLitModule
+    from cmexp.methods.consistency.module import CDLitModule
 
     _fake(tmp_path / "edm_imagenet64_ema.pt", label_dim=10)
     loss = ConsistencyDistillationLoss(metric=L2Distance(), solver=heun_step)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cmexp.inference.latent import LatentCodec, check_latent_shape
-from cmexp.modules.autoencoder import AutoencoderLitModule, psnr
+from cmexp.methods.autoencoder.module import AutoencoderLitModule, psnr
 from cmexp.nets.autoencoder import ConvAutoencoder, gaussian_kl
 
 
@@ -159,7 +159,12 @@ def test_generate_decodes_unclamped_latents() -> None:
     torch.manual_seed(0)
     codec = LatentCodec(ConvAutoencoder(32, 1, 4, 4, (1, 2, 2)), 0.5)
     spec = SamplingSpec(
-        consistency=True, sigma_min=0.002, sigma_max=80.0, rho=7.0, num_scales=18, taus=(0.585,)
+        family="consistency",
+        sigma_min=0.002,
+        sigma_max=80.0,
+        rho=7.0,
+        num_scales=18,
+        taus=(0.585,),
     )
     loaded = LoadedModel(model=_ConstantLatent(), kind="ct", spec=spec, meta={}, latent=codec)
     assert (loaded.img_resolution, loaded.img_channels) == (32, 1)

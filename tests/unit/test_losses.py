@@ -14,14 +14,14 @@ from cmexp.diffusion import (
     heun_step,
     karras_sigmas,
 )
-from cmexp.losses.consistency import (
+from cmexp.methods.consistency.loss import (
     ConsistencyDistillationLoss,
     ConsistencyTrainingLoss,
     LognormalIndices,
     UniformIndices,
     replay_rng,
 )
-from cmexp.losses.edm import EDMLoss
+from cmexp.methods.edm.loss import EDMLoss
 from cmexp.losses.distances import l2
 from cmexp.losses.weighting import ICTWeighting, UniformWeighting
 from cmexp.nets import TinyUNet

@@ -21,7 +21,7 @@ from cmexp.diffusion import (
     sigma_to_trigflow,
     trigflow_to_sigma,
 )
-from cmexp.losses import AdaptiveWeight, FiniteDifferenceTangent, JVPTangent, SCMLoss
+from cmexp.methods.scm.loss import AdaptiveWeight, FiniteDifferenceTangent, JVPTangent, SCMLoss
 from cmexp.nets import TinyUNet
 
 SD = 0.5  # sigma_data of the TrigFlow process

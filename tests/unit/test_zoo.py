@@ -213,7 +213,7 @@ def test_the_classifier_net_options_keep_the_original_layout_and_nhwc_changes_no
 
 
 def test_random_translate_shifts_each_image_with_background_fill() -> None:
-    from cmexp.modules.classifier import random_translate
+    from cmexp.methods.classifier.module import random_translate
 
     x = torch.rand(6, 1, 12, 12) * 2 - 1
     gen = torch.Generator().manual_seed(0)
@@ -270,7 +270,7 @@ def test_the_shipped_cd_student_loads_by_name_and_samples_in_one_step() -> None:
         and prov["teacher"].startswith("zoo:fmnist_edm")
     )
     model = load_model("zoo:fmnist_cd")
-    assert model.is_consistency and list(model.spec.taus) == [0.585]
+    assert model.family == "consistency" and list(model.spec.taus) == [0.585]
     x = generate(model, 4, sigma_plan(model.spec, 1), seed=0)
     assert x.shape == (4, 1, 32, 32) and bool(torch.isfinite(x).all()) and x.abs().max() <= 1
     # a garment on a dark background: the border is darker than the centre
@@ -287,7 +287,7 @@ def test_the_shipped_ct_model_loads_by_name_and_samples_in_one_step() -> None:
     assert prov["steps"] * prov["batch_size"] == prov["images_seen"] and prov["scores"]
     model = load_model("zoo:fmnist_ct")
     assert (
-        model.is_consistency
+        model.family == "consistency"
         and model.kind == "ct"
         and (model.img_channels, model.img_resolution) == (1, 32)
     )

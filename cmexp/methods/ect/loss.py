@@ -27,14 +27,9 @@ import torch
 from torch import Tensor
 
 from cmexp.diffusion.karras import append_dims
-from cmexp.losses.consistency import (
-    ConsistencyFn,
-    ConsistencyLossOutput,
-    Metric,
-    global_draw,
-    replay_rng,
-)
-from cmexp.losses.distances import L2NormDistance
+from cmexp.diffusion.rng import global_draw, replay_rng
+from cmexp.losses.distances import L2NormDistance, Metric
+from cmexp.losses.types import ConsistencyFn, ConsistencyLossOutput
 from cmexp.losses.weighting import ICTWeighting
 
 

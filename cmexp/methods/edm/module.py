@@ -4,20 +4,17 @@ a VP-parameterised teacher on a discrete DDPM-line schedule (``model=edm_vp``)."
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.guidance import drop_labels
 from cmexp.diffusion.precond import EDMPrecond
-from cmexp.diffusion.samplers import sample_ddim, sample_ddpm, sample_edm_sde
-from cmexp.diffusion.sampling import SeededNoise
-from cmexp.diffusion.solvers import sample_euler, sample_heun
+from cmexp.diffusion.rng import global_draw
 from cmexp.diffusion.vp import VPSchedule
-from cmexp.inference.plan import SamplingSpec, check_sampler, nfe, sigma_plan
-from cmexp.losses.edm import EDMLoss
-from cmexp.modules.base import DiffusionLitModule, OptimizerFactory
+from cmexp.inference.plan import SamplingSpec, check_sampler
+from cmexp.methods.edm.loss import EDMLoss
+from cmexp.training.base import DiffusionLitModule, OptimizerFactory
 
 
 class EDMLitModule(DiffusionLitModule):
@@ -81,8 +78,6 @@ class EDMLitModule(DiffusionLitModule):
         self, images: Tensor, labels: Tensor | None
     ) -> tuple[Tensor, dict[str, float]]:
         if labels is not None and self.label_dropout > 0:
-            from cmexp.losses.consistency import global_draw
-
             keep = global_draw(
                 lambda n: torch.rand(n, device=images.device), images.shape[0], self.shard()
             )
@@ -92,7 +87,7 @@ class EDMLitModule(DiffusionLitModule):
     def sampling_spec(self) -> SamplingSpec:
         m, vp = self.model, self.noise_schedule
         return SamplingSpec(
-            consistency=False,
+            family="denoiser",
             sigma_min=m.sigma_min,
             sigma_max=m.sigma_max,
             rho=self.rho,
@@ -100,27 +95,3 @@ class EDMLitModule(DiffusionLitModule):
             sampler=getattr(self, "sampler", "heun"),
             alpha_bars=tuple(vp.alpha_bars.tolist()) if vp is not None else (),
         )
-
-    @torch.no_grad()
-    def sample_images(self, num: int, seed: int = 0) -> dict[str, Any]:
-        m = self.ema
-        noise = SeededNoise(range(seed, seed + num), self.device)
-        z = noise.randn((m.img_channels, m.img_resolution, m.img_resolution))
-        plan = sigma_plan(self.sampling_spec())
-        sigmas = torch.tensor(plan, dtype=torch.float32, device=self.device)
-        samplers = {
-            "heun": sample_heun,
-            "euler": sample_euler,
-            "ddim": sample_ddim,
-            "ddpm": sample_ddpm,
-            "edm_sde": sample_edm_sde,
-        }
-        kwargs = {"noise": noise.randn_like} if self.sampler in ("ddim", "ddpm", "edm_sde") else {}
-        x = samplers[self.sampler](
-            m,
-            z if torch.isinf(sigmas[0]) else z * sigmas[0],
-            sigmas,
-            class_labels=self.grid_labels(num),
-            **kwargs,
-        )
-        return {f"{self.sampler}{nfe(plan, self.sampler)}nfe": x.clamp(-1, 1)}

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from cmexp.diffusion.ema import ema_update_
 from cmexp.inference.plan import SamplingSpec, nfe, sigma_plan
+from cmexp.utils.errors import NonFiniteLossError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -38,10 +40,6 @@ def _numpy_state_from_torch(state: dict[str, Any]) -> tuple:
     return (state["name"], keys, state["pos"], state["has_gauss"], state["cached"])
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised when the training loss is NaN or infinite; the last good checkpoint is kept."""
-
-
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with ``requires_grad=False`` everywhere (target network, EMA, teacher)."""
     out = copy.deepcopy(module)
@@ -50,8 +48,10 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 
 class DiffusionLitModule(pl.LightningModule):
-    """Base class. Subclasses set ``self.model`` (the trained wrapper) before calling
-    :meth:`_init_ema`, and implement ``compute_loss`` and ``sample_images``.
+    """Base class of the methods that train a sampled model. Subclasses set ``self.model``
+    (the trained wrapper) before calling :meth:`_init_ema`, set ``kind`` (their registered
+    kind, ``cmexp.registry``), and implement ``compute_loss`` and ``sampling_spec``;
+    in-training samples go through the shared :func:`cmexp.inference.generate`.
 
     Args:
         optimizer: partial optimizer (``torch.optim.RAdam`` with lr 4e-4 in the CM paper,
@@ -198,38 +198,63 @@ class DiffusionLitModule(pl.LightningModule):
         """The settings the trained model is sampled with (written into every checkpoint)."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def sample_images(self, num: int, seed: int = 0) -> dict[str, Tensor]:
-        """Named sample sets ``{name: [num,C,H,W] in [-1,1]}`` from the sampling EMA."""
-        raise NotImplementedError
+    def sample_plans(self) -> dict[str, tuple[list[float], str]]:
+        """What in-training grids and quality callbacks draw: ``{name: (sigmas, sampler)}``.
+        Jump families (consistency models): 1 and 2 steps (``"1step"``, ``"2step"``);
+        solver families: the model's own sampler on its plan (``"heun35nfe"``)."""
+        spec = self.sampling_spec()
+        if not spec.uses_solver:
+            return {f"{k}step": (sigma_plan(spec, k), spec.sampler) for k in (1, 2)}
+        plan = sigma_plan(spec)
+        return {f"{spec.sampler}{nfe(plan, spec.sampler)}nfe": (plan, spec.sampler)}
+
+    def sampling_model(self) -> nn.Module:
+        """The network in-training samples are drawn from: the sampling EMA."""
+        return self.ema
+
+    @contextlib.contextmanager
+    def sampling_mode(self) -> Iterator[None]:
+        """Mode the sampling model is in while in-training samples are drawn (a method whose
+        wrapper differs between training and sampling switches it here; default: unchanged)."""
+        yield
 
     @torch.no_grad()
     def sample_sets(self, num: int, seed: int = 0) -> dict[str, Tensor]:
         """What the sample-grid and sample-quality callbacks show and score: images
-        ``{name: [num,C,H,W] in [-1,1]}``. Pixel models: :meth:`sample_images`. Latent models:
-        the model's own plans (consistency: 1 and 2 steps; diffusion: its sampler and grid)
-        through :func:`cmexp.inference.generate`, which samples latents without clamping them
-        and decodes."""
-        if self.latent is None:
-            return self.sample_images(num, seed)
+        ``{name: [num,C,H,W] in [-1,1]}`` of :meth:`sample_plans`, drawn from
+        :meth:`sampling_model` by the shared :func:`cmexp.inference.generate` (seeds
+        ``seed..seed+num-1``; a class-conditional model draws class ``i mod label_dim`` for
+        image i; a latent model samples latents without clamping and decodes them)."""
         from cmexp.inference.generate import generate
         from cmexp.inference.loader import LoadedModel
 
-        spec = self.sampling_spec()
         loaded = LoadedModel(
-            model=self.ema, kind=self.kind, spec=spec, meta={}, latent=self.latent
+            model=self.sampling_model(),
+            kind=self.kind,
+            spec=self.sampling_spec(),
+            meta=self.sampling_meta(),
+            latent=self.latent,
         )
-        if loaded.is_consistency:
-            plans = {f"{k}step": (sigma_plan(spec, k), "consistency") for k in (1, 2)}
-        else:
-            plan = sigma_plan(spec)
-            plans = {f"{spec.sampler}{nfe(plan, spec.sampler)}nfe": (plan, spec.sampler)}
-        return {
-            name: generate(
-                loaded, num, sigmas, seed, batch_size=num, sampler=sampler, device=self.device
-            )
-            for name, (sigmas, sampler) in plans.items()
-        }
+        grid = self.grid_labels(num)
+        labels = grid.tolist() if grid is not None else None
+        with self.sampling_mode():
+            return {
+                name: generate(
+                    loaded,
+                    num,
+                    sigmas,
+                    seed,
+                    batch_size=num,
+                    sampler=sampler,
+                    device=self.device,
+                    class_labels=labels,
+                ).to(self.device)
+                for name, (sigmas, sampler) in self.sample_plans().items()
+            }
+
+    def sampling_meta(self) -> dict[str, Any]:
+        """The metadata entries that sampling reads (a guided student's w range)."""
+        return {}
 
     # ---------------------------------------------------------------- checkpoints
     def metadata(self) -> dict[str, Any]:
@@ -237,6 +262,7 @@ class DiffusionLitModule(pl.LightningModule):
         m, spec = self.model, self.sampling_spec()
         return {
             "kind": self.kind,
+            "method_package": type(self).__module__.rsplit(".", 1)[0],
             "img_resolution": int(m.img_resolution),
             "img_channels": int(m.img_channels),
             "label_dim": int(m.label_dim),

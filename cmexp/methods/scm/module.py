@@ -1,6 +1,6 @@
 """Continuous-time consistency training and distillation, sCT and sCD (Lu & Song 2024, arXiv
 2410.11081) in TrigFlow time (``cmexp.diffusion.trigflow``), with the objective of
-``cmexp.losses.scm``.
+``cmexp.methods.scm.loss``.
 
 Copies: ``model`` (online theta, trained; the objective's F^- is its stop-gradient, so there is
 no target network) and ``ema`` (sampling EMA). ``weight_net`` is the learned adaptive weighting
@@ -19,15 +19,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.ema import ema_update_
 from cmexp.diffusion.trigflow import EDMTrigFlowPrecond, TrigFlowPrecond, check_trigflow_times
 from cmexp.inference.plan import SamplingSpec
-from cmexp.losses.scm import SCMLoss, trigflow_sigma_taus
-from cmexp.modules.base import DiffusionLitModule, OptimizerFactory
-from cmexp.modules.consistency import consistency_samples
+from cmexp.methods.scm.loss import SCMLoss, trigflow_sigma_taus
+from cmexp.training.base import DiffusionLitModule, OptimizerFactory
+from cmexp.training.teacher import load_teacher
 
 
 class SCMLitModule(DiffusionLitModule):
@@ -109,7 +108,8 @@ class SCMLitModule(DiffusionLitModule):
     def sampling_spec(self) -> SamplingSpec:
         m = self.model
         return SamplingSpec(
-            consistency=True,
+            family="consistency",
+            sampler="consistency",
             sigma_min=m.sigma_min,
             sigma_max=m.sigma_max,
             rho=self.rho,
@@ -119,12 +119,6 @@ class SCMLitModule(DiffusionLitModule):
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "t_mids": list(self.t_mids)}
-
-    @torch.no_grad()
-    def sample_images(
-        self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)
-    ) -> dict[str, Tensor]:
-        return consistency_samples(self, self.ema, num, seed, steps)
 
 
 class SCTLitModule(SCMLitModule):
@@ -144,7 +138,7 @@ class SCDLitModule(SCMLitModule):
     """sCD: continuous-time consistency distillation from an EDM teacher trained by this suite.
 
     The teacher (``teacher_path``: its sampling-EMA weights, rebuilt by
-    :func:`cmexp.modules.consistency.load_teacher`) is converted exactly to TrigFlow
+    :func:`cmexp.training.teacher.load_teacher`) is converted exactly to TrigFlow
     (:class:`~cmexp.diffusion.trigflow.EDMTrigFlowPrecond`: dx_t/dt = sd F_teacher), frozen, in
     eval mode and kept out of checkpoints. The student uses the same EDM-converted
     parameterisation, so with ``init_from_teacher`` (sCM: initialise from the diffusion model)
@@ -162,8 +156,6 @@ class SCDLitModule(SCMLitModule):
         init_from_teacher: bool = True,
         **kwargs: Any,
     ) -> None:
-        from cmexp.modules.consistency import load_teacher
-
         super().__init__(*args, **kwargs)
         teacher = load_teacher(teacher_path, self.model.net)
         diff = [

@@ -17,7 +17,6 @@ Three copies of the denoiser live here: ``model`` (the student, trained), ``roun
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,52 +25,11 @@ from torch import Tensor, nn
 
 from cmexp.diffusion.karras import karras_sigmas
 from cmexp.diffusion.precond import EDMPrecond
-from cmexp.diffusion.samplers import sample_ddim
-from cmexp.diffusion.sampling import SeededNoise
-from cmexp.inference.plan import SamplingSpec, sigma_plan
-from cmexp.losses.progressive import ProgressiveDistillationLoss
-from cmexp.modules.base import DiffusionLitModule, OptimizerFactory, frozen_copy
-from cmexp.modules.consistency import check_preconditioning, load_teacher
-
-
-def check_rounds(
-    teacher_steps: int, num_rounds: int | None, steps_per_round: int | Sequence[int]
-) -> tuple[int, int, list[int]]:
-    """``(teacher_steps, num_rounds, round_lengths)`` of a PD run, or a ValueError naming the
-    ``model.*`` key. ``num_rounds = None``: as many halvings as ``teacher_steps`` allows (to 1
-    step for a power of two)."""
-    if int(teacher_steps) != teacher_steps or teacher_steps < 2:
-        raise ValueError(f"model.teacher_steps must be an integer >= 2, got {teacher_steps!r}")
-    teacher_steps = int(teacher_steps)
-    max_rounds = int(math.log2(teacher_steps))
-    if num_rounds is None:
-        num_rounds = 0
-        while teacher_steps % 2 ** (num_rounds + 1) == 0:
-            num_rounds += 1
-    if int(num_rounds) != num_rounds or num_rounds < 1:
-        raise ValueError(f"model.num_rounds must be an integer >= 1, got {num_rounds!r}")
-    num_rounds = int(num_rounds)
-    if num_rounds > max_rounds:
-        raise ValueError(
-            f"model.num_rounds={num_rounds} exceeds log2(model.teacher_steps={teacher_steps}) = "
-            f"{math.log2(teacher_steps):g}: each round halves the step count, so at most {max_rounds} rounds fit"
-        )
-    if teacher_steps % 2**num_rounds:
-        raise ValueError(
-            f"model.teacher_steps={teacher_steps} is not divisible by 2^model.num_rounds = {2**num_rounds}: "
-            "every round must halve a whole number of steps"
-        )
-    if isinstance(steps_per_round, int | float):
-        lengths = [steps_per_round] * num_rounds
-    else:
-        lengths = list(steps_per_round)
-    if len(lengths) != num_rounds:
-        raise ValueError(
-            f"model.steps_per_round must be one integer or one per round ({num_rounds}), got {len(lengths)} values"
-        )
-    if any(int(n) != n or n < 1 for n in lengths):
-        raise ValueError(f"model.steps_per_round entries must be integers >= 1, got {lengths}")
-    return teacher_steps, num_rounds, [int(n) for n in lengths]
+from cmexp.inference.plan import SamplingSpec
+from cmexp.methods.pd.loss import ProgressiveDistillationLoss
+from cmexp.methods.pd.rules import check_rounds
+from cmexp.training.base import DiffusionLitModule, OptimizerFactory, frozen_copy
+from cmexp.training.teacher import check_preconditioning, load_teacher
 
 
 class PDLitModule(DiffusionLitModule):
@@ -215,7 +173,7 @@ class PDLitModule(DiffusionLitModule):
         """Its own DDIM plan: N steps on the N + 1 Karras levels sigma_max ... sigma_min."""
         m = self.model
         return SamplingSpec(
-            consistency=False,
+            family="denoiser",
             sigma_min=m.sigma_min,
             sigma_max=m.sigma_max,
             rho=self.rho,
@@ -223,16 +181,6 @@ class PDLitModule(DiffusionLitModule):
             sampler="ddim",
             final_zero=False,
         )
-
-    @torch.no_grad()
-    def sample_images(self, num: int, seed: int = 0) -> dict[str, Tensor]:
-        m = self.ema
-        z = SeededNoise(range(seed, seed + num), self.device).randn(
-            (m.img_channels, m.img_resolution, m.img_resolution)
-        )
-        plan = sigma_plan(self.sampling_spec())
-        sigmas = torch.tensor(plan, dtype=torch.float32, device=self.device)
-        return {f"ddim{len(plan) - 1}nfe": sample_ddim(m, z * sigmas[0], sigmas).clamp(-1, 1)}
 
     # ---------------------------------------------------------------- checkpoints
     def metadata(self) -> dict[str, Any]:

@@ -47,7 +47,7 @@ class EDMLoss:
     ) -> Tensor:
         """images ``[B,C,H,W]`` in [-1,1] -> per-sample loss ``[B]``. ``shard``: (rank,
         world_size) of a DDP step (randomness drawn for the global batch, then sliced)."""
-        from cmexp.losses.consistency import global_draw
+        from cmexp.diffusion.rng import global_draw
 
         b = images.shape[0]
         if self.noise_schedule is not None:

@@ -20,10 +20,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from cmexp.data.loader import _mix
+from cmexp.data.loader import mix
 from cmexp.losses.distances import L2Distance
-from cmexp.modules.base import OptimizerFactory
 from cmexp.nets.autoencoder import ConvAutoencoder, gaussian_kl
+from cmexp.training.base import OptimizerFactory
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class AutoencoderLitModule(pl.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, _ = batch
-        gen = torch.Generator().manual_seed(_mix(self.seed, self.global_step, 4, self.global_rank))
+        gen = torch.Generator().manual_seed(mix(self.seed, self.global_step, 4, self.global_rank))
         shape = (
             x.shape[0],
             self.net.latent_channels,

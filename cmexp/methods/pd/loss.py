@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from cmexp.diffusion.karras import append_dims
+from cmexp.diffusion.rng import global_draw
 from cmexp.diffusion.solvers import Denoiser
-from cmexp.losses.consistency import Metric, global_draw
+from cmexp.losses.distances import Metric
 from cmexp.losses.weighting import TruncatedSNRWeighting
 
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmexp.data.loader import _mix
-from cmexp.modules.base import OptimizerFactory
+from cmexp.data.loader import mix
+from cmexp.training.base import OptimizerFactory
 from cmexp.utils.provenance import git_commit, machine
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class ClassifierLitModule(pl.LightningModule):
         images, labels = batch
         if self.translate:
             gen = torch.Generator().manual_seed(
-                _mix(self.seed, self.global_step, 3, self.global_rank)
+                mix(self.seed, self.global_step, 3, self.global_rank)
             )
             images = random_translate(images, self.translate, gen)
         logits = self.net(images)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.karras import append_dims
-from cmexp.losses.consistency import global_draw, replay_rng
+from cmexp.diffusion.rng import global_draw, replay_rng
 
 #: ``fn(x_t [B,C,H,W], t [B]) -> F [B,C,H,W]``: the network read as TrigFlow's F.
 FFn = Callable[[Tensor, Tensor], Tensor]

@@ -11,32 +11,20 @@ same z (the Euler step with the one-sample score estimate, Thm. 2).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from cmexp.diffusion.guidance import GuidanceRange, GuidedDenoiser
 from cmexp.diffusion.karras import append_dims
+from cmexp.diffusion.rng import global_draw, replay_rng
 from cmexp.diffusion.solvers import Denoiser
+from cmexp.losses.distances import Metric
+from cmexp.losses.types import ConsistencyFn, ConsistencyLossOutput
 from cmexp.losses.weighting import UniformWeighting
 
-Metric = Callable[[Tensor, Tensor], Tensor]
-ConsistencyFn = Callable[..., Tensor]
 Solver = Callable[..., Tensor]
-
-
-@dataclass
-class ConsistencyLossOutput:
-    """Per-sample loss ``[B]``, the noise levels it used (``[B]`` each) and, for guided CD,
-    the guidance scales ``[B]``."""
-
-    loss: Tensor
-    sigma: Tensor
-    sigma_next: Tensor
-    guidance: Tensor | None = None
 
 
 class UniformIndices:
@@ -57,40 +45,6 @@ class LognormalIndices:
         z = (sigmas.double().log() - self.P_mean) / (math.sqrt(2) * self.P_std)
         probs = (torch.erf(z[:-1]) - torch.erf(z[1:])).clamp_min(0)
         return torch.multinomial(probs.float(), batch_size, replacement=True).to(device)
-
-
-def global_draw(
-    draw: Callable[[int], Tensor], local: int, shard: tuple[int, int] = (0, 1)
-) -> Tensor:
-    """``draw(local * world_size)`` sliced to this rank's ``local`` rows: with the same RNG
-    state on every rank (``seed_everything``), rank r gets rows r*local..(r+1)*local-1 of what
-    a single process with the global batch draws."""
-    rank, world = shard
-    if world == 1:
-        return draw(local)
-    return draw(local * world)[rank * local : (rank + 1) * local]
-
-
-@contextmanager
-def replay_rng(device: torch.device) -> Iterator[Callable[[], AbstractContextManager[None]]]:
-    """Capture the RNG state of ``device`` now; the yielded context manager replays it.
-
-    Used so the online and target passes see the same dropout mask (official code; iCT).
-    The global stream continues afterwards as if the replay had not happened.
-    """
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    @contextmanager
-    def replay() -> Iterator[None]:
-        devices = [device] if cuda_state is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(cpu_state)
-            if cuda_state is not None:
-                torch.cuda.set_rng_state(cuda_state, device)
-            yield
-
-    yield replay
 
 
 class _ConsistencyLoss:

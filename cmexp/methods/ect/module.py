@@ -3,18 +3,18 @@ EDM denoiser with a continuous-time gap that shrinks stage by stage (``cmexp.los
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.ema import ema_update_
 from cmexp.diffusion.precond import ECTPrecond
 from cmexp.inference.plan import SamplingSpec
-from cmexp.losses.ect import ECTLoss
-from cmexp.modules.base import DiffusionLitModule, OptimizerFactory
-from cmexp.modules.consistency import check_preconditioning, consistency_samples, load_teacher
+from cmexp.methods.ect.loss import ECTLoss
+from cmexp.training.base import DiffusionLitModule, OptimizerFactory
+from cmexp.training.teacher import check_preconditioning, load_teacher
 
 
 class ECTLitModule(DiffusionLitModule):
@@ -104,7 +104,8 @@ class ECTLitModule(DiffusionLitModule):
     def sampling_spec(self) -> SamplingSpec:
         m = self.model
         return SamplingSpec(
-            consistency=True,
+            family="consistency",
+            sampler="consistency",
             sigma_min=m.sigma_min,
             sigma_max=m.sigma_max,
             rho=self.rho,
@@ -112,14 +113,14 @@ class ECTLitModule(DiffusionLitModule):
             taus=self.taus,
         )
 
-    @torch.no_grad()
-    def sample_images(
-        self, num: int, seed: int = 0, steps: Sequence[int] = (1, 2)
-    ) -> dict[str, Tensor]:
+    @contextlib.contextmanager
+    def sampling_mode(self) -> Iterator[None]:
+        """Samples use the boundary scalings (``f(x, sigma_min) = x``): the sampling EMA in
+        eval mode while they are drawn."""
         was_training = self.ema.training
-        self.ema.eval()  # the boundary scalings: sampling uses f(x, sigma_min) = x
+        self.ema.eval()
         try:
-            return consistency_samples(self, self.ema, num, seed, steps)
+            yield
         finally:
             self.ema.train(was_training)
 

@@ -1,0 +1,18 @@
+"""Easy consistency tuning (ECT, Geng et al. 2025): a consistency model tuned from an EDM
+denoiser with a shrinking continuous-time gap. docs/modes.md."""
+
+from cmexp.methods.ect.rules import SCHEMA
+from cmexp.registry import Method, register_method
+
+register_method(
+    Method(
+        kind="ect",
+        module="cmexp.methods.ect.module.ECTLitModule",
+        family="consistency",
+        wrapper="cmexp.diffusion.precond:CMPrecond",  # ECTPrecond in eval mode
+        sampler="consistency",
+        teacher="easy consistency tuning (model=ect starts from an EDM teacher)",
+        schema=SCHEMA,
+        doc="docs/modes.md",
+    )
+)
