@@ -31,16 +31,16 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
 
     from cmexp import registry
     from cmexp.diffusion.sampling import SeededNoise
-    from cmexp.inference import load_from_config
-    from cmexp.inference.data import real_images, restoration_metrics
+    from cmexp.inference.request import prepare
+    from cmexp.inference.data import real_images
     from cmexp.inference.tasks import EditContext, check_latent_task
-    from cmexp.utils.images import image_grid, save_png
 
-    loaded, device = load_from_config(
+    req = prepare(
         cfg,
         kinds=registry.kinds("consistency"),
         purpose="editing needs a consistency model: CD, CT, ECT, sCT or sCD",
     )
+    loaded, device = req.loaded, req.device
     task = instantiate(cfg.task)
     name = task_choice(cfg)
     if loaded.latent is not None:
@@ -68,20 +68,26 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r.cpu() for r in result.rows.values()]
-    width = max(len(r) for r in rows)
-    padded = [
-        torch.cat([r, torch.ones(width - len(r), *r.shape[1:])]) if len(r) < width else r
-        for r in rows
-    ]
-    grid = save_png(
-        image_grid(torch.cat(padded), nrow=width), out_dir / f"edit_{name}.png", scale=2
-    )
+    grid = _write_grid(result.rows, out_dir / f"edit_{name}.png")
+    metrics = _metrics(cfg, name, loaded.kind, len(images), result, seconds, grid)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    log.info("%s: %s", name, {k: metrics[k] for k in ("psnr", "ssim", "lpips") if k in metrics})
+    print(f"wrote {grid} and {out_dir / 'metrics.json'}")
+    return {"metrics": metrics, "rows": result.rows}
+
+
+def _metrics(
+    cfg: DictConfig, name: str, kind: str, num: int, result: Any, seconds: float, grid: Path
+) -> dict[str, Any]:
+    """What ``metrics.json`` records; restoration tasks add PSNR, SSIM and LPIPS against the
+    ground truth."""
+    from cmexp.inference.data import restoration_metrics
+
     metrics: dict[str, Any] = {
         "task": name,
         "ckpt": str(cfg.ckpt),
-        "kind": loaded.kind,
-        "num_samples": len(images),
+        "kind": kind,
+        "num_samples": num,
         "seed": int(cfg.seed),
         "rows": list(result.rows),
         "settings": result.info,
@@ -96,10 +102,22 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
                 cfg.metric.weights_path,
             )
         )
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    log.info("%s: %s", name, {k: metrics[k] for k in ("psnr", "ssim", "lpips") if k in metrics})
-    print(f"wrote {grid} and {out_dir / 'metrics.json'}")
-    return {"metrics": metrics, "rows": result.rows}
+    return metrics
+
+
+def _write_grid(rows: dict[str, Any], path: Path) -> Path:
+    """One grid row per named row of an edit (shorter rows padded white)."""
+    import torch
+
+    from cmexp.utils.images import image_grid, save_png
+
+    cpu = [r.cpu() for r in rows.values()]
+    width = max(len(r) for r in cpu)
+    padded = [
+        torch.cat([r, torch.ones(width - len(r), *r.shape[1:])]) if len(r) < width else r
+        for r in cpu
+    ]
+    return save_png(image_grid(torch.cat(padded), nrow=width), path, scale=2)
 
 
 def task_choice(cfg: DictConfig) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cmexp.utils.checks import check_config
-from cmexp.utils.cli import list_or_none, precheck, run_cli
+from cmexp.utils.cli import precheck, run_cli
 
 log = logging.getLogger("cmexp.eval")
 
@@ -86,100 +85,87 @@ def torch_bincount(labels: Any, num_classes: int) -> list[int]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Sample (``ckpt``) or read (``samples``) image sets, score them, write the results.
-    Everything that can fail on bad input (extractor, checkpoint, samples, reference data) is
-    loaded before the run folder is written."""
+    """Sample (``ckpt``) or read (``samples``) image sets, score them, write the results: load
+    (extractor, model or samples, reference features: everything that can fail on bad input,
+    before the run folder is written), run the sample sets, score, write ``metrics.json``."""
     check_config("eval", cfg)
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from cmexp.inference import (
-        check_sampler,
-        generate,
-        load_from_config,
-        nfe,
-        pick_device,
-        sampler_options,
-        save_samples,
-        sigma_plan,
-        solver_plan,
-    )
-    from cmexp.inference.data import reference_datamodule
-    from cmexp.metrics.suite import RealFeatureCache, describe, extract, reference_features, score
-    from cmexp.utils.images import image_grid, save_png, to_uint8
+    from cmexp.inference import pick_device
+    from cmexp.metrics.suite import describe
 
-    device = pick_device(cfg.device)
-    out_dir = Path(cfg.paths.output_dir)
-    features = instantiate(cfg.features).to(device)
-    name = str(getattr(features, "name", ""))
     t0 = time.perf_counter()
-
+    device = pick_device(cfg.device)
+    features = instantiate(cfg.features).to(device)
     protocol: dict[str, Any] = {**describe(features), "seed": int(cfg.seed)}
-    plans = []
-    class_labels = guidance = labels = None
-    passes = 1
-    if cfg.ckpt:
-        from cmexp.inference.conditional import (
-            check_class_labels,
-            check_guidance,
-            conditioned_model,
-            sample_labels,
-        )
-
-        loaded, device = load_from_config(cfg)
-        class_labels = check_class_labels(
-            loaded, list_or_none(cfg.get("class_labels"), "class_labels")
-        )
-        guidance = check_guidance(loaded, cfg.get("guidance"))
-        passes = conditioned_model(loaded, guidance)[1]
-        dataset = (
-            loaded.dataset if loaded.dataset.get("data_dir", "") is not None else {}
-        )  # None: a foreign file's
-        dataset = dataset or OmegaConf.to_container(
-            cfg.dataset, resolve=True
-        )  # folder only the user can name
-        n = int(cfg.num_samples)
-        sampler = check_sampler(cfg.get("sampler"), loaded.spec)  # null: the model's own
-        options = sampler_options(sampler, cfg)
-        if loaded.spec.uses_solver:
-            solver_steps = list_or_none(cfg.get("solver_steps"), "solver_steps")
-            sigs = (
-                [sigma_plan(loaded.spec)]
-                if solver_steps is None
-                else [solver_plan(loaded.spec, k) for k in solver_steps]
-            )
-            plans += [(f"{sampler}{nfe(sig, sampler, passes)}nfe", sig, sampler) for sig in sigs]
-        else:
-            taus = list_or_none(cfg.taus, "taus")
-            steps = cfg.steps if isinstance(cfg.steps, Sequence) else [cfg.steps]
-            for k in steps:
-                mids = taus[: int(k) - 1] if taus is not None else None
-                plans.append((f"{k}step", sigma_plan(loaded.spec, int(k), mids), sampler))
-        protocol.update(
-            {
-                "ckpt": str(cfg.ckpt),
-                "kind": loaded.kind,
-                "weights": "ema" if cfg.use_ema else "online",
-                "rho": loaded.spec.rho,
-                "num_scales": loaded.spec.num_scales,
-                "num_samples": n,
-                "seeds": [int(cfg.seed), int(cfg.seed) + n - 1],
-                "sets": {},
-            }
-        )
-        labels = sample_labels(loaded, range(int(cfg.seed), int(cfg.seed) + n), class_labels)
-        if labels is not None:
-            protocol.update(
-                {
-                    "guidance": guidance,
-                    "class_labels": class_labels or "one per seed",
-                    "label_counts": torch_bincount(labels, loaded.label_dim),
-                }
-            )
-    else:
-        dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    req = _prepare_model(cfg, protocol) if cfg.ckpt else None
+    u8 = None
+    if req is None:
         u8 = read_samples(cfg.samples)
         protocol.update({"samples": str(cfg.samples), "num_samples": len(u8)})
+    dataset = _reference_dataset(cfg, req)
+    dm, real = _reference(cfg, dataset, features, device, protocol)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = _sample_sets(cfg, req, out_dir, protocol) if req is not None else _read_set(cfg, u8)
+    labels = req.labels(int(cfg.seed), int(cfg.num_samples)) if req is not None else None
+    results = _score(cfg, sets, features, real, dm, labels, device)
+    payload = {
+        "metrics": results,
+        "protocol": protocol,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    for set_name, m in results.items():
+        print(set_name, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+    print(f"wrote {out_dir / 'metrics.json'}")
+    return payload
+
+
+def _prepare_model(cfg: DictConfig, protocol: dict[str, Any]) -> Any:
+    """The shared inference preamble (``cmexp.inference.request.prepare``) and its protocol."""
+    from cmexp.inference.request import prepare
+
+    req = prepare(cfg, taus_per_set=True)
+    n, seed = int(cfg.num_samples), int(cfg.seed)
+    described = req.describe(cfg)
+    protocol.update(
+        {
+            **{k: described[k] for k in ("ckpt", "kind", "weights", "rho", "num_scales")},
+            "num_samples": n,
+            "seeds": [seed, seed + n - 1],
+            "sets": {},
+        }
+    )
+    labels = req.labels(seed, n)
+    if labels is not None:
+        protocol.update(
+            {
+                "guidance": req.guidance,
+                "class_labels": req.class_labels or "one per seed",
+                "label_counts": torch_bincount(labels, req.loaded.label_dim),
+            }
+        )
+    return req
+
+
+def _reference_dataset(cfg: DictConfig, req: Any) -> dict[str, Any]:
+    """The reference data: the checkpoint's own dataset, else (scoring ``samples=``, or a
+    foreign file whose data folder only the user can name) the command line's ``dataset``."""
+    from omegaconf import OmegaConf
+
+    dataset = {}
+    if req is not None and req.loaded.dataset.get("data_dir", "") is not None:
+        dataset = req.loaded.dataset
+    return dataset or OmegaConf.to_container(cfg.dataset, resolve=True)
+
+
+def _reference(
+    cfg: DictConfig, dataset: dict[str, Any], features: Any, device: str, protocol: dict
+) -> tuple[Any, dict[str, Any]]:
+    """The reference datamodule and its (cached) real features."""
+    from cmexp.inference.data import reference_datamodule
+    from cmexp.metrics.suite import RealFeatureCache, reference_features
 
     dm = reference_datamodule(dataset)
     real = reference_features(
@@ -197,73 +183,75 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"real_split={cfg.real_split} of the reference data holds {len(real['features'])} image(s); "
             "the metrics need at least 2"
         )
-    protocol.update(
-        {
-            "reference": {
-                "dataset": type(dm).__name__,
-                "split": str(cfg.real_split),
-                "resolution": int(dm.resolution),
-                "count": len(real["features"]),
-            }
-        }
-    )
+    protocol["reference"] = {
+        "dataset": type(dm).__name__,
+        "split": str(cfg.real_split),
+        "resolution": int(dm.resolution),
+        "count": len(real["features"]),
+    }
+    return dm, real
 
+
+def _sample_sets(cfg: DictConfig, req: Any, out_dir: Path, protocol: dict) -> dict[str, Any]:
+    """Generate every plan of the request, write ``samples_<set>.npz`` and grids, and return
+    the uint8 sets (what is scored is exactly what the files hold)."""
+    from cmexp.inference.generate import save_samples
+    from cmexp.utils.images import to_uint8
+
+    n, seed = int(cfg.num_samples), int(cfg.seed)
+    labels = req.labels(seed, n)
     sets: dict[str, Any] = {}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.ckpt:
-        for set_name, sigmas, sampler in plans:
-            images = generate(
-                loaded,
-                n,
-                sigmas,
-                int(cfg.seed),
-                int(cfg.batch_size),
-                sampler,
-                device,
-                progress=True,
-                options=options,
-                class_labels=class_labels,
-                guidance=guidance,
-            )
-            save_samples(
-                images, out_dir, int(cfg.grid_size), name=f"samples_{set_name}", labels=labels
-            )
-            sets[set_name] = to_uint8(images)  # score exactly what samples_<set>.npz holds
-            protocol["sets"][set_name] = {
-                "sigmas": [float(s) for s in sigmas],
-                "nfe": nfe(sigmas, sampler, passes),
-                "sampler": sampler,
-                "options": options,
-            }
-    else:
-        sets["samples"] = u8
-        save_png(
-            image_grid(u8[: int(cfg.grid_size)].permute(0, 3, 1, 2).float() / 127.5 - 1),
-            out_dir / "samples_grid.png",
-            scale=2,
+    for set_name, sigmas in req.plans:
+        images = req.generate(sigmas, n, seed, int(cfg.batch_size))
+        save_samples(
+            images, out_dir, int(cfg.grid_size), name=f"samples_{set_name}", labels=labels
         )
+        sets[set_name] = to_uint8(images)
+        protocol["sets"][set_name] = {
+            "sigmas": [float(s) for s in sigmas],
+            "nfe": req.nfe(sigmas),
+            "sampler": req.sampler,
+            "options": req.options,
+        }
+    return sets
+
+
+def _read_set(cfg: DictConfig, u8: Any) -> dict[str, Any]:
+    """Scoring a file: its images, and a grid of them."""
+    from cmexp.utils.images import image_grid, save_png
+
+    out = Path(cfg.paths.output_dir) / "samples_grid.png"
+    save_png(
+        image_grid(u8[: int(cfg.grid_size)].permute(0, 3, 1, 2).float() / 127.5 - 1), out, scale=2
+    )
+    return {"samples": u8}
+
+
+def _score(
+    cfg: DictConfig,
+    sets: dict[str, Any],
+    features: Any,
+    real: dict[str, Any],
+    dm: Any,
+    labels: Any,
+    device: str,
+) -> dict[str, Any]:
+    """FD/KID/IS/precision-recall of every set; a class-conditional model's per-class FD and
+    class accuracy too."""
+    from cmexp.metrics.suite import extract, score
+
+    name = str(getattr(features, "name", ""))
     results: dict[str, Any] = {}
     for set_name, images in sets.items():
         fake = extract(features, images, int(cfg.batch_size), device, True, f"features {set_name}")
         results[set_name] = score(real, fake, name, kid_subset_size=int(cfg.kid_subset_size))
-        if (
-            labels is not None
-        ):  # a class-conditional model: FD per class and the samples' class accuracy
+        if labels is not None:
             from cmexp.metrics.classes import per_class_scores
 
             real_labels = dm.real_labels(len(real["features"]), str(cfg.real_split))
             results[set_name].update(per_class_scores(real, real_labels, fake, labels, name))
         log.info("%s: %s", set_name, {k: round(v, 4) for k, v in results[set_name].items()})
-    payload = {
-        "metrics": results,
-        "protocol": protocol,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
-    for set_name, m in results.items():
-        print(set_name, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
-    print(f"wrote {out_dir / 'metrics.json'}")
-    return payload
+    return results
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

@@ -128,8 +128,7 @@ def discover() -> None:
     if _discovered:
         return
     _discovered = True
-    import cmexp.methods as builtin
-
+    builtin = importlib.import_module("cmexp.methods")  # by name: the one way up, on purpose
     found = sorted(i.name for i in pkgutil.iter_modules(builtin.__path__) if i.ispkg)
     for name in sorted(found, key=lambda n: (builtin.ORDER + (n,)).index(n)):
         importlib.import_module(f"cmexp.methods.{name}")

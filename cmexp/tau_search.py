@@ -31,15 +31,17 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
 
     from cmexp import registry
     from cmexp.diffusion.tau_search import greedy_tau_search
-    from cmexp.inference import generate, load_from_config, sigma_plan
+    from cmexp.inference import sigma_plan
     from cmexp.inference.data import reference_datamodule
+    from cmexp.inference.request import prepare
     from cmexp.metrics.suite import RealFeatureCache, extract, frechet_distance, reference_features
 
-    loaded, device = load_from_config(
+    req = prepare(
         cfg,
         kinds=registry.kinds("consistency"),
         purpose="the tau search needs a consistency model: CD, CT, ECT, sCT or sCD",
     )
+    loaded, device = req.loaded, req.device
     features = instantiate(cfg.features).to(device)
     name = f"fd_{getattr(features, 'name', '') or 'features'}"
     dm = reference_datamodule(loaded.dataset, cfg.data_dir)
@@ -53,12 +55,11 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
         device,
     )
     spec = loaded.spec
-    grid = spec.grid()
 
     def score(indices: tuple[int, ...]) -> float:
         sigmas = sigma_plan(spec, len(indices), tau_indices=indices[1:])
-        images = generate(
-            loaded, int(cfg.num_samples), sigmas, int(cfg.seed), int(cfg.batch_size), device=device
+        images = req.generate(
+            sigmas, int(cfg.num_samples), int(cfg.seed), int(cfg.batch_size), progress=False
         )
         value = frechet_distance(real, extract(features, images, int(cfg.batch_size), device))
         log.info(
@@ -72,27 +73,9 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     indices, evaluated = greedy_tau_search(score, spec.num_scales, int(cfg.steps) - 1)
-    taus = [float(grid[j]) for j in indices]
-    result = {
-        "ckpt": str(cfg.ckpt),
-        "metric": name,
-        "features": getattr(features, "source", ""),
-        "steps": int(cfg.steps),
-        "num_scales": spec.num_scales,
-        "rho": spec.rho,
-        "tau_indices": indices,
-        "taus": taus,
-        "score": evaluated[(0, *indices)],
-        "evaluated": [
-            {"tau_indices": list(k[1:]), "taus": [float(grid[j]) for j in k[1:]], name: v}
-            for k, v in sorted(evaluated.items())
-        ],
-        "num_samples": int(cfg.num_samples),
-        "num_real": len(real["features"]),
-        "real_split": str(cfg.real_split),
-        "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.num_samples) - 1],
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    result = _result(cfg, name, features, spec, indices, evaluated, len(real["features"]))
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    taus = result["taus"]
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tau_search.json").write_text(json.dumps(result, indent=2))
@@ -101,6 +84,38 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
         f"use: python -m cmexp.sample ckpt={cfg.ckpt} steps={cfg.steps} taus=[{','.join(f'{t:.4f}' for t in taus)}]"
     )
     return result
+
+
+def _result(
+    cfg: DictConfig,
+    name: str,
+    features: Any,
+    spec: Any,
+    indices: list[int],
+    evaluated: dict[tuple[int, ...], float],
+    num_real: int,
+) -> dict[str, Any]:
+    """What ``tau_search.json`` records: the chosen levels, every evaluated set, the protocol."""
+    grid = spec.grid()
+    return {
+        "ckpt": str(cfg.ckpt),
+        "metric": name,
+        "features": getattr(features, "source", ""),
+        "steps": int(cfg.steps),
+        "num_scales": spec.num_scales,
+        "rho": spec.rho,
+        "tau_indices": indices,
+        "taus": [float(grid[j]) for j in indices],
+        "score": evaluated[(0, *indices)],
+        "evaluated": [
+            {"tau_indices": list(k[1:]), "taus": [float(grid[j]) for j in k[1:]], name: v}
+            for k, v in sorted(evaluated.items())
+        ],
+        "num_samples": int(cfg.num_samples),
+        "num_real": num_real,
+        "real_split": str(cfg.real_split),
+        "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.num_samples) - 1],
+    }
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tau_search")

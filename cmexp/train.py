@@ -124,18 +124,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
-    from cmexp.callbacks.preemption import MARKER, TrainingPreempted
-    from cmexp.utils.checkpoint_io import AtomicCheckpointIO, check_resume_checkpoint
-    from cmexp.utils.instantiate import instantiate_dict
-
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_dir = output_dir / "checkpoints"
-    auto_resume = str(cfg.get("ckpt_path")) in ("auto", "last")
-    if not cfg.get("ckpt_path") and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
-        raise ConfigError(
-            f"paths.output_dir={output_dir} already holds checkpoints of an earlier run; refusing to "
-            "overwrite them (pass ckpt_path=... to resume, or use a new folder)"
-        )
+    _refuse_overwrite(cfg, output_dir)
     rank_zero = runs.global_rank_from_env() == 0
     if rank_zero and runs.is_locked(output_dir):
         runs.lock_run_folder(output_dir)  # raises: in use by another training
@@ -143,7 +133,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.backends.cuda.matmul.allow_tf32 = False  # numerics are a stated choice (EDM)
     torch.backends.cudnn.allow_tf32 = False
+    datamodule, model, record = build(cfg)
+    ckpt_path = _resume_checkpoint(cfg, output_dir, model)
+    trainer, loggers = _trainer(cfg)
+    locked_here = runs.lock_run_folder(output_dir) if rank_zero else False  # until the run ends
+    try:
+        _write_record(record, output_dir)
+        for lg in loggers:
+            lg.log_hyperparams({**record["choices"], "config": record["config"]})
+        preempted = fit(trainer, model, datamodule, ckpt_path, output_dir / "checkpoints")
+    finally:
+        if locked_here:
+            runs.release_run_folder(output_dir)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    log.info("run folder: %s", output_dir)
+    return {
+        "metrics": metrics,
+        "model": model,
+        "trainer": trainer,
+        "datamodule": datamodule,
+        "preempted": preempted,
+    }
 
+
+def _refuse_overwrite(cfg: DictConfig, output_dir: Path) -> None:
+    """A fresh run never writes into a folder that holds another run's checkpoints."""
+    ckpt_dir = output_dir / "checkpoints"
+    if not cfg.get("ckpt_path") and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+        raise ConfigError(
+            f"paths.output_dir={output_dir} already holds checkpoints of an earlier run; refusing to "
+            "overwrite them (pass ckpt_path=... to resume, or use a new folder)"
+        )
+
+
+def build(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """The datamodule (its data read now: a bad file stops the run before its folder is
+    written), the method's LightningModule (``cfg.model``; latent mode: on the codec's
+    latents) and the run record it carries into every checkpoint."""
     datamodule = hydra.utils.instantiate(cfg.dataset)
     codec = latent_codec(cfg)  # latent mode: the autoencoder, checked before the model is built
     model = hydra.utils.instantiate(cfg.model)
@@ -157,65 +183,70 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     record = _run_record(cfg)
     model.run_config = record
     if hasattr(datamodule, "setup"):
-        datamodule.setup(
-            "fit"
-        )  # read the data now: a bad file stops the run before its folder is written
-    ckpt_path = (
-        resume_path(cfg, output_dir, getattr(model, "kind", None))
-        if auto_resume
-        else cfg.get("ckpt_path")
-    )
-    if ckpt_path:
-        check_resume_checkpoint(ckpt_path, model, "ckpt_path")
+        datamodule.setup("fit")
     if hasattr(model, "schedule"):
         from cmexp.diffusion.schedules import describe_curriculum
 
         log.info("schedule: %s", describe_curriculum(model.schedule))
+    return datamodule, model, record
+
+
+def _resume_checkpoint(cfg: DictConfig, output_dir: Path, model: Any) -> str | None:
+    """``ckpt_path`` (``auto``/``last``: found among the experiment's runs), checked against
+    the model before anything is written."""
+    from cmexp.utils.checkpoint_io import check_resume_checkpoint
+
+    auto = str(cfg.get("ckpt_path")) in ("auto", "last")
+    ckpt_path = (
+        resume_path(cfg, output_dir, getattr(model, "kind", None))
+        if auto
+        else cfg.get("ckpt_path")
+    )
+    if ckpt_path:
+        check_resume_checkpoint(ckpt_path, model, "ckpt_path")
+    return ckpt_path
+
+
+def _trainer(cfg: DictConfig) -> tuple[Any, list[Any]]:
+    """The Lightning trainer with the config's callbacks and loggers."""
+    from cmexp.utils.checkpoint_io import AtomicCheckpointIO
+    from cmexp.utils.instantiate import instantiate_dict
+
     callbacks = best_checkpoints_first(instantiate_dict(cfg.get("callbacks")))
     _wandb_offline_if_needed(cfg)
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(
+    trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         accumulate_grad_batches=accumulation_steps(cfg),
         plugins=[AtomicCheckpointIO()],
     )
-    locked_here = (
-        runs.lock_run_folder(output_dir) if rank_zero else False
-    )  # held until the run ends
+    return trainer, loggers
+
+
+def fit(trainer: Any, model: Any, datamodule: Any, ckpt_path: str | None, ckpt_dir: Path) -> Any:
+    """``trainer.fit``; a preemption (SIGTERM, SIGINT, SIGUSR1) is returned as the
+    :class:`~cmexp.callbacks.preemption.TrainingPreempted` it raised (None: ran to the end)."""
+    from cmexp.callbacks.preemption import MARKER, TrainingPreempted
+
+    if hasattr(model, "snapshot_rng"):
+        model.snapshot_rng()  # DDP ranks continue the single-process RNG stream
+    (ckpt_dir / MARKER).unlink(missing_ok=True)
     try:
-        _write_record(record, output_dir)
-        for lg in loggers:
-            lg.log_hyperparams({**record["choices"], "config": record["config"]})
-        if hasattr(model, "snapshot_rng"):
-            model.snapshot_rng()  # DDP ranks continue the single-process RNG stream
-        preempted = None
+        with forward_signals_to_child_ranks(trainer):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except TrainingPreempted as stop:
         (ckpt_dir / MARKER).unlink(missing_ok=True)
-        try:
-            with forward_signals_to_child_ranks(trainer):
-                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        except TrainingPreempted as stop:
-            preempted = stop
-            (ckpt_dir / MARKER).unlink(missing_ok=True)
-        except Exception:
-            # ddp_spawn / ddp_fork: a rank's TrainingPreempted reaches this process as a
-            # ProcessRaisedException; rank 0 recorded the stop next to the checkpoint it saved
-            preempted = TrainingPreempted.from_marker(ckpt_dir)
-            if preempted is None:
-                raise
-    finally:
-        if locked_here:
-            runs.release_run_folder(output_dir)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    log.info("run folder: %s", output_dir)
-    return {
-        "metrics": metrics,
-        "model": model,
-        "trainer": trainer,
-        "datamodule": datamodule,
-        "preempted": preempted,
-    }
+        return stop
+    except Exception:
+        # ddp_spawn / ddp_fork: a rank's TrainingPreempted reaches this process as a
+        # ProcessRaisedException; rank 0 recorded the stop next to the checkpoint it saved
+        preempted = TrainingPreempted.from_marker(ckpt_dir)
+        if preempted is None:
+            raise
+        return preempted
+    return None
 
 
 @contextlib.contextmanager

@@ -308,7 +308,7 @@ def test_sample_ddim_ddpm_and_edm_sde_on_an_edm_checkpoint(
     [
         (
             "sampler=dpm",
-            "error: sampler must be one of heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'",
+            "error: sampler must be one of consistency, heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'",
         ),
         ("eta=-0.5", "error: eta must be a number >= 0, got -0.5"),
     ],

@@ -87,7 +87,7 @@ def test_teacher_sampling_with_heun_and_euler(ckpts, tmp_path: Path) -> None:
     assert heun["images"].shape == euler["images"].shape == (2, 3, 32, 32)
     with pytest.raises(
         ValueError,
-        match="sampler must be one of heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'",
+        match="sampler must be one of consistency, heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'",
     ):
         run_sample(tmp_path, [f"ckpt={ckpts['edm']}", "sampler=dpm"], "bad")
 
