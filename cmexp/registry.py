@@ -157,7 +157,7 @@ def _import_packages_of(target: str) -> None:
 def methods() -> dict[str, Method]:
     """Every registered method by kind."""
     discover()
-    return dict(_METHODS)
+    return dict(_ordered())
 
 
 def method(kind: str, package: str | None = None) -> Method:
@@ -195,9 +195,23 @@ def kinds(family: str | None = None, sampled: bool = False) -> tuple[str, ...]:
     discover()
     return tuple(
         k
-        for k, m in _METHODS.items()
+        for k, m in _ordered()
         if (family is None or m.family == family) and (not sampled or m.family is not None)
     )
+
+
+def _ordered() -> list[tuple[str, Method]]:
+    """The methods in a fixed order, whatever imported them first: the built-in packages in
+    ``cmexp.methods.ORDER``, then the others as registered."""
+    order = importlib.import_module("cmexp.methods").ORDER
+    items = list(_METHODS.items())
+
+    def rank(item: tuple[int, tuple[str, Method]]) -> tuple[int, int]:
+        i, (_, m) = item
+        short = m.package.removeprefix("cmexp.methods.")
+        return (order.index(short) if short in order else len(order), i)
+
+    return [kv for _, kv in sorted(enumerate(items), key=rank)]
 
 
 def sampler(name: str) -> Sampler:
