@@ -20,23 +20,19 @@ class SeededNoise:
 
     Args:
         seeds: one integer per image in the batch.
-        device: where the noise is drawn.
+        device: where the noise is returned; it is always drawn by CPU generators, so a seed
+            gives the same image on every device (a CUDA generator draws other numbers).
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
-        self.generators = [
-            torch.Generator(device=device).manual_seed(int(s) % (1 << 63)) for s in seeds
-        ]
+        self.generators = [torch.Generator().manual_seed(int(s) % (1 << 63)) for s in seeds]
         self.device = torch.device(device)
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
         """``[len(seeds), *shape]`` standard normal noise."""
         return torch.stack(
-            [
-                torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype)
-                for g in self.generators
-            ]
-        )
+            [torch.randn(tuple(shape), generator=g, dtype=dtype) for g in self.generators]
+        ).to(self.device)
 
     def randn_like(self, x: Tensor) -> Tensor:
         if x.shape[0] != len(self.generators):

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _throughput(tmp_path: Path, *args: str) -> tuple[dict, str]:
-    out = tmp_path / "B.md"
+    out, js = tmp_path / "B.md", tmp_path / "t.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
@@ -29,8 +29,12 @@ def _throughput(tmp_path: Path, *args: str) -> tuple[dict, str]:
             "1",
             "--warmup",
             "0",
+            "--lpips-resize",
+            "null",
             "--write",
             str(out),
+            "--json",
+            str(js),
             *args,
         ],
         cwd=ROOT,
@@ -40,25 +44,26 @@ def _throughput(tmp_path: Path, *args: str) -> tuple[dict, str]:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout[proc.stdout.index("{") :]), out.read_text()
+    return json.loads(js.read_text()), out.read_text()
 
 
-def test_gpu_throughput_script_runs_every_variant_and_writes_its_table(tmp_path: Path) -> None:
-    # LPIPS (random VGG16 written on the fly) in fp32; bf16 autocast on both kinds with cheap metrics
-    res, table = _throughput(tmp_path, "--kinds", "cd", "--variants", "fp32", "--metric", "lpips")
-    assert res["rows"][0]["metric"] == "lpips" and "random" in res["vgg16"]
-    assert "| CD (Heun, N=18, lpips) | fp32 | 2 x 1 |" in table
-    res, table = _throughput(
-        tmp_path, "--variants", "bf16", "--metric", "l2", "--ct-metric", "pseudo_huber"
-    )
-    assert [(r["kind"], r["variant"]) for r in res["rows"]] == [("cd", "bf16"), ("ct", "bf16")]
-    assert all(
-        r["images_per_s"] > 0 and r["micro_batch"] * r["accumulation"] == 2 for r in res["rows"]
-    )
-    assert (
-        "| CT (pseudo_huber) | bf16 | 2 x 1 |" in table
-        and table.count("## Training throughput") == 2
-    )
+def test_gpu_throughput_script_runs_its_recipes_and_replaces_its_own_rows(
+    tmp_path: Path,
+) -> None:
+    # LPIPS (random VGG16 written on the fly) in fp32; a second run replaces the device's rows
+    res, table = _throughput(tmp_path, "--recipes", "cd_lpips", "--variants", "fp32")
+    assert [(r["recipe"], r["variant"], r["status"]) for r in res["rows"]] == [
+        ("cd_lpips", "fp32", "ok")
+    ]
+    assert "| cd_lpips | CD step" in table and "| fp32 | 2 (2 x 1) |" in table
+    res, table = _throughput(tmp_path, "--recipes", "ect,bare_ncsnpp", "--variants", "bf16")
+    assert [(r["recipe"], r["variant"]) for r in res["rows"]] == [
+        ("ect", "bf16"),
+        ("bare_ncsnpp", "bf16"),
+    ]
+    assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in res["rows"])
+    assert table.count("<!-- gpu_throughput rows: CPU") == 1 and "cd_lpips" not in table
+    assert "| ect | ECT step" in table
 
 
 def test_gpu_throughput_rejects_an_unknown_variant() -> None:
