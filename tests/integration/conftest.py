@@ -15,7 +15,15 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 #: a training without a teacher (the main job distils the zoo teacher, which debug=tiny cannot shrink)
 CT_EXPERIMENT = "+experiment=fmnist_ct_pseudo_huber"
 
-pytestmark = pytest.mark.integration
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration `integration` (a conftest's `pytestmark` is
+    ignored by pytest, so `-m integration` selected nothing)."""
+    for item in items:
+        if _HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)
