@@ -112,6 +112,9 @@ def test_ct_run_target_and_sampling_ema_are_distinct_and_follow_their_rates(comp
     model: CTLitModule = hydra.utils.instantiate(cfg.model)
     init = {n: p.detach().clone() for n, p in model.model.named_parameters()}
     out = train_with_model(cfg, model)
+    # the run trained this very module (else the checks below hold for untouched weights)
+    assert out["model"] is model
+    assert any(not torch.equal(p, init[n]) for n, p in model.model.named_parameters())
     assert model.target is not model.ema and model.target is not model.model
     for n, p in model.model.named_parameters():
         t = dict(model.target.named_parameters())[n]
