@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,19 @@ def composer(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@contextmanager
+def raises_wrapped_value_error(match: str) -> Iterator[pytest.ExceptionInfo]:
+    """A module constructor's ValueError, as training raises it: Hydra wraps it in an
+    InstantiationException and the command line prints its cause (``cmexp.utils.cli.user_error``):
+    that cause must be a plain ValueError whose message matches ``match`` (a regex)."""
+    from hydra.errors import InstantiationException
+
+    from cmexp.utils.cli import user_error
+
+    with pytest.raises(InstantiationException) as info:
+        yield info
+    cause = user_error(info.value)
+    assert type(cause) is ValueError, f"not a ValueError: {cause!r}"
+    assert re.search(match, str(cause)), f"{match!r} not found in {cause}"
