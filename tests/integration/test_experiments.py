@@ -182,8 +182,11 @@ def test_cfg_job_prints_resolved_config(name: str) -> None:
 
 def test_unknown_group_option_and_bad_values_fail_with_one_clear_line(tmp_path: Path) -> None:
     out = _cli(CT, "net=resnet9000", f"paths.root_dir={tmp_path}")
-    assert out.returncode != 0
-    assert "Could not find 'net/resnet9000'" in out.stderr
+    nets = ", ".join(sorted(p.stem for p in (CONF_DIR / "net").glob("*.yaml")))
+    assert (out.returncode, out.stderr) == (
+        2,
+        f"error: In 'train': Could not find 'net/resnet9000'; Available options in 'net': {nets}\n",
+    )
     out = _cli(
         CT, "schedule.s1=1", f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r")
     )
