@@ -148,7 +148,14 @@ def test_eval_scores_per_class_and_class_accuracy(ckpts, tmp_path: Path) -> None
     ]
     out = evaluate(compose_train(overrides, tmp_path / "eval", config_name="eval"))
     scores = out["metrics"]["1step"]
-    assert 0.0 <= scores["class_accuracy"] <= 1.0
+    # recomputed: the feature classifier's argmax on the saved samples against their labels
+    from cmexp.metrics import ClassifierFeatures
+
+    saved = np.load(tmp_path / "eval" / "samples_1step.npz")
+    images = torch.from_numpy(saved["arr_0"]).permute(0, 3, 1, 2)
+    logits = ClassifierFeatures(ckpt="zoo:fmnist_classifier").logits(images)
+    want = (logits.argmax(1) == torch.from_numpy(saved["arr_1"])).double().mean().item()
+    assert scores["class_accuracy"] == pytest.approx(want, abs=1e-12)
     assert {"fd_fmnist_class0", "fd_fmnist_class1"} <= set(
         scores
     ) and "fd_fmnist_class2" not in scores

@@ -82,7 +82,7 @@ def test_one_panel_per_metric_and_final_values(tmp_path: Path) -> None:
     assert w2 > 1.8 * w1  # two panels side by side
     md = two["md"].read_text().splitlines()
     header = [c.strip() for c in md[0].split("|")[1:-1]]
-    row = dict(zip(header, [c.strip() for c in md[2].split("|")[1:-1]]))
+    row = dict(zip(header, [c.strip() for c in md[2].split("|")[1:-1]], strict=True))
     assert (
         row["run"] == "solver=heun"
         and row["val/fd_fmnist_1step"] == "50"

@@ -63,7 +63,7 @@ def test_karras_grid_endpoints_monotone_and_reference_values() -> None:
         0.0075,
         0.002,
     ]  # reference.md 1.1
-    for got, want in zip(s.tolist(), ref):
+    for got, want in zip(s.tolist(), ref, strict=True):
         assert got == pytest.approx(want, rel=5e-3)  # printed to 2-4 significant digits
     assert s[11].item() == pytest.approx(0.585, abs=1e-3)  # the CIFAR-10 CD 2-step tau
     s32 = karras_sigmas(18)
