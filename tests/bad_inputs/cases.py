@@ -168,7 +168,7 @@ CASES: list[Case] = [
     C("train", f"{T} net=ncsnpp_small net.progressive_input=skip", "net.progressive_input must be one of none, residual"),
     C("train", f"{T} net=ncsnpp_small net.resample_filter=[]", "net.resample_filter must be a non-empty list"),
     C("train", f"{T} model=classifier net=small_cnn net.width=0", "net.width must be an integer >= 1, got 0"),
-    C("train", f"{T} model=classifier net=small_cnn", "model: ClassifierLitModule.__init__() got an unexpected keyword argument", "load"),
+    C("train", f"{T} model=classifier net=small_cnn", "model: ClassifierLitModule.__init__() got an unexpected keyword argument 'ema_decay' (the config's keys do not fit its _target_)", "load"),
     # ------------------------------------------------------------------ train: schedule, metric
     C("train", f"{T} schedule.s1=1", "schedule.s1=1 must be >= schedule.s0=10"),
     C("train", f"{T} schedule.s0=0", "schedule.s0 must be an integer >= 1, got 0"),

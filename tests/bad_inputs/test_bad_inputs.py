@@ -166,6 +166,8 @@ def test_every_case_names_a_key_or_file() -> None:
             "callbacks.sample_quality.features.ckpt",
         }
         assert any(n and (n in case.fragment) for n in names), case
+        if "unexpected keyword argument" in case.fragment:  # a TypeError must name the argument
+            assert re.search(r"^\w+: .*unexpected keyword argument '\w+'", case.fragment), case
     assert len(CASES) >= 100
     assert {c.entry for c in CASES} == {
         "train",

@@ -28,8 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cmexp.eval import evaluate
+from cmexp import registry
 from cmexp.inference import (  # noqa: F401
-    DIFFUSION_SAMPLERS,
     generate,
     load_model,
     sigma_plan,
@@ -282,9 +282,9 @@ def sampling_plans(ckpt: Path) -> list[tuple[str, Sequence[float], str]]:
     1 and 2 steps (Alg. 1); a diffusion model each sampler of cmexp.inference on 4 solver
     steps."""
     loaded = load_model(ckpt)
-    if loaded.is_consistency:
-        return [(f"{k}step", sigma_plan(loaded.spec, k), "consistency") for k in (1, 2)]
-    return [(s, solver_plan(loaded.spec, 4), s) for s in DIFFUSION_SAMPLERS]
+    if not loaded.spec.uses_solver:
+        return [(f"{k}step", sigma_plan(loaded.spec, k), loaded.spec.sampler) for k in (1, 2)]
+    return [(s, solver_plan(loaded.spec, 4), s) for s in registry.samplers(loaded.family)]
 
 
 def sample(ckpt: Path, device: str, sigmas: Sequence[float], sampler: str) -> torch.Tensor:

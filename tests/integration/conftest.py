@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,15 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 #: a training without a teacher (the main job distils the zoo teacher, which debug=tiny cannot shrink)
 CT_EXPERIMENT = "+experiment=fmnist_ct_pseudo_huber"
 
-pytestmark = pytest.mark.integration
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration `integration` (a conftest's `pytestmark` is
+    ignored by pytest, so `-m integration` selected nothing)."""
+    for item in items:
+        if _HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +74,19 @@ def composer(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@contextmanager
+def raises_wrapped_value_error(match: str) -> Iterator[pytest.ExceptionInfo]:
+    """A module constructor's ValueError, as training raises it: Hydra wraps it in an
+    InstantiationException and the command line prints its cause (``cmexp.utils.cli.user_error``):
+    that cause must be a plain ValueError whose message matches ``match`` (a regex)."""
+    from hydra.errors import InstantiationException
+
+    from cmexp.utils.cli import user_error
+
+    with pytest.raises(InstantiationException) as info:
+        yield info
+    cause = user_error(info.value)
+    assert type(cause) is ValueError, f"not a ValueError: {cause!r}"
+    assert re.search(match, str(cause)), f"{match!r} not found in {cause}"

@@ -20,7 +20,7 @@ from cmexp.sample import sample
 from cmexp.train import train
 from cmexp.utils.checks import ConfigError
 
-from .conftest import compose_train
+from .conftest import compose_train, raises_wrapped_value_error
 
 TINY = ["debug=tiny"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -406,13 +406,14 @@ def test_vp_teacher_at_zero_terminal_snr_trains_and_samples_from_pure_noise(
         sample(
             compose_train([f"ckpt={ckpt}", "sampler=heun"], tmp_path / "h", config_name="sample")
         )
-    with pytest.raises(Exception, match="'vp'-preconditioned teacher"):
+    with raises_wrapped_value_error(
+        r"^model\.teacher_path=\S+ is a 'vp'-preconditioned teacher \(model=edm_vp\); "
+        r"distillation here needs an EDM-preconditioned one \(model=edm\)$"
+    ):
         train(composer([*TINY, "model=pd", f"model.teacher_path={ckpt}", *ROUNDS], name="pd_vp"))
 
 
 def test_a_schedule_that_does_not_decrease_is_one_error_naming_alpha_bars(composer) -> None:
-    from cmexp.utils.cli import user_error
-
     cfg = composer(
         [
             *TINY,
@@ -421,8 +422,8 @@ def test_a_schedule_that_does_not_decrease_is_one_error_naming_alpha_bars(compos
             "+vp_schedule.alpha_bars=[0.9,0.95,0.1]",
         ]
     )
-    with pytest.raises(Exception) as err:  # Hydra wraps the ValueError; the CLI unwraps it
+    with raises_wrapped_value_error(  # Hydra wraps the ValueError; the CLI unwraps it
+        r"^vp_schedule\.alpha_bars must be strictly decreasing \(alpha_bar falls as t grows\), "
+        r"got vp_schedule\.alpha_bars\[1\]=0\.95 >= vp_schedule\.alpha_bars\[0\]=0\.9$"
+    ):
         train(cfg)
-    assert str(user_error(err.value)).startswith(
-        "vp_schedule.alpha_bars must be strictly decreasing"
-    )

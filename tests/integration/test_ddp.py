@@ -157,6 +157,44 @@ def test_channels_last_and_compile_options_train(tmp_path: Path) -> None:
     assert set(ckpt["state_dict"]) == set(plain)  # same checkpoint layout
 
 
+def test_compiled_online_net_computes_the_eager_loss_and_gradients(tmp_path: Path) -> None:
+    """`model.compile_net=true` (torch.compile, inductor: C++ kernels built with the machine's C
+    compiler) on the tiny net: the same loss and gradients as the eager net for the same batch
+    and draws, a graph really compiled, and the checkpoint keys unchanged. About 1 s with a warm
+    inductor cache, about 30 s cold on a loaded 2-core CPU."""
+    import hydra
+    import torch
+    from torch._dynamo.utils import counters
+
+    from .test_sample_edit import TINY
+
+    cfg = compose_train([*TINY, "model=ct"], tmp_path / "eager")
+    torch.manual_seed(0)
+    eager = hydra.utils.instantiate(cfg.model)
+    cfg.model.compile_net = True
+    compiled = hydra.utils.instantiate(cfg.model)
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.configure_model()  # what Lightning calls once the module is on its device
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    results = []
+    for module in (eager, compiled):
+        torch.manual_seed(2)  # the same noise levels and noise for both
+        loss, _ = module.compute_loss(images, None)
+        loss.backward()
+        grads = {n: p.grad for n, p in module.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    assert counters["stats"]["unique_graphs"] >= 1  # the online net went through torch.compile
+    (loss_e, grads_e), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_e and sorted(grads_c) == sorted(grads_e)
+    for name, g in grads_e.items():
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    assert sorted(compiled.state_dict()) == sorted(eager.state_dict())  # no _orig_mod keys
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compiled_online_net_trains_and_keeps_the_checkpoint_layout(tmp_path: Path) -> None:
     import torch

@@ -185,8 +185,11 @@ def test_cfg_job_prints_resolved_config(name: str) -> None:
 
 def test_unknown_group_option_and_bad_values_fail_with_one_clear_line(tmp_path: Path) -> None:
     out = _cli(CT, "net=resnet9000", f"paths.root_dir={tmp_path}")
-    assert out.returncode != 0
-    assert "Could not find 'net/resnet9000'" in out.stderr
+    nets = ", ".join(sorted(p.stem for p in (CONF_DIR / "net").glob("*.yaml")))
+    assert (out.returncode, out.stderr) == (
+        2,
+        f"error: In 'train': Could not find 'net/resnet9000'; Available options in 'net': {nets}\n",
+    )
     out = _cli(
         CT, "schedule.s1=1", f"paths.root_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r")
     )
@@ -303,6 +306,7 @@ def test_ect_recipe_has_the_papers_cifar10_values(composer) -> None:
     assert cfg.global_batch_size == 128 and cfg.dataset.batch_size == 128
     assert cfg.model.optimizer._target_ == "torch.optim.RAdam" and cfg.model.optimizer.lr == 1e-4
     assert cfg.net.dropout == 0.2 and cfg.net.embedding_type == "positional"  # DDPM++ teacher net
+    assert cfg.dataset.random_flip is False  # run_ecm.sh --augment=0, ct_train.py --xflip off
     assert cfg.trainer.max_steps == 200_000  # 25.6 Mimg
     assert cfg.model.double_kimg == 3200.0  # --double 250 x 12.8 kimg
     loss = cfg.model.loss
@@ -314,3 +318,42 @@ def test_ect_recipe_has_the_papers_cifar10_values(composer) -> None:
         and cfg.model.ema_decay == 0.9999
         and list(cfg.model.taus) == [0.821]
     )
+
+
+#: every CIFAR-10 recipe's horizontal-flip setting and its source (each YAML says the same)
+CIFAR10_FLIPS = {
+    "cifar10_cd_l1": True,  # CM paper App. C; consistency_models_cifar10 data.random_flip
+    "cifar10_cd_l2": True,
+    "cifar10_cd_lpips": True,
+    "cifar10_ct_fixed": True,
+    "cifar10_ct_lpips": True,
+    "cifar10_edm": True,  # CM paper App. C: all models, the EDM teacher included
+    "cifar10_ict": True,  # iCT paper: horizontal flips
+    "cifar10_sct": True,  # no source available: the suite's CM-paper default
+    "cifar10_scd": True,  # no source available: the suite's CM-paper default
+    "cifar10_pd": True,  # no source available: the suite's CM-paper default
+    "cifar10_pd_cm": True,  # consistency_models_cifar10 default config
+    "cifar10_ect": False,  # ECT: no augmentation (run_ecm.sh --augment=0, no --xflip)
+}
+
+
+def test_every_cifar10_recipe_has_a_recorded_flip_setting() -> None:
+    assert sorted(CIFAR10_FLIPS) == [n for n in EXPERIMENTS if n.startswith("cifar10_")]
+
+
+@pytest.mark.parametrize(("name", "flip"), sorted(CIFAR10_FLIPS.items()))
+def test_cifar10_recipe_flips_as_its_source(name: str, flip: bool, composer) -> None:
+    cfg = composer([f"+experiment={name}"])
+    assert cfg.dataset.random_flip is flip
+    # the YAML states the value itself (with its source), not only through the dataset default
+    assert (
+        f"random_flip: {str(flip).lower()}"
+        in (CONF_DIR / "experiment" / f"{name}.yaml").read_text()
+    )
+
+
+def test_scm_recipes_have_their_dropout(composer) -> None:
+    """sCT: the sCM paper's 0.2 (App. G); sCD: 0.0, FastGen's config_scd_cifar10.py (the paper
+    states no sCD-specific dropout)."""
+    assert composer(["+experiment=cifar10_sct"]).net.dropout == 0.2
+    assert composer(["+experiment=cifar10_scd"]).net.dropout == 0.0

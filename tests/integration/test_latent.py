@@ -97,18 +97,27 @@ def test_latent_edm_checkpoint_embeds_the_codec(runs) -> None:
     assert torch.allclose(loaded.latent.encode(x), codec.encode(x), atol=1e-6)
 
 
-def test_latent_cd_ct_and_ect_train_from_the_latent_teacher(runs) -> None:
+@pytest.fixture(scope="module")
+def students(runs) -> dict[str, Path]:
+    """Latent CD and ECT students of the latent teacher and a latent CT run, trained once for
+    every test that reads them (whatever the order or selection of the tests)."""
     base, ae = runs["base"], runs["ae"]
-    for model in ("cd", "ect"):
-        path = _run(
+    out = {
+        model: _run(
             [f"model={model}", *_latent(ae), f"model.teacher_path={runs['edm']}"], base / model
         )
+        for model in ("cd", "ect")
+    }
+    out["ct"] = _run(["model=ct", *_latent(ae)], base / "ct")
+    return out
+
+
+def test_latent_cd_ct_and_ect_train_from_the_latent_teacher(students) -> None:
+    for model in ("cd", "ect", "ct"):
+        path = students[model]
         meta = torch.load(path, map_location="cpu", weights_only=True)["cmexp"]
         assert meta["kind"] == model and meta["latent"]["resolution"] == 8
         assert (path.parents[1] / "samples" / "1step_last.png").is_file()
-    path = _run(["model=ct", *_latent(ae)], base / "ct")
-    assert torch.load(path, map_location="cpu", weights_only=True)["cmexp"]["latent"]
-    runs["ct"] = path
 
 
 def test_latent_sct_and_scd_train_and_sample_decoded_images(runs) -> None:
@@ -130,14 +139,17 @@ def test_latent_sct_and_scd_train_and_sample_decoded_images(runs) -> None:
         assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
 
 
-def test_sample_on_a_latent_checkpoint_returns_decoded_images(runs, tmp_path: Path) -> None:
+def test_sample_on_a_latent_checkpoint_returns_decoded_images(
+    runs, students, tmp_path: Path
+) -> None:
     from cmexp.sample import sample
 
-    for kind, extra in (("edm", []), ("ct", ["steps=2", "taus=[0.585]"])):
-        if kind not in runs:
-            pytest.skip("needs the latent CT run of the test above")
+    for kind, ckpt, extra in (
+        ("edm", runs["edm"], []),
+        ("ct", students["ct"], ["steps=2", "taus=[0.585]"]),
+    ):
         cfg = compose_train(
-            [f"ckpt={runs[kind]}", "num_samples=3", *extra], tmp_path / kind, config_name="sample"
+            [f"ckpt={ckpt}", "num_samples=3", *extra], tmp_path / kind, config_name="sample"
         )
         out = sample(cfg)
         assert out["images"].shape == (3, 3, 32, 32)
@@ -145,7 +157,7 @@ def test_sample_on_a_latent_checkpoint_returns_decoded_images(runs, tmp_path: Pa
         assert np.load(tmp_path / kind / "samples.npz")["arr_0"].shape == (3, 32, 32, 3)
 
 
-def test_eval_and_edit_on_a_latent_checkpoint(runs, tmp_path: Path) -> None:
+def test_eval_and_edit_on_a_latent_checkpoint(runs, students, tmp_path: Path) -> None:
     from cmexp.edit import edit
     from cmexp.eval import evaluate
 
@@ -176,7 +188,7 @@ def test_eval_and_edit_on_a_latent_checkpoint(runs, tmp_path: Path) -> None:
     (name,) = out["metrics"]
     assert np.isfinite(out["metrics"][name]["fd_fmnist"])
     assert np.load(tmp_path / "eval" / f"samples_{name}.npz")["arr_0"].shape == (6, 32, 32, 3)
-    cd = runs["base"] / "cd" / "checkpoints" / "last.ckpt"
+    cd = students["cd"]
     res = edit(
         compose_train(
             ["task=interpolate", f"ckpt={cd}", "num_samples=2", "task.num=3"],

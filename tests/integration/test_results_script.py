@@ -69,8 +69,16 @@ def test_table_reads_every_sample_set_of_the_eval_folders(tmp_path: Path) -> Non
     )
     assert md[4].endswith("| 0.800 | 0.500 | 10000 | 10000 test |")
     missing = _script("table", str(tmp_path / "out"), f"x={tmp_path / 'nothing'}")
-    assert missing.returncode != 0 and "no metrics.json there" in missing.stderr
-    assert _script("table", str(tmp_path / "out"), "no-equals-sign").returncode != 0
+    nothing = tmp_path / "nothing"
+    assert (missing.returncode, missing.stderr) == (
+        1,
+        f"x={nothing}: no metrics.json there (run cmexp.eval with hydra.run.dir={nothing})\n",
+    )
+    no_label = _script("table", str(tmp_path / "out"), "no-equals-sign")
+    assert (no_label.returncode, no_label.stderr) == (
+        1,
+        "expected LABEL=VALUE, got 'no-equals-sign'\n",
+    )
 
 
 def test_curves_read_a_training_log_and_a_kimg_fd_file(tmp_path: Path) -> None:
@@ -113,4 +121,4 @@ def test_grids_sample_the_zoo_models_with_the_same_seeds(tmp_path: Path) -> None
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "results_grid.png").stat().st_size > 1000
     bad = _script("grids", str(tmp_path), "x=zoo:fmnist_cd")
-    assert bad.returncode != 0 and "expected CKPT:STEPS" in bad.stderr
+    assert (bad.returncode, bad.stderr) == (1, "x=zoo:fmnist_cd: expected CKPT:STEPS[:TAU]\n")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -114,7 +116,12 @@ def test_every_edit_task_writes_grid_and_metrics(
     assert (tmp_path / task / f"edit_{task}.png").is_file() and metrics["task"] == task
     if task in ("inpaint", "colorize", "superres", "denoise"):
         assert list(out["rows"]) == ["before", "input", "result", "ground_truth"]
-        assert np.isfinite(metrics["psnr"]) and -1 <= metrics["ssim"] <= 1
+        # PSNR written out: images mapped from [-1, 1] to [0, 1], one MSE over the whole batch
+        a = (out["rows"]["result"].clamp(-1, 1) + 1) / 2
+        b = (out["rows"]["ground_truth"].clamp(-1, 1) + 1) / 2
+        want = 10 * math.log10(1.0 / float((a - b).double().square().mean()))
+        assert metrics["psnr"] == pytest.approx(want, rel=1e-5)
+        assert -1 <= metrics["ssim"] <= 1  # SSIM: only its range (no independent value here)
         assert metrics["lpips"] is None and "vgg16" in metrics["lpips_skipped"]
     if task == "inpaint":  # the known pixels are the real image's, bit for bit
         keep = ~out["rows"]["input"].eq(0).all(1, keepdim=True)
@@ -231,8 +238,18 @@ def classifier_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         out,
     )
     train(cfg)
-    assert 0 <= json.loads((out / "classifier.json").read_text())["test_acc"] <= 1
-    return out / "checkpoints" / "last.ckpt"
+    ckpt = out / "checkpoints" / "last.ckpt"
+    # the recorded accuracy, recomputed from the checkpoint on the run's test split
+    import hydra
+
+    from cmexp.metrics import ClassifierFeatures
+
+    info = json.loads((out / "classifier.json").read_text())
+    test = hydra.utils.instantiate(cfg.dataset).dataset("test")
+    logits = ClassifierFeatures(ckpt=str(ckpt)).logits(test.images)
+    want = (logits.argmax(1) == test.labels).double().mean().item()
+    assert info["test_images"] == len(test) and info["test_acc"] == pytest.approx(want, abs=1e-6)
+    return ckpt
 
 
 def test_tau_search_picks_taus_by_feature_frechet_distance(
@@ -315,7 +332,9 @@ def test_sample_quality_callback_logs_metrics_and_keeps_the_best_checkpoint(
     assert len(states) == 1 and states[0]["best_model_path"] == str(best[0])
     assert states[0]["best_model_score"] is not None
     final = json.loads((tmp_path / "run" / "sample_quality.json").read_text())
-    assert final["step"] == 4 and final["weights_sha256"] and final["seconds_total"] > 0
+    digest = hashlib.sha256(Path(classifier_ckpt).read_bytes()).hexdigest()[:12]
+    assert final["step"] == 4 and final["weights_sha256"] == digest  # the extractor's file
+    assert final["seconds_total"] > 0
     cached = list((tmp_path / ".cache" / "real_features").glob("*.pt"))
     assert len(cached) == 1 and "16" in cached[0].name  # computed once, keyed by the count
 

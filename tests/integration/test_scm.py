@@ -226,8 +226,10 @@ def test_sct_resumes_exactly(tmp_path: Path) -> None:
         (full.ema, resumed.ema),
         (full.weight_net, resumed.weight_net),
     ):
-        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-            torch.testing.assert_close(p, q, msg=name)
+        sa, sb = a.state_dict(), b.state_dict()
+        assert list(sa) == list(sb)
+        for name in sa:
+            torch.testing.assert_close(sa[name], sb[name], msg=name)
     assert _losses(tmp_path / "full")[3] == pytest.approx(_losses(tmp_path / "half")[3], rel=1e-6)
 
 

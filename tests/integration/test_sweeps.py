@@ -377,4 +377,7 @@ def test_modes_script_draws_every_runs_samples_with_the_same_seeds(tmp_path: Pat
         text=True,
         timeout=300,
     )
-    assert out.returncode != 0 and "no checkpoints under" in out.stderr
+    assert (out.returncode, out.stderr) == (
+        1,
+        f"no checkpoints under {empty / 'runs'}: train first\n",
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from cmexp.methods.consistency.module import CDLitModule, CTLitModule
 from cmexp.utils.errors import NonFiniteLossError
 from cmexp.train import train
 from cmexp.utils.checks import ConfigError
+
+from .conftest import raises_wrapped_value_error
 
 TINY = ["debug=tiny"]
 
@@ -113,6 +116,9 @@ def test_ct_run_target_and_sampling_ema_are_distinct_and_follow_their_rates(comp
     model: CTLitModule = hydra.utils.instantiate(cfg.model)
     init = {n: p.detach().clone() for n, p in model.model.named_parameters()}
     out = train_with_model(cfg, model)
+    # the run trained this very module (else the checks below hold for untouched weights)
+    assert out["model"] is model
+    assert any(not torch.equal(p, init[n]) for n, p in model.model.named_parameters())
     assert model.target is not model.ema and model.target is not model.model
     for n, p in model.model.named_parameters():
         t = dict(model.target.named_parameters())[n]
@@ -258,9 +264,9 @@ def test_config_errors_name_the_key(composer, overrides, message) -> None:
 
 def test_teacher_of_wrong_channels_is_rejected(composer, teacher_ckpt: Path) -> None:
     cfg = composer([*TINY, "model=cd", f"model.teacher_path={teacher_ckpt}", "dataset.channels=1"])
-    with pytest.raises(
-        Exception,
-        match=r"3-channel 32x32 teacher but this run uses dataset.resolution=32, dataset.channels=1",
+    with raises_wrapped_value_error(
+        r"^model\.teacher_path=\S+ is a 3-channel 32x32 teacher but this run uses "
+        r"dataset\.resolution=32, dataset\.channels=1$"
     ):
         train(cfg)
 
@@ -269,7 +275,9 @@ def test_ct_checkpoint_is_not_a_teacher(composer, tmp_path: Path) -> None:
     ct = composer([*TINY, "model=ct", "trainer.max_steps=2"], name="ct_src")
     train(ct)
     bad = Path(ct.paths.output_dir) / "checkpoints" / "last.ckpt"
-    with pytest.raises(Exception, match="holds a 'ct' model; expected 'edm' here"):
+    with raises_wrapped_value_error(
+        f"^model\\.teacher_path={re.escape(str(bad))} holds a 'ct' model; expected 'edm' here$"
+    ):
         train(composer([*TINY, "model=cd", f"model.teacher_path={bad}"]))
 
 
@@ -291,11 +299,13 @@ def test_student_preconditioning_must_match_the_teacher(
     cfg = composer(
         [*TINY, "model=cd", f"model.teacher_path={teacher_ckpt}", "schedule=fixed", *overrides]
     )
-    with pytest.raises(Exception, match="was trained with") as err:  # Hydra wraps the ValueError
+    with raises_wrapped_value_error(
+        f"^model\\.teacher_path={re.escape(str(teacher_ckpt))} was trained with .* but this run "
+        "sets .*; the student starts from the teacher's weights: use the teacher's values$"
+    ) as err:
         train(cfg)
     for key in keys:
-        assert key in str(err.value)
-    assert "use the teacher's values" in str(err.value)
+        assert key in str(err.value.__cause__)
 
 
 def test_existing_run_folder_is_never_overwritten(composer, tmp_path: Path) -> None:

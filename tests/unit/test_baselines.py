@@ -190,8 +190,9 @@ def test_zero_terminal_snr_rescaling(make) -> None:
     assert zs[0].item() == pytest.approx(ab[0].item(), rel=1e-12)  # alpha_bar_1 kept
     assert bool((zs[1:] < zs[:-1]).all())
     sched = VPSchedule(ab, zero_terminal_snr=True)
+    # sigma = sqrt((1 - alpha_bar) / alpha_bar), written out (not the code's own mapping)
     assert math.isinf(sched.sigma_max) and sched.sigma_min == pytest.approx(
-        alpha_bar_to_sigma(ab[:1]).item()
+        math.sqrt((1 - ab[0].item()) / ab[0].item()), rel=1e-12
     )
     assert math.isinf(sched.plan(4)[0])  # trailing timesteps: the first step starts at t = T
 
@@ -204,7 +205,10 @@ def test_published_schedule_values_and_the_sigma_mapping() -> None:
     cos = cosine_alpha_bars(1000)
     assert cos[-1].item() < 1e-6 and cos[0].item() == pytest.approx(0.99996, abs=2e-5)
     sig = alpha_bar_to_sigma(ab)
-    torch.testing.assert_close(sigma_to_alpha_bar(sig), ab)  # alpha_bar = 1/(1 + sigma^2)
+    torch.testing.assert_close(sig, torch.sqrt((1 - ab) / ab))  # sigma = sqrt((1 - ab) / ab)
+    assert sig[0].item() == pytest.approx(0.0100005, rel=1e-6)  # beta_1 = 1e-4: sqrt(1e-4/0.9999)
+    torch.testing.assert_close(sigma_to_alpha_bar(sig), 1 / (1 + sig**2))  # alpha_bar
+    torch.testing.assert_close(sigma_to_alpha_bar(sig), ab)
     assert alpha_bar_to_sigma(torch.tensor(0.0)).item() == math.inf
     x = torch.randn(3, 1, 2, 2, dtype=F64)
     s = torch.tensor([0.1, 1.0, 30.0], dtype=F64)
@@ -212,7 +216,8 @@ def test_published_schedule_values_and_the_sigma_mapping() -> None:
     torch.testing.assert_close(ve_to_vp(x, s)[1], x[1] / math.sqrt(2))
     sched = VPSchedule(ab)
     plan = sched.plan(4)
-    assert plan == [sig[t - 1].item() for t in (1000, 750, 500, 250)]  # trailing spacing
+    want = [math.sqrt((1 - ab[t - 1].item()) / ab[t - 1].item()) for t in (1000, 750, 500, 250)]
+    assert plan == pytest.approx(want, rel=1e-12)  # trailing spacing
     d = sched.draw(4000)
     assert set(d.tolist()) <= set(sig.float().tolist()) and len(set(d.tolist())) > 900
 

@@ -96,7 +96,7 @@ def test_step_loader_is_deterministic_resumable_and_flips() -> None:
     ds = _dataset()
     full = list(StepLoader(ds, 8, seed=3))
     again = list(StepLoader(ds, 8, seed=3))
-    for (a, la), (b, lb) in zip(full, again):
+    for (a, la), (b, lb) in zip(full, again, strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
     # batches 2.. of a loader started at batch 2 (across an epoch boundary: 5 batches per epoch)
     first = StepLoader(ds, 8, seed=3)
@@ -105,7 +105,7 @@ def test_step_loader_is_deterministic_resumable_and_flips() -> None:
         seq += list(first)
     resumed = StepLoader(ds, 8, seed=3, start_batch=3)
     seq_r = list(resumed) + list(resumed)
-    for (a, la), (b, lb) in zip(seq[3:], seq_r):
+    for (a, la), (b, lb) in zip(seq[3:], seq_r, strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
     flipped = torch.cat([x[:, 0, 0, -1] for x, _ in full]) == 1.0
     assert 0 < flipped.sum() < len(flipped)

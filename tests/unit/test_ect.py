@@ -87,16 +87,25 @@ def test_same_noise_target_at_r_and_data_where_r_is_zero() -> None:
 def test_default_metric_is_l2_norm_over_the_gap() -> None:
     torch.manual_seed(2)
     images = torch.randn(64, 1, 4, 4) * 0.5
-    out = ECTLoss(stage=3)(lambda x, s, c=None: 0.9 * x, images)
+
+    def f(x: Tensor, s: Tensor, c: Tensor | None = None) -> Tensor:
+        # not linear in sigma, so the loss depends on r itself (with f = 0.9 x, |f(x_t) - f(x_r)|
+        # / (t - r) = 0.9 |z| for every r > 0 and a wrong r would go unnoticed)
+        return x / (1 + s.view(-1, 1, 1, 1) ** 2).sqrt()
+
+    out = ECTLoss(stage=1)(f, images)  # stage 1: r = 0 for small t, r > 0 above
+    # the expectation from ECT's formulas, not from the loss's own sample_t / t_to_r: the same
+    # draws in the same order (images, then t's standard normals, then the noise)
     torch.manual_seed(2)
     images2 = torch.randn(64, 1, 4, 4) * 0.5
-    loss = ECTLoss(stage=3)
-    t = loss.sample_t(64, images2.device)
-    r = loss.t_to_r(t)
+    t = torch.exp(-1.1 + 2.0 * torch.randn(64))  # lognormal, P_mean -1.1, P_std 2.0
+    n = 1 + 8 / (1 + torch.exp(t))  # n(t) = 1 + k sigmoid(-b t), k = 8, b = 1
+    r = torch.clamp(t * (1 - n / 2.0 ** (1 + 1)), min=0.0)  # stage 1, q = 2
     z = torch.randn_like(images2)
     x_t = images2 + t.view(-1, 1, 1, 1) * z
     x_r = images2 + r.view(-1, 1, 1, 1) * z
-    diff = 0.9 * x_t - torch.where((r > 0).view(-1, 1, 1, 1), 0.9 * x_r, images2)
+    diff = f(x_t, t) - torch.where((r > 0).view(-1, 1, 1, 1), f(x_r, r), images2)
+    assert 0 < float((r > 0).float().mean()) < 1  # both kinds of target
     torch.testing.assert_close(out.loss, diff.flatten(1).norm(dim=1) / (t - r))
 
 

@@ -122,7 +122,7 @@ def test_inpainting_with_the_exact_gaussian_model_follows_the_closed_form() -> N
         f, y, E.IdentityTransform(), mask, sig, EPS, noise=lambda x: next(it), clip_denoised=False
     )
     x = c(80.0) * 80.0 * zs[0]
-    for t, z in zip(sig[1:], zs[1:]):
+    for t, z in zip(sig[1:], zs[1:], strict=True):
         x = c(t) * (x + math.sqrt(t**2 - EPS**2) * z)
     expected = torch.where(mask.bool(), x, y)
     assert torch.allclose(out, expected, atol=1e-5)
