@@ -32,7 +32,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory, teacher: Path) -> dict[str, 
 
 def _plans() -> list[tuple[str, str]]:
     return [("ct", "1step"), ("ct", "2step"), ("sct", "1step"), ("sct", "2step")] + [
-        ("edm", s) for s in H.DIFFUSION_SAMPLERS
+        ("edm", s) for s in H.registry.samplers("denoiser")
     ]
 
 

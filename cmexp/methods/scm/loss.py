@@ -46,7 +46,10 @@ class JVPTangent:
         """x_t, dxdt ``[B,C,H,W]``; t ``[B]`` -> ``cos t sin t dF/dt`` ``[B,C,H,W]``."""
         vt = torch.cos(t) * torch.sin(t)
         vx = append_dims(vt, x_t.ndim).to(dxdt.dtype) * dxdt
-        return torch.func.jvp(fn, (x_t, t), (vx, vt))[1]
+        # Outside autocast: forward-mode AD through autocast's casts fails (a dual bf16 weight
+        # meets an fp32 tangent), and the tangent carries no gradient. A no-op in fp32 runs.
+        with torch.autocast(device_type=x_t.device.type, enabled=False):
+            return torch.func.jvp(fn, (x_t, t), (vx, vt))[1]
 
     def check(self, model: nn.Module) -> None:
         """Run one JVP on a one-image batch through ``model.F`` (a TrigFlow wrapper); a layer
