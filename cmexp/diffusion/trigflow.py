@@ -85,9 +85,9 @@ class TrigFlowPrecond(nn.Module):
         super().__init__()
         check_sigma_range(sigma_min, sigma_max)
         if not sigma_data > 0:
-            raise ValueError(f"model.sigma_data must be > 0, got {sigma_data!r}")
+            raise ValueError(f"model.precond.sigma_data must be > 0, got {sigma_data!r}")
         if not c_noise_scale > 0:
-            raise ValueError(f"model.c_noise_scale must be > 0, got {c_noise_scale!r}")
+            raise ValueError(f"model.precond.c_noise_scale must be > 0, got {c_noise_scale!r}")
         self.net = net
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data, self.c_noise_scale = float(sigma_data), float(c_noise_scale)

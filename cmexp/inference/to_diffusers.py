@@ -10,7 +10,7 @@ What is exactly representable there, and therefore what exports:
 * the wrapper: CM's boundary scalings (``CMPrecond``: kinds cd, ct, ect) with the time input
   ``c_noise = 250 ln(sigma + 1e-44)``, which is what the scheduler feeds the UNet
   (``1000 * 0.25 * log(sigma + 1e-44)``): ``c_noise_scale = 250``, the value of
-  openai/consistency_models (``model.c_noise_scale=250``). Other scales, EDM/PD denoisers and
+  openai/consistency_models (``model.precond.c_noise_scale=250``). Other scales, EDM/PD denoisers and
   the TrigFlow models (sct, scd) do not export.
 * the network: :class:`cmexp.nets.ADMUNet` (guided-diffusion's UNet), which ``UNet2DModel``
   mirrors block for block, when its GroupNorms share one group count, its attention heads one
@@ -37,7 +37,7 @@ DIFFUSERS_C_NOISE_SCALE = 250.0
 
 EXPORTS = (
     "format=diffusers exports ADMUNet consistency models (kind cd, ct or ect) with c_noise_scale=250: "
-    "net=adm_imagenet64 / adm_lsun256 runs with model.c_noise_scale=250, openai/consistency_models cd_*/ct_* files"
+    "net=adm_imagenet64 / adm_lsun256 runs with model.precond.c_noise_scale=250, openai/consistency_models cd_*/ct_* files"
 )
 
 _RES = {

@@ -20,6 +20,11 @@ from cmexp.inference.plan import SamplingSpec, nfe, sigma_plan
 from cmexp.utils.errors import NonFiniteLossError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+#: A preconditioning wrapper class with its constants, built by Hydra as a partial
+#: (``model.precond``: ``_target_`` a wrapper of ``cmexp.diffusion.precond``,
+#: ``cmexp.diffusion.vp`` or ``cmexp.diffusion.trigflow``, ``sigma_min``, ``sigma_max``,
+#: ``sigma_data``, ``c_noise_scale``, ...); called with the raw network.
+PrecondFactory = Callable[..., nn.Module]
 
 
 def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
@@ -44,6 +49,19 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with ``requires_grad=False`` everywhere (target network, EMA, teacher)."""
     out = copy.deepcopy(module)
     out.requires_grad_(False)
+    return out
+
+
+def check_taus(taus: Any, model: nn.Module, key: str = "model.taus") -> tuple[float, ...]:
+    """Multistep sampling's levels after T as floats, each inside the wrapper's
+    ``(sigma_min, sigma_max)``; a ValueError naming ``key`` otherwise."""
+    out = tuple(float(t) for t in taus)
+    for t in out:
+        if not model.sigma_min < t < model.sigma_max:
+            raise ValueError(
+                f"{key} entries must lie in (model.precond.sigma_min, model.precond.sigma_max) = "
+                f"({model.sigma_min}, {model.sigma_max}), got {t}"
+            )
     return out
 
 
@@ -92,6 +110,37 @@ class DiffusionLitModule(pl.LightningModule):
 
     def _init_ema(self) -> None:
         self.ema = frozen_copy(self.model)
+
+    # ---------------------------------------------------------------- a frozen teacher
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """Keep a frozen teacher beside the trained model: out of ``state_dict()`` and
+        ``parameters()`` (so checkpoints never contain it), moved with the module."""
+        self._teacher = [teacher]
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        held = self.__dict__.get("_teacher")
+        return held[0] if held else None
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DiffusionLitModule:
+        super()._apply(fn, *args, **kwargs)
+        for teacher in self.__dict__.get("_teacher", ()):
+            teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def consistency_spec(self, num_scales: int) -> SamplingSpec:
+        """The sampling settings of a consistency function (CM paper Alg. 1): the wrapper's
+        sigma range, ``self.rho``, the grid N that ``tau_indices`` index and ``self.taus``."""
+        m = self.model
+        return SamplingSpec(
+            family="consistency",
+            sampler="consistency",
+            sigma_min=m.sigma_min,
+            sigma_max=m.sigma_max,
+            rho=self.rho,
+            num_scales=int(num_scales),
+            taus=self.taus,
+        )
 
     def configure_model(self) -> None:
         """Apply the speed options once the module is on its device (Lightning hook)."""

@@ -28,17 +28,19 @@ def load_teacher_weights(student: nn.Module, teacher: nn.Module) -> None:
 
 
 def check_preconditioning(
-    student: nn.Module, teacher: nn.Module, teacher_path: str | None
+    student: nn.Module,
+    teacher: nn.Module,
+    teacher_path: str | None,
+    keys: tuple[str, ...] = PRECOND_KEYS,
 ) -> None:
-    """A CD student starts from its teacher's weights, so it must feed them the same inputs:
-    a ValueError naming every ``model.*`` key whose value differs from the teacher's."""
+    """A student that starts from its teacher's weights must feed them the same inputs: a
+    ValueError naming every ``model.precond.*`` key (of ``keys``) whose value differs from
+    the teacher's."""
     diff = [
-        k
-        for k in PRECOND_KEYS
-        if abs(float(getattr(student, k)) - float(getattr(teacher, k))) > 1e-12
+        k for k in keys if abs(float(getattr(student, k)) - float(getattr(teacher, k))) > 1e-12
     ]
     if diff:
-        got = ", ".join(f"model.{k}={getattr(student, k)}" for k in diff)
+        got = ", ".join(f"model.precond.{k}={getattr(student, k)}" for k in diff)
         want = ", ".join(f"{k}={getattr(teacher, k)}" for k in diff)
         raise ValueError(
             f"model.teacher_path={teacher_path} was trained with {want} but this run sets {got}; "

@@ -286,11 +286,13 @@ TRAIN: dict[str, Rule] = {
     "model.optimizer.weight_decay": Num(0),
     "model.ema_decay": Num(),
     "model.lr_warmup_kimg": Num(0),
-    "model.sigma_min": Num(),
-    "model.sigma_max": Num(),
-    "model.sigma_data": POSITIVE,
+    # the preconditioning object every method builds (model.precond: a wrapper with its
+    # constants; ranges of sigma_min/max: check_train_config)
+    "model.precond.sigma_min": Num(),
+    "model.precond.sigma_max": Num(),
+    "model.precond.sigma_data": POSITIVE,
+    "model.precond.c_noise_scale": POSITIVE,
     "model.rho": POSITIVE,
-    "model.c_noise_scale": POSITIVE,
     "model.taus": Numbers(lo=0, lo_open=True, example="[0.585]"),
     "net.channels_last": Bool(),
     "net.convs": Numbers(lo=1, ints=True, min_len=1, example="[1, 2, 2]"),
@@ -833,12 +835,14 @@ def check_train_config(cfg: DictConfig) -> None:
         mu = sel(cfg, key)
         if mu is not None and not 0 <= mu < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {mu}")
-    smin, smax = sel(cfg, "model.sigma_min"), sel(cfg, "model.sigma_max")
+    smin, smax = sel(cfg, "model.precond.sigma_min"), sel(cfg, "model.precond.sigma_max")
     if smin is not None and smax is not None:
         if not smin > 0:
-            raise ConfigError(f"model.sigma_min must be > 0, got {smin}")
+            raise ConfigError(f"model.precond.sigma_min must be > 0, got {smin}")
         if not smin < smax:
-            raise ConfigError(f"model.sigma_min={smin} must be < model.sigma_max={smax}")
+            raise ConfigError(
+                f"model.precond.sigma_min={smin} must be < model.precond.sigma_max={smax}"
+            )
     ema = sel(cfg, "model.ema_decay")
     if ema is not None and not 0 <= ema < 1:
         raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema}")

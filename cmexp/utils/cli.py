@@ -105,6 +105,12 @@ def run_cli(fn: Callable[..., T], *args: Any) -> T:
 RENAMED_KEYS: dict[str, dict[str, str]] = {
     "train": {
         "model.sample_sigmas": "model.taus",
+        # the preconditioning object (a method is one folder: model.precond built by Hydra)
+        "model.sigma_min": "model.precond.sigma_min",
+        "model.sigma_max": "model.precond.sigma_max",
+        "model.sigma_data": "model.precond.sigma_data",
+        "model.c_noise_scale": "model.precond.c_noise_scale",
+        "model.edm_scalings_in_training": "model.precond.edm_scalings_in_training",
         "dataset.num_samples": "dataset.length",
         "preset": "removed: the main job is +experiment=fmnist_cd_quick (chosen when no +experiment is given)",
     },

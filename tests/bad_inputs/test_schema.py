@@ -221,10 +221,10 @@ INDEPENDENT = {
         ("model.ema_decay", 1.0, 0.9999),  # 1 would never move the average
         ("model.ema_decay", -0.5, 0.0),
         ("model.optimizer.lr", 0.0, 4e-4),
-        ("model.sigma_min", 0.0, 0.002),  # sigma_min > 0 (c_out(eps) = 0 needs eps > 0)
-        ("model.sigma_max", 0.001, 80.0),  # below sigma_min = 0.002
+        ("model.precond.sigma_min", 0.0, 0.002),  # sigma_min > 0 (c_out(eps) = 0 needs eps > 0)
+        ("model.precond.sigma_max", 0.001, 80.0),  # below sigma_min = 0.002
         ("model.rho", 0.0, 7.0),
-        ("model.sigma_data", 0.0, 0.5),
+        ("model.precond.sigma_data", 0.0, 0.5),
         ("model.taus", [0.0], [0.821]),  # a re-noising sigma > 0
         ("schedule.s0", 0, 10),  # N(0) = s0 + 1 >= 2
         ("schedule.s1", 1, 150),  # s1 >= s0 = 2

@@ -65,7 +65,7 @@ def _fake_teacher(cfg, cache: dict[str, Path]) -> Path:
             "label_dim": net.label_dim,
             "sigma_min": 0.002,
             "sigma_max": 80.0,
-            "sigma_data": float(cfg.model.sigma_data),  # 0.5; latent experiments 1.0
+            "sigma_data": float(cfg.model.precond.sigma_data),  # 0.5; latent experiments 1.0
             "c_noise_scale": 0.25,
         }
         state = {f"ema.{k}": v for k, v in teacher.state_dict().items()}
@@ -276,7 +276,11 @@ def test_ict_recipe_has_the_papers_cifar10_values(composer) -> None:
     )
     assert cfg.model.ema_decay == 0.99993  # sampling EMA
     assert list(cfg.model.taus) == [0.821]  # 2-step sigma
-    assert (cfg.model.sigma_min, cfg.model.sigma_max, cfg.model.rho) == (0.002, 80.0, 7.0)
+    assert (cfg.model.precond.sigma_min, cfg.model.precond.sigma_max, cfg.model.rho) == (
+        0.002,
+        80.0,
+        7.0,
+    )
     assert (
         cfg.metric._target_ == "cmexp.losses.PseudoHuberDistance" and cfg.metric.c is None
     )  # 0.00054 sqrt(d)
@@ -314,7 +318,7 @@ def test_ect_recipe_has_the_papers_cifar10_values(composer) -> None:
     assert loss.metric._target_ == "cmexp.losses.L2NormDistance"  # c = 0
     assert loss.weighting._target_ == "cmexp.losses.ICTWeighting"  # 1 / (t - r)
     assert (
-        cfg.model.sigma_min == 0.003
+        cfg.model.precond.sigma_min == 0.003
         and cfg.model.ema_decay == 0.9999
         and list(cfg.model.taus) == [0.821]
     )

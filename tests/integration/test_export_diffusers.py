@@ -38,7 +38,7 @@ def _perturb(state: dict[str, torch.Tensor], prefix: str, seed: int = 1) -> None
 
 @pytest.fixture(scope="module")
 def adm_ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CT checkpoint of `cmexp.train` with a tiny ADMUNet and model.c_noise_scale=250 (2 steps,
+    """A CT checkpoint of `cmexp.train` with a tiny ADMUNet and model.precond.c_noise_scale=250 (2 steps,
     then its sampling-EMA weights perturbed)."""
     from cmexp.train import train
 
@@ -47,7 +47,7 @@ def adm_ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
     overrides = ["debug=tiny", "model=ct", "trainer.max_steps=2", "dataset.batch_size=2",
                  "net=adm_imagenet64", "dataset.resolution=16", "dataset.num_classes=0",
                  "net.model_channels=32", "net.channel_mult=[1,2]", "net.num_blocks=1",
-                 "net.attn_resolutions=[8]", "net.num_head_channels=32", "model.c_noise_scale=250"]  # fmt: skip
+                 "net.attn_resolutions=[8]", "net.num_head_channels=32", "model.precond.c_noise_scale=250"]  # fmt: skip
     train(compose_train(overrides, base / "run"))
     ckpt = torch.load(
         base / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True

@@ -113,13 +113,13 @@ def test_scd_teacher_mismatch_is_one_error_naming_the_key(runs, composer) -> Non
             "+experiment=fmnist_scd",
             *TINY,
             f"model.teacher_path={runs['edm']}",
-            "model.c_noise_scale=1.0",
+            "model.precond.c_noise_scale=1.0",
         ]
     )
     errors = (ValueError, hydra.errors.InstantiationException)
     with pytest.raises(
         errors,
-        match=r"model.teacher_path=.* was trained with c_noise_scale=0.25 but this run sets model.c_noise_scale=1.0",
+        match=r"model.teacher_path=.* was trained with c_noise_scale=0.25 but this run sets model.precond.c_noise_scale=1.0",
     ):
         hydra.utils.instantiate(cfg.model)
     cfg = composer(["+experiment=fmnist_scd", *TINY, f"model.teacher_path={runs['sct']}"])

@@ -248,8 +248,8 @@ def test_fashion_mnist_subset_runs_all_modes(composer, teacher_ckpt: Path) -> No
         ),
         (["schedule=adaptive", "schedule.s1=1"], "schedule.s1=1 must be >= schedule.s0=2"),
         (
-            ["model.sigma_min=80", "model.sigma_max=80"],
-            "model.sigma_min=80 must be < model.sigma_max=80",
+            ["model.precond.sigma_min=80", "model.precond.sigma_max=80"],
+            "model.precond.sigma_min=80 must be < model.precond.sigma_max=80",
         ),
         (["schedule=fixed", "schedule.mu=1.0"], "schedule.mu must be in [0, 1)"),
         (["schedule=adaptive", "schedule.mu0=-0.1"], "schedule.mu0 must be in [0, 1)"),
@@ -284,10 +284,10 @@ def test_ct_checkpoint_is_not_a_teacher(composer, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "keys"),
     [
-        (["model.sigma_data=0.6"], ["model.sigma_data=0.6"]),
+        (["model.precond.sigma_data=0.6"], ["model.precond.sigma_data=0.6"]),
         (
-            ["model.c_noise_scale=250", "model.sigma_max=60"],
-            ["model.sigma_max=60", "model.c_noise_scale=250"],
+            ["model.precond.c_noise_scale=250", "model.precond.sigma_max=60"],
+            ["model.precond.sigma_max=60", "model.precond.c_noise_scale=250"],
         ),
     ],
 )

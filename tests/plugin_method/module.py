@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from cmexp.diffusion.precond import EDMPrecond
 from cmexp.inference.plan import SamplingSpec
-from cmexp.training.base import DiffusionLitModule, OptimizerFactory
+from cmexp.training.base import DiffusionLitModule, OptimizerFactory, PrecondFactory
 from tests.plugin_method.loss import LogUniformEDMLoss
 
 
@@ -23,15 +23,12 @@ class LogUniformEDMLitModule(DiffusionLitModule):
         loss: LogUniformEDMLoss,
         optimizer: OptimizerFactory,
         ema_decay: float = 0.99,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
-        c_noise_scale: float = 0.25,
+        precond: PrecondFactory = EDMPrecond,
         sample_num_scales: int = 18,
         **base: Any,
     ) -> None:
         super().__init__(optimizer, ema_decay, **base)
-        self.model = EDMPrecond(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
+        self.model = precond(net)
         self._init_ema()
         self.loss = loss
         self.sample_num_scales = int(sample_num_scales)

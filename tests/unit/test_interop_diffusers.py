@@ -122,7 +122,7 @@ def test_what_does_not_export_is_named(make, kind: str, message: str) -> None:
         check_exportable(make(), kind, "m.ckpt")
     text = str(err.value)
     assert message in text and text.endswith(
-        "net=adm_imagenet64 / adm_lsun256 runs with model.c_noise_scale=250, openai/consistency_models cd_*/ct_* files"
+        "net=adm_imagenet64 / adm_lsun256 runs with model.precond.c_noise_scale=250, openai/consistency_models cd_*/ct_* files"
     )
     assert EXPORTS in text and "\n" not in text
 

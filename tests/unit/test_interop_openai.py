@@ -4,6 +4,8 @@ sampling grid and 2-step tau; a missing/extra key or an unknown file name is nam
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,7 @@ def test_cd_distils_from_the_released_edm_teacher(tmp_path: Path) -> None:
     from cmexp.diffusion.solvers import heun_step
     from cmexp.methods.consistency.loss import ConsistencyDistillationLoss
     from cmexp.losses.distances import L2Distance
+    from cmexp.diffusion.precond import CMPrecond
     from cmexp.methods.consistency.module import CDLitModule
 
     _fake(tmp_path / "edm_imagenet64_ema.pt", label_dim=10)
@@ -142,7 +145,7 @@ def test_cd_distils_from_the_released_edm_teacher(tmp_path: Path) -> None:
         FixedSchedule(40, 0.0),
         torch.optim.RAdam,
         teacher_path=str(tmp_path / "edm_imagenet64_ema.pt"),
-        c_noise_scale=250.0,
+        precond=functools.partial(CMPrecond, c_noise_scale=250.0),
     )
     teacher = load_model(tmp_path / "edm_imagenet64_ema.pt").model
     x, labels = torch.randn(2, 3, 64, 64), torch.tensor([3, 7])

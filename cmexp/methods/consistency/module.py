@@ -19,7 +19,13 @@ from cmexp.diffusion.precond import CMPrecond, EDMPrecond
 from cmexp.diffusion.schedules import Schedule, check_mu
 from cmexp.inference.plan import SamplingSpec
 from cmexp.methods.consistency.loss import ConsistencyDistillationLoss, ConsistencyTrainingLoss
-from cmexp.training.base import DiffusionLitModule, OptimizerFactory, frozen_copy
+from cmexp.training.base import (
+    DiffusionLitModule,
+    OptimizerFactory,
+    PrecondFactory,
+    check_taus,
+    frozen_copy,
+)
 from cmexp.training.teacher import (
     check_preconditioning,
     check_same_network,
@@ -34,6 +40,8 @@ class ConsistencyLitModule(DiffusionLitModule):
     Args:
         net: raw network. loss: CD or CT objective. schedule: ``step -> (N, mu)``
             (``FixedSchedule`` or ``AdaptiveSchedule``).
+        precond: the consistency function's wrapper (``CMPrecond``: sigma_min = eps 0.002,
+            sigma_max = T 80, sigma_data 0.5, c_noise_scale 0.25; CM paper App. C).
         taus: noise levels of multistep sampling after the first step (the 2-step tau;
             CIFAR-10 CD: 0.585 = grid index 11 of N = 18); stored in checkpoints as the
             model's default taus.
@@ -49,24 +57,18 @@ class ConsistencyLitModule(DiffusionLitModule):
         lr_warmup_kimg: float = 0.0,
         compile_net: bool = False,
         channels_last: bool = False,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
+        precond: PrecondFactory = CMPrecond,
         rho: float = 7.0,
-        c_noise_scale: float = 0.25,
         taus: Sequence[float] = (0.585,),
     ) -> None:
         super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
-        self.model = CMPrecond(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
+        self.model = precond(net)
         self.target = frozen_copy(self.model)
         self._init_ema()
         self.loss = loss
         self.schedule = schedule
         self.rho = float(rho)
-        self.taus = tuple(float(t) for t in taus)
-        for t in self.taus:
-            if not sigma_min < t < sigma_max:
-                raise ValueError(f"model.taus entries must lie in (sigma_min, sigma_max), got {t}")
+        self.taus = check_taus(taus, self.model)
         self._mu = schedule(0)[1]
         check_mu(self._mu)
 
@@ -89,16 +91,7 @@ class ConsistencyLitModule(DiffusionLitModule):
 
     def sampling_spec(self) -> SamplingSpec:
         """Sigma range, rho, the grid N of the current step and the default taus."""
-        m = self.model
-        return SamplingSpec(
-            family="consistency",
-            sampler="consistency",
-            sigma_min=m.sigma_min,
-            sigma_max=m.sigma_max,
-            rho=self.rho,
-            num_scales=int(self.schedule(self.global_step)[0]),
-            taus=self.taus,
-        )
+        return self.consistency_spec(self.schedule(self.global_step)[0])
 
 
 class CTLitModule(ConsistencyLitModule):
@@ -143,7 +136,7 @@ class CDLitModule(ConsistencyLitModule):
             teacher, EDMPrecond
         ):  # VP/VE-SDE teachers of NVlabs/edm: no weights are shared
             check_preconditioning(self.model, teacher, teacher_path)
-        self._teacher = [teacher]  # a list keeps it out of state_dict() and parameters()
+        self.attach_teacher(teacher)
         self.loss.teacher = teacher
         if init_from_teacher:
             if getattr(
@@ -153,15 +146,6 @@ class CDLitModule(ConsistencyLitModule):
             load_teacher_weights(self.model.net, teacher.net)
             ema_update_(self.target, self.model, 0.0)
             ema_update_(self.ema, self.model, 0.0)
-
-    @property
-    def teacher(self) -> EDMPrecond:
-        return self._teacher[0]
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "CDLitModule":
-        super()._apply(fn, *args, **kwargs)
-        self.teacher._apply(fn, *args, **kwargs)
-        return self
 
     def metadata(self) -> dict[str, Any]:
         guidance = getattr(self.loss, "guidance", None)

@@ -13,7 +13,7 @@ from cmexp.diffusion.ema import ema_update_
 from cmexp.diffusion.precond import ECTPrecond
 from cmexp.inference.plan import SamplingSpec
 from cmexp.methods.ect.loss import ECTLoss
-from cmexp.training.base import DiffusionLitModule, OptimizerFactory
+from cmexp.training.base import DiffusionLitModule, OptimizerFactory, PrecondFactory, check_taus
 from cmexp.training.teacher import check_preconditioning, load_teacher
 
 
@@ -28,9 +28,9 @@ class ECTLitModule(DiffusionLitModule):
             has no teacher after initialisation).
         double_kimg: images (thousands) per stage; the gap t - r shrinks by q each stage
             (ECT CIFAR-10: 3,200 kimg = 25k iterations at batch 128).
-        sigma_min: eps of the sampling boundary condition (ECT: 0.003).
-        edm_scalings_in_training: EDM's c_skip/c_out while training (ECT), the boundary
-            scalings only at sampling time.
+        precond: ``ECTPrecond`` (sigma_min: eps of the sampling boundary condition, ECT 0.003;
+            ``edm_scalings_in_training``: EDM's c_skip/c_out while training, the boundary
+            scalings only at sampling time).
         num_scales: N of the Karras grid whose levels ``cmexp.tau_search`` indexes (ECT itself
             has no grid).
         taus: default levels after T for multistep sampling (ECT CIFAR-10 2-step: 0.821;
@@ -51,12 +51,8 @@ class ECTLitModule(DiffusionLitModule):
         lr_warmup_kimg: float = 0.0,
         compile_net: bool = False,
         channels_last: bool = False,
-        sigma_min: float = 0.003,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
+        precond: PrecondFactory = ECTPrecond,
         rho: float = 7.0,
-        c_noise_scale: float = 0.25,
-        edm_scalings_in_training: bool = True,
         num_scales: int = 18,
         taus: Sequence[float] = (0.821,),
     ) -> None:
@@ -65,14 +61,7 @@ class ECTLitModule(DiffusionLitModule):
             raise ValueError(
                 f"model.double_kimg must be > 0 (thousands of images per stage), got {double_kimg!r}"
             )
-        self.model = ECTPrecond(
-            net,
-            sigma_min,
-            sigma_max,
-            sigma_data,
-            c_noise_scale,
-            edm_scalings_in_training=edm_scalings_in_training,
-        )
+        self.model = precond(net)
         teacher = load_teacher(teacher_path, net)
         check_preconditioning(self.model, teacher, teacher_path)
         self.model.net.load_state_dict(teacher.net.state_dict())
@@ -83,10 +72,7 @@ class ECTLitModule(DiffusionLitModule):
         self.double_kimg = float(double_kimg)
         self.rho = float(rho)
         self.num_scales = int(num_scales)
-        self.taus = tuple(float(t) for t in taus)
-        for t in self.taus:
-            if not sigma_min < t < sigma_max:
-                raise ValueError(f"model.taus entries must lie in (sigma_min, sigma_max), got {t}")
+        self.taus = check_taus(taus, self.model)
 
     def stage_at(self, kimg: float) -> int:
         """The ECT stage after ``kimg`` thousand images: ``floor(kimg / double_kimg)``."""
@@ -102,16 +88,7 @@ class ECTLitModule(DiffusionLitModule):
         return out.loss.mean(), {"stage": self.loss.stage, "r_zero_fraction": zero}
 
     def sampling_spec(self) -> SamplingSpec:
-        m = self.model
-        return SamplingSpec(
-            family="consistency",
-            sampler="consistency",
-            sigma_min=m.sigma_min,
-            sigma_max=m.sigma_max,
-            rho=self.rho,
-            num_scales=self.num_scales,
-            taus=self.taus,
-        )
+        return self.consistency_spec(self.num_scales)
 
     @contextlib.contextmanager
     def sampling_mode(self) -> Iterator[None]:

@@ -11,6 +11,6 @@ SCHEMA: dict[str, Rule] = {
     "model.loss.b": Num(0),
     "model.loss.stage": Int(0),
     "model.double_kimg": POSITIVE,
-    "model.edm_scalings_in_training": Bool(),
+    "model.precond.edm_scalings_in_training": Bool(),
     "model.num_scales": Int(2),
 }

@@ -3,7 +3,6 @@ a VP-parameterised teacher on a discrete DDPM-line schedule (``model=edm_vp``)."
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +13,7 @@ from cmexp.diffusion.rng import global_draw
 from cmexp.diffusion.vp import VPSchedule
 from cmexp.inference.plan import SamplingSpec, check_sampler
 from cmexp.methods.edm.loss import EDMLoss
-from cmexp.training.base import DiffusionLitModule, OptimizerFactory
+from cmexp.training.base import DiffusionLitModule, OptimizerFactory, PrecondFactory
 
 
 class EDMLitModule(DiffusionLitModule):
@@ -25,11 +24,11 @@ class EDMLitModule(DiffusionLitModule):
         sample_num_scales: N of the sampler for sample grids (18 -> Heun NFE 35, CM Table 1).
         sampler: the model's own sampler (sample grids, and ``cmexp.sample``'s default):
             heun (EDM), or ddim for a zero-terminal-SNR VP teacher (Heun cannot start at inf).
-        precond: a partial wrapper class around ``net`` (default :class:`EDMPrecond`; a VP
-            teacher: ``cmexp.diffusion.VPrecond`` with ``prediction: v|eps|x0``), called with
-            ``(net, sigma_min, sigma_max, sigma_data, c_noise_scale)``.
+        precond: the wrapper around ``net`` with its constants (``EDMPrecond``: sigma range
+            [0.002, 80], sigma_data 0.5, c_noise_scale 0.25; a VP teacher:
+            ``cmexp.diffusion.VPrecond`` with ``prediction: v|eps|x0``).
         noise_schedule: a discrete VP schedule (:class:`cmexp.diffusion.VPSchedule`): its
-            ``sigma_1``/``sigma_T`` replace ``sigma_min``/``sigma_max`` (``sigma_T`` = inf at zero
+            ``sigma_1``/``sigma_T`` replace the wrapper's sigma range (``sigma_T`` = inf at zero
             terminal SNR), the loss draws sigma from it, and sampling uses its trailing timesteps.
         label_dropout: probability that a training label is replaced by the null label
             (class-conditional nets only), so the same network is also the unconditional
@@ -47,22 +46,19 @@ class EDMLitModule(DiffusionLitModule):
         lr_warmup_kimg: float = 0.0,
         compile_net: bool = False,
         channels_last: bool = False,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
+        precond: PrecondFactory = EDMPrecond,
         rho: float = 7.0,
-        c_noise_scale: float = 0.25,
         sample_num_scales: int = 18,
         sampler: str = "heun",
-        precond: Callable[..., nn.Module] | None = None,
         noise_schedule: VPSchedule | None = None,
         label_dropout: float = 0.0,
     ) -> None:
         super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
         self.noise_schedule = noise_schedule
+        vp = {}
         if noise_schedule is not None:
-            sigma_min, sigma_max = noise_schedule.sigma_min, noise_schedule.sigma_max
-        self.model = (precond or EDMPrecond)(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
+            vp = {"sigma_min": noise_schedule.sigma_min, "sigma_max": noise_schedule.sigma_max}
+        self.model = precond(net, **vp)
         self._init_ema()
         self.loss = loss
         if noise_schedule is not None and getattr(loss, "noise_schedule", None) is None:

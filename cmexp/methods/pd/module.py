@@ -28,7 +28,7 @@ from cmexp.diffusion.precond import EDMPrecond
 from cmexp.inference.plan import SamplingSpec
 from cmexp.methods.pd.loss import ProgressiveDistillationLoss
 from cmexp.methods.pd.rules import check_rounds
-from cmexp.training.base import DiffusionLitModule, OptimizerFactory, frozen_copy
+from cmexp.training.base import DiffusionLitModule, OptimizerFactory, PrecondFactory, frozen_copy
 from cmexp.training.teacher import check_preconditioning, load_teacher
 
 
@@ -47,6 +47,7 @@ class PDLitModule(DiffusionLitModule):
         steps_per_round: optimizer steps of each round, one integer or one per round (PD: 50k).
         anneal_lr: linear decay of the learning rate to 0 within each round.
         ema_decay: sampling EMA (0 in both PD references: the student itself).
+        precond: the student's wrapper (``EDMPrecond`` with the teacher's constants).
     """
 
     kind = "pd"
@@ -66,11 +67,8 @@ class PDLitModule(DiffusionLitModule):
         lr_warmup_kimg: float = 0.0,
         compile_net: bool = False,
         channels_last: bool = False,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
+        precond: PrecondFactory = EDMPrecond,
         rho: float = 7.0,
-        c_noise_scale: float = 0.25,
     ) -> None:
         super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
         self.teacher_steps, self.num_rounds, self.round_lengths = check_rounds(
@@ -80,7 +78,7 @@ class PDLitModule(DiffusionLitModule):
         self.anneal_lr = bool(anneal_lr)
         self.loss = loss
         self.rho = float(rho)
-        self.model = EDMPrecond(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
+        self.model = precond(net)
         teacher = load_teacher(teacher_path, self.model.net)
         check_preconditioning(self.model, teacher, teacher_path)
         self.teacher_path = str(getattr(teacher, "source_path", teacher_path))

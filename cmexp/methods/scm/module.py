@@ -25,8 +25,8 @@ from cmexp.diffusion.ema import ema_update_
 from cmexp.diffusion.trigflow import EDMTrigFlowPrecond, TrigFlowPrecond, check_trigflow_times
 from cmexp.inference.plan import SamplingSpec
 from cmexp.methods.scm.loss import SCMLoss, trigflow_sigma_taus
-from cmexp.training.base import DiffusionLitModule, OptimizerFactory
-from cmexp.training.teacher import load_teacher
+from cmexp.training.base import DiffusionLitModule, OptimizerFactory, PrecondFactory
+from cmexp.training.teacher import check_preconditioning, load_teacher
 
 
 class SCMLitModule(DiffusionLitModule):
@@ -36,15 +36,16 @@ class SCMLitModule(DiffusionLitModule):
         net: raw network (sCM: positional time embedding, or Fourier scale 0.02, not 16).
         loss: :class:`~cmexp.losses.SCMLoss`.
         weighting: the adaptive weighting w(t) (:class:`~cmexp.losses.AdaptiveWeight`).
-        sigma_min, sigma_max: sigma range of the grids and samplers (80 <-> t_max = 1.56454).
-        sigma_data: sd (0.5). c_noise_scale: the wrapper's time-label scale.
+        precond: the TrigFlow wrapper with its constants (sCT: ``TrigFlowPrecond``; sCD:
+            ``EDMTrigFlowPrecond``): sigma_min, sigma_max, the sigma range of the grids and
+            samplers (80 <-> t_max = 1.56454); sigma_data sd (0.5); c_noise_scale, the
+            wrapper's time-label scale.
         t_mids: TrigFlow times of multistep sampling after the first step (sCM 2-step: 1.1),
             written into checkpoints as sigma taus ``sd tan(t)``.
         num_scales, rho: the Karras grid that ``tau_indices`` and the tau search index.
     """
 
     kind = "scm"
-    precond_cls: type[TrigFlowPrecond] = TrigFlowPrecond
 
     def __init__(
         self,
@@ -56,30 +57,29 @@ class SCMLitModule(DiffusionLitModule):
         lr_warmup_kimg: float = 0.0,
         compile_net: bool = False,
         channels_last: bool = False,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        sigma_data: float = 0.5,
-        c_noise_scale: float = 1.0,
+        precond: PrecondFactory = TrigFlowPrecond,
         t_mids: Sequence[float] = (1.1,),
         num_scales: int = 18,
         rho: float = 7.0,
     ) -> None:
         super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
-        self.model = self.precond_cls(net, sigma_min, sigma_max, sigma_data, c_noise_scale)
+        self.model = precond(net)
         self._init_ema()
         self.weight_net = weighting
         if abs(loss.sigma_data - self.model.sigma_data) > 1e-12:
             raise ValueError(
-                f"model.loss.sigma_data={loss.sigma_data} must equal model.sigma_data={sigma_data}"
+                f"model.loss.sigma_data={loss.sigma_data} must equal "
+                f"model.precond.sigma_data={self.model.sigma_data}"
             )
         self.loss = loss
         self.t_mids = tuple(check_trigflow_times(t_mids, "model.t_mids"))
         self.taus = trigflow_sigma_taus(list(self.t_mids), self.model.sigma_data)
-        for t, tau in zip(self.t_mids, self.taus):
-            if not sigma_min < tau < sigma_max:
+        lo, hi = self.model.sigma_min, self.model.sigma_max
+        for t, tau in zip(self.t_mids, self.taus, strict=True):
+            if not lo < tau < hi:
                 raise ValueError(
                     f"model.t_mids entry {t} is sigma = sd tan(t) = {tau:.4g}, outside "
-                    f"(model.sigma_min, model.sigma_max) = ({sigma_min}, {sigma_max})"
+                    f"(model.precond.sigma_min, model.precond.sigma_max) = ({lo}, {hi})"
                 )
         if int(num_scales) != num_scales or num_scales < 2:
             raise ValueError(f"model.num_scales must be an integer >= 2, got {num_scales!r}")
@@ -106,16 +106,7 @@ class SCMLitModule(DiffusionLitModule):
         return out.loss.mean(), extra
 
     def sampling_spec(self) -> SamplingSpec:
-        m = self.model
-        return SamplingSpec(
-            family="consistency",
-            sampler="consistency",
-            sigma_min=m.sigma_min,
-            sigma_max=m.sigma_max,
-            rho=self.rho,
-            num_scales=self.num_scales,
-            taus=self.taus,
-        )
+        return self.consistency_spec(self.num_scales)
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "t_mids": list(self.t_mids)}
@@ -142,12 +133,11 @@ class SCDLitModule(SCMLitModule):
     (:class:`~cmexp.diffusion.trigflow.EDMTrigFlowPrecond`: dx_t/dt = sd F_teacher), frozen, in
     eval mode and kept out of checkpoints. The student uses the same EDM-converted
     parameterisation, so with ``init_from_teacher`` (sCM: initialise from the diffusion model)
-    its consistency function starts as the teacher's denoiser; ``model.sigma_data`` and
-    ``model.c_noise_scale`` must be the teacher's (0.5, 0.25).
+    its consistency function starts as the teacher's denoiser; ``model.precond.sigma_data`` and
+    ``model.precond.c_noise_scale`` must be the teacher's (0.5, 0.25).
     """
 
     kind = "scd"
-    precond_cls = EDMTrigFlowPrecond
 
     def __init__(
         self,
@@ -158,34 +148,15 @@ class SCDLitModule(SCMLitModule):
     ) -> None:
         super().__init__(*args, **kwargs)
         teacher = load_teacher(teacher_path, self.model.net)
-        diff = [
-            k
-            for k in ("sigma_data", "c_noise_scale")
-            if abs(float(getattr(self.model, k)) - float(getattr(teacher, k))) > 1e-12
-        ]
-        if diff:
-            got = ", ".join(f"model.{k}={getattr(self.model, k)}" for k in diff)
-            want = ", ".join(f"{k}={getattr(teacher, k)}" for k in diff)
-            raise ValueError(
-                f"model.teacher_path={teacher_path} was trained with {want} but this run sets {got}; "
-                "the student reads the teacher's network inputs: use the teacher's values"
-            )
+        # the student reads the teacher's network inputs (its sigma range is TrigFlow's own)
+        check_preconditioning(self.model, teacher, teacher_path, ("sigma_data", "c_noise_scale"))
         trig_teacher = EDMTrigFlowPrecond.from_denoiser(teacher)
         trig_teacher.source_path = getattr(teacher, "source_path", "")
-        self._teacher = [trig_teacher]  # a list keeps it out of state_dict() and parameters()
+        self.attach_teacher(trig_teacher)
         self.loss.teacher = trig_teacher
         if init_from_teacher:
             self.model.net.load_state_dict(teacher.net.state_dict())
             ema_update_(self.ema, self.model, 0.0)
-
-    @property
-    def teacher(self) -> EDMTrigFlowPrecond:
-        return self._teacher[0]
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> SCDLitModule:
-        super()._apply(fn, *args, **kwargs)
-        self.teacher._apply(fn, *args, **kwargs)
-        return self
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "teacher_path": getattr(self.teacher, "source_path", "")}
