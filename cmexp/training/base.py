@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from cmexp.diffusion.ema import ema_update_
 from cmexp.inference.plan import SamplingSpec, nfe, sigma_plan
+from cmexp.training.clock import TrainingClock
 from cmexp.utils.errors import NonFiniteLossError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -65,7 +65,7 @@ def check_taus(taus: Any, model: nn.Module, key: str = "model.taus") -> tuple[fl
     return out
 
 
-class DiffusionLitModule(pl.LightningModule):
+class DiffusionLitModule(TrainingClock, pl.LightningModule):
     """Base class of the methods that train a sampled model. Subclasses set ``self.model``
     (the trained wrapper) before calling :meth:`_init_ema`, set ``kind`` (their registered
     kind, ``cmexp.registry``), and implement ``compute_loss`` and ``sampling_spec``;
@@ -101,8 +101,7 @@ class DiffusionLitModule(pl.LightningModule):
         self.ema_decay = float(ema_decay)
         self.lr_warmup_kimg = float(lr_warmup_kimg)
         self.batches_seen = 0
-        self.train_seconds = 0.0  # wall time spent training, summed over resumes
-        self._clock: float | None = None
+        self.train_seconds = 0.0  # wall time spent training, summed over resumes (TrainingClock)
         self.run_config: dict[str, Any] | None = None  # set by cmexp.train for self-description
         self.model: nn.Module
         self.ema: nn.Module
@@ -334,13 +333,7 @@ class DiffusionLitModule(pl.LightningModule):
         }
 
     def on_train_start(self) -> None:
-        self._clock = time.perf_counter()
-
-    def _elapsed(self) -> float:
-        """Training wall time so far (this process's share plus the resumed runs')."""
-        return self.train_seconds + (
-            time.perf_counter() - self._clock if self._clock is not None else 0.0
-        )
+        self.start_clock()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng: dict[str, Any] = {
@@ -353,7 +346,7 @@ class DiffusionLitModule(pl.LightningModule):
         checkpoint["cmexp"] = {
             **self.metadata(),
             "batches_seen": self.batches_seen,
-            "train_seconds": round(self._elapsed(), 3),
+            "train_seconds": round(self.elapsed(), 3),
             "rng": rng,
             "config": self.run_config,
         }

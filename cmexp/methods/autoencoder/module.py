@@ -24,6 +24,7 @@ from cmexp.data.loader import mix
 from cmexp.losses.distances import L2Distance
 from cmexp.nets.autoencoder import ConvAutoencoder, gaussian_kl
 from cmexp.training.base import OptimizerFactory
+from cmexp.training.clock import TrainingClock
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
-class AutoencoderLitModule(pl.LightningModule):
+class AutoencoderLitModule(TrainingClock, pl.LightningModule):
     """Trains ``net`` with reconstruction + ``kl_weight`` x KL per image (LDM's
     ``LPIPSWithDiscriminator`` without its perceptual and GAN terms).
 
@@ -86,7 +87,6 @@ class AutoencoderLitModule(pl.LightningModule):
         self.images_seen = 0
         self.batches_seen = 0  # the data loader's resume point
         self.train_seconds = 0.0
-        self._clock: float | None = None
         self._stats: tuple[int, dict[str, float]] | None = None  # (global_step, statistics)
 
     # ---------------------------------------------------------------- training
@@ -185,12 +185,7 @@ class AutoencoderLitModule(pl.LightningModule):
         }
 
     def on_train_start(self) -> None:
-        self._clock = time.perf_counter()
-
-    def _elapsed(self) -> float:
-        return self.train_seconds + (
-            time.perf_counter() - self._clock if self._clock is not None else 0.0
-        )
+        self.start_clock()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cmexp"] = {
@@ -198,7 +193,7 @@ class AutoencoderLitModule(pl.LightningModule):
             **self.current_statistics(),
             "images_seen": self.images_seen,
             "batches_seen": self.batches_seen,
-            "train_seconds": round(self._elapsed(), 3),
+            "train_seconds": round(self.elapsed(), 3),
             "config": self.run_config,
         }
 
@@ -219,7 +214,7 @@ class AutoencoderLitModule(pl.LightningModule):
     def on_train_end(self) -> None:
         """Log ``test/psnr`` and the scale factor; write ``<run>/autoencoder.json`` and a
         reconstruction grid (``reconstructions.png``: originals over reconstructions)."""
-        self.train_seconds, self._clock = self._elapsed(), None
+        self.stop_clock()
         if self.trainer.datamodule is None:
             return
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from cmexp.data.loader import mix
 from cmexp.training.base import OptimizerFactory
+from cmexp.training.clock import TrainingClock
 from cmexp.utils.provenance import git_commit, machine
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def random_translate(
     )
 
 
-class ClassifierLitModule(pl.LightningModule):
+class ClassifierLitModule(TrainingClock, pl.LightningModule):
     """Cross-entropy training of ``net`` (``cmexp.nets.SmallCNN``); at the end of training the
     test-split accuracy is logged as ``test/acc`` and written to ``<run>/classifier.json``.
     Checkpoints carry ``checkpoint["cmexp"]`` (kind "classifier") so feature extractors can
@@ -111,8 +112,7 @@ class ClassifierLitModule(pl.LightningModule):
         )
         self.run_config: dict[str, Any] | None = None
         self.images_seen = 0
-        self.train_time_s = 0.0  # training wall time, summed over resumed runs
-        self._t0: float | None = None
+        self.train_seconds = 0.0  # training wall time, summed over resumed runs (TrainingClock)
         self._git: dict[str, Any] = {}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -173,7 +173,7 @@ class ClassifierLitModule(pl.LightningModule):
         return correct / max(1, len(images))
 
     def on_train_start(self) -> None:
-        self._t0 = time.perf_counter()
+        self.start_clock()
         commit = git_commit()  # the code this run starts from (later edits do not count)
         self._git = (
             {"git_commit": commit["commit"], "git_dirty": commit["dirty"]}
@@ -181,13 +181,8 @@ class ClassifierLitModule(pl.LightningModule):
             else {}
         )
 
-    def _elapsed(self) -> float:
-        return self.train_time_s + (
-            time.perf_counter() - self._t0 if self._t0 is not None else 0.0
-        )
-
     def on_train_end(self) -> None:
-        self.train_time_s, self._t0 = self._elapsed(), None
+        self.stop_clock()
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "dataset"):
             return
@@ -203,7 +198,7 @@ class ClassifierLitModule(pl.LightningModule):
                 "test_images": len(test),
                 "steps": self.global_step,
                 "images_seen": self.images_seen,
-                "train_time_s": round(self.train_time_s, 1),
+                "train_time_s": round(self.train_seconds, 1),
                 "test_eval_s": round(eval_s, 1),
                 "parameters": sum(p.numel() for p in self.net.parameters()),
                 "seed": (self.run_config or {}).get("config", {}).get("seed"),
@@ -245,10 +240,10 @@ class ClassifierLitModule(pl.LightningModule):
             "feature_dim": int(self.net.feature_dim),
             "config": self.run_config,
             "images_seen": int(self.images_seen),
-            "train_time_s": float(self._elapsed()),
+            "train_time_s": float(self.elapsed()),  # the key of the shipped classifier's files
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("cmexp") or {}
         self.images_seen = int(meta.get("images_seen", 0))
-        self.train_time_s = float(meta.get("train_time_s", 0.0))
+        self.train_seconds = float(meta.get("train_time_s", 0.0))
