@@ -4,8 +4,9 @@ no numerics (issue: "a method is one folder"): run it before and after, compare 
     python scripts/loss_fingerprint.py --out before.json            # writes the losses
     python scripts/loss_fingerprint.py --out after.json --compare before.json   # exit 1 on any change
 
-Each experiment runs as its own ``python -m cmexp.train +experiment=NAME`` with its unchanged
-recipe (teacher ``zoo:fmnist_edm`` where it needs one), stopped after K optimizer steps by the
+Each experiment runs as its own ``python -m cmexp.train +experiment=NAME`` with ``--threads``
+CPU threads (the float sums depend on the thread count: compare runs with the same count) and its
+unchanged recipe (teacher ``zoo:fmnist_edm`` where it needs one), stopped after K optimizer steps by the
 :class:`StopAfter` callback below, and its ``train/loss`` column is read from ``csv/metrics.csv``.
 Equality is bit for bit (the float repr of each logged loss).
 """
@@ -46,7 +47,9 @@ class StopAfter(pl.Callback):
             trainer.should_stop = True
 
 
-def losses(experiment: str, extra: list[str], steps: int, workdir: Path) -> list[str]:
+def losses(
+    experiment: str, extra: list[str], steps: int, workdir: Path, threads: int
+) -> list[str]:
     """The ``train/loss`` column of the first ``steps`` steps, as logged (strings)."""
     out = workdir / experiment
     cmd = [
@@ -79,12 +82,13 @@ def main() -> None:
     p.add_argument("--compare", help="an earlier JSON: exit 1 unless every loss is identical")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--only", nargs="*", help="a subset of the experiments")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of each run (default 2)")
     a = p.parse_args()
     names = a.only or list(EXPERIMENTS)
     result: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            result[name] = losses(name, EXPERIMENTS[name], a.steps, Path(tmp))
+            result[name] = losses(name, EXPERIMENTS[name], a.steps, Path(tmp), a.threads)
             print(
                 f"{name}: {len(result[name])} losses, first {result[name][0]}, last {result[name][-1]}"
             )
