@@ -71,6 +71,9 @@ class DiffusionLitModule(TrainingClock, pl.LightningModule):
     kind, ``cmexp.registry``), and implement ``compute_loss`` and ``sampling_spec``;
     in-training samples go through the shared :func:`cmexp.inference.generate`.
 
+    A method's constructor takes its own arguments and passes these shared ones through
+    (``**base``), so they are written once, here.
+
     Args:
         optimizer: partial optimizer (``torch.optim.RAdam`` with lr 4e-4 in the CM paper,
             Table 3), completed with the parameters in ``configure_optimizers``.

@@ -53,15 +53,12 @@ class ConsistencyLitModule(DiffusionLitModule):
         loss: ConsistencyDistillationLoss | ConsistencyTrainingLoss,
         schedule: Schedule,
         optimizer: OptimizerFactory,
-        ema_decay: float = 0.9999,
-        lr_warmup_kimg: float = 0.0,
-        compile_net: bool = False,
-        channels_last: bool = False,
         precond: PrecondFactory = CMPrecond,
         rho: float = 7.0,
         taus: Sequence[float] = (0.585,),
+        **base: Any,
     ) -> None:
-        super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
+        super().__init__(optimizer, **base)
         self.model = precond(net)
         self.target = frozen_copy(self.model)
         self._init_ema()

@@ -47,16 +47,13 @@ class ECTLitModule(DiffusionLitModule):
         optimizer: OptimizerFactory,
         teacher_path: str | None = None,
         double_kimg: float = 3200.0,
-        ema_decay: float = 0.9999,
-        lr_warmup_kimg: float = 0.0,
-        compile_net: bool = False,
-        channels_last: bool = False,
         precond: PrecondFactory = ECTPrecond,
         rho: float = 7.0,
         num_scales: int = 18,
         taus: Sequence[float] = (0.821,),
+        **base: Any,
     ) -> None:
-        super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
+        super().__init__(optimizer, **base)
         if not double_kimg > 0:
             raise ValueError(
                 f"model.double_kimg must be > 0 (thousands of images per stage), got {double_kimg!r}"

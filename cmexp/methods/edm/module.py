@@ -3,6 +3,8 @@ a VP-parameterised teacher on a discrete DDPM-line schedule (``model=edm_vp``)."
 
 from __future__ import annotations
 
+from typing import Any
+
 
 import torch
 from torch import Tensor, nn
@@ -42,18 +44,15 @@ class EDMLitModule(DiffusionLitModule):
         net: nn.Module,
         loss: EDMLoss,
         optimizer: OptimizerFactory,
-        ema_decay: float = 0.9999,
-        lr_warmup_kimg: float = 0.0,
-        compile_net: bool = False,
-        channels_last: bool = False,
         precond: PrecondFactory = EDMPrecond,
         rho: float = 7.0,
         sample_num_scales: int = 18,
         sampler: str = "heun",
         noise_schedule: VPSchedule | None = None,
         label_dropout: float = 0.0,
+        **base: Any,
     ) -> None:
-        super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
+        super().__init__(optimizer, **base)
         self.noise_schedule = noise_schedule
         vp = {}
         if noise_schedule is not None:

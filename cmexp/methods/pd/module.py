@@ -63,14 +63,11 @@ class PDLitModule(DiffusionLitModule):
         steps_per_round: int | Sequence[int] = 50000,
         anneal_lr: bool = True,
         init_from_teacher: bool = True,
-        ema_decay: float = 0.0,
-        lr_warmup_kimg: float = 0.0,
-        compile_net: bool = False,
-        channels_last: bool = False,
         precond: PrecondFactory = EDMPrecond,
         rho: float = 7.0,
+        **base: Any,
     ) -> None:
-        super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
+        super().__init__(optimizer, **{"ema_decay": 0.0, **base})  # PD: no EMA by default
         self.teacher_steps, self.num_rounds, self.round_lengths = check_rounds(
             teacher_steps, num_rounds, steps_per_round
         )

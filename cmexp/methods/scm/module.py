@@ -53,16 +53,13 @@ class SCMLitModule(DiffusionLitModule):
         loss: SCMLoss,
         weighting: nn.Module,
         optimizer: OptimizerFactory,
-        ema_decay: float = 0.9999,
-        lr_warmup_kimg: float = 0.0,
-        compile_net: bool = False,
-        channels_last: bool = False,
         precond: PrecondFactory = TrigFlowPrecond,
         t_mids: Sequence[float] = (1.1,),
         num_scales: int = 18,
         rho: float = 7.0,
+        **base: Any,
     ) -> None:
-        super().__init__(optimizer, ema_decay, lr_warmup_kimg, compile_net, channels_last)
+        super().__init__(optimizer, **base)
         self.model = precond(net)
         self._init_ema()
         self.weight_net = weighting
