@@ -14,7 +14,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from cmexp.utils.checks import NOT_SETTINGS, SCHEMAS, ConfigError, check_config, train_schema
+from cmexp.utils.checks import (
+    NOT_SETTINGS,
+    SCHEMAS,
+    ConfigError,
+    check_config,
+    method_of,
+    train_schema,
+)
 from cmexp.utils.cli import CONF_DIR
 
 
@@ -164,9 +171,18 @@ def _holder(configs: list[DictConfig], key: str, entry: str) -> DictConfig | Non
         ),
     ):
         for cfg in configs:
-            if test(cfg, key):
+            if test(cfg, key) and _owns(cfg, key, entry):
                 return copy.deepcopy(cfg)
     return None
+
+
+def _owns(cfg: DictConfig, key: str, entry: str) -> bool:
+    """A method's own key (not a generic rule) is tried on a config of that method, whose
+    rules check it (``cmexp/methods/<name>/rules.py``)."""
+    if entry != "train" or key in SCHEMAS["train"]:
+        return True
+    method = method_of(cfg)
+    return method is not None and key in method.schema
 
 
 @pytest.mark.parametrize("entry", list(SCHEMAS))
