@@ -185,6 +185,7 @@ def precheck(entry: str, argv: list[str] | None = None) -> Any:
     from cmexp.utils import runs
     from cmexp.utils.checks import ConfigError, check_config
 
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     runs.forget_plan()
     message = renamed_key_error(entry, argv)
@@ -227,7 +228,20 @@ def precheck(entry: str, argv: list[str] | None = None) -> Any:
         runs.plan_run_folder(run_dir)
         if entry == "train":
             runs.lock_run_folder(run_dir)
+    if from_command_line:
+        pin_run_dir(run_dir, overrides)
     return cfg
+
+
+def pin_run_dir(run_dir: Path, overrides: list[str], argv: list[str] | None = None) -> None:
+    """Hand Hydra the run folder the precheck resolved (``hydra.run.dir=<it>`` appended to the
+    command line, ``sys.argv`` by default) unless the command line names one: Hydra composes
+    the config again and would resolve ``${now:...}`` in ``hydra.run.dir`` a second time, so the
+    folder the precheck checked and locked (made empty) would not be the job's."""
+    if any(override_key(o) == "hydra.run.dir" for o in overrides):
+        return
+    text = str(run_dir).replace("'", "\\'")
+    (sys.argv if argv is None else argv).append(f"hydra.run.dir='{text}'")
 
 
 def list_or_none(value: Any, key: str) -> list[Any] | None:
