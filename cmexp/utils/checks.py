@@ -678,7 +678,20 @@ def _required_checkpoint(cfg: DictConfig, key: str) -> None:
 
 
 def _check_export_out(cfg: DictConfig) -> None:
-    """``format=diffusers`` writes a folder at ``out``: required, and new or empty."""
+    """``format=slim`` writes a new file at ``out``; ``format=diffusers`` a folder: required,
+    and new or empty. Nothing that exists is overwritten."""
+    if sel(cfg, "format") == "slim":
+        out = sel(cfg, "out")
+        if not out:
+            raise ConfigError("format=slim needs out=/path/to/file.pt (a new file)")
+        path = Path(str(out)).expanduser()
+        if path.exists():
+            what = "a folder" if path.is_dir() else "a file that exists"
+            raise ConfigError(
+                f"out={out} is {what}; refusing to overwrite it: give a new file name "
+                "(or remove it first)"
+            )
+        return
     if sel(cfg, "format") != "diffusers":
         return
     out = sel(cfg, "out")

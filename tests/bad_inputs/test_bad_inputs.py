@@ -302,3 +302,32 @@ def test_second_training_on_a_locked_folder_fails_at_once(tmp_path: Path) -> Non
         first.send_signal(signal.SIGKILL)  # a crash: no clean-up code runs
         first.wait(timeout=60)
     assert not runs.is_locked(run)  # the kernel released it: no stale lock
+
+
+def test_cli_export_refuses_an_existing_out_file(tmp_path: Path) -> None:
+    """`cmexp.export format=slim out=<an existing file>`: one line naming out=, exit 2, the
+    file untouched (it ended in Hydra's HYDRA_FULL_ERROR text with exit 1)."""
+    dst = tmp_path / "exists.pt"
+    dst.write_text("keep me")
+    before = _tree(dst)
+    out, _ = _cli("cmexp.export", "ckpt=zoo:fmnist_cd", "format=slim", f"out={dst}")
+    assert _one_error_line(out) == (
+        f"error: out={dst} is a file that exists; refusing to overwrite it: give a new file "
+        "name (or remove it first)"
+    )
+    assert _tree(dst) == before and dst.read_text() == "keep me"
+
+
+def test_cli_unknown_group_option_of_a_multirun_is_one_line(tmp_path: Path) -> None:
+    """An unknown option of any config group, in a single run or a multirun (`-m`, a swept
+    group), ends like `+experiment=<unknown>`: one line listing the options, exit 2."""
+    for args, group in (
+        (["cmexp.train", "+sweep=nope"], "sweep"),
+        (["cmexp.train", "-m", "+sweep=nope"], "sweep"),
+        (["cmexp.train", "-m", "+experiment=fmnist_ct_pseudo_huber,nope"], "experiment"),
+        (["cmexp.sample", "ckpt=zoo:fmnist_cd", "-m", "seed=1,2", "+sweep=nope"], "sweep"),
+    ):
+        out, _ = _cli(*args, f"paths.root_dir={tmp_path}")
+        line = _one_error_line(out)
+        assert f"Could not find '{group}/nope'; Available options in '{group}': " in line, line
+    assert not (tmp_path / "logs").exists()
