@@ -331,3 +331,18 @@ def test_cli_unknown_group_option_of_a_multirun_is_one_line(tmp_path: Path) -> N
         line = _one_error_line(out)
         assert f"Could not find '{group}/nope'; Available options in '{group}': " in line, line
     assert not (tmp_path / "logs").exists()
+
+
+def test_cli_model_without_experiment_names_the_appended_main_experiment(tmp_path: Path) -> None:
+    """`python -m cmexp.train model=edm`: the main job's CD experiment is appended (no
+    +experiment), whose model.taus EDM does not take; the line says so and names the way out."""
+    out, _ = _cli("cmexp.train", "model=edm", f"paths.root_dir={tmp_path}")
+    line = _one_error_line(out)
+    assert line.startswith(
+        "error: model: EDMLitModule.__init__() got an unexpected keyword argument 'taus'"
+    ), line
+    assert (
+        "no +experiment was given, so the main job's experiment +experiment=fmnist_cd_quick "
+        "was appended and its model settings stay: pass +experiment=fmnist_edm"
+    ) in line
+    assert not (tmp_path / "logs").exists()
