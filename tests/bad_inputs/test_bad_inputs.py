@@ -346,3 +346,22 @@ def test_cli_model_without_experiment_names_the_appended_main_experiment(tmp_pat
         "was appended and its model settings stay: pass +experiment=fmnist_edm"
     ) in line
     assert not (tmp_path / "logs").exists()
+
+
+def test_cli_diffusion_sampler_on_a_consistency_model_is_refused(tmp_path: Path) -> None:
+    """`sampler=ddim` / `heun` on a consistency model (cmexp.sample, cmexp.eval): refused with
+    the reason, exit 2, nothing written (using f as a denoiser in a diffusion sampler would be
+    another method, docs/usage.md)."""
+    for entry, sampler in (
+        ("cmexp.sample", "ddim"),
+        ("cmexp.sample", "heun"),
+        ("cmexp.eval", "ddim"),
+    ):
+        out, _ = _cli(
+            entry, "ckpt=zoo:fmnist_cd", f"sampler={sampler}", "num_samples=8",
+            f"paths.root_dir={tmp_path}",
+        )  # fmt: skip
+        assert _one_error_line(out) == (
+            f"error: sampler={sampler} does not fit a consistency model (its samplers: consistency)"
+        )
+    assert not (tmp_path / "logs").exists()
