@@ -103,6 +103,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if req is None:
         u8 = read_samples(cfg.samples)
         protocol.update({"samples": str(cfg.samples), "num_samples": len(u8)})
+        _check_features_fit(
+            features, u8.shape[3], u8.shape[1], f"the images of samples={cfg.samples}"
+        )
+    else:
+        loaded = req.loaded
+        _check_features_fit(
+            features, loaded.img_channels, loaded.img_resolution, f"the samples of ckpt={cfg.ckpt}"
+        )
     dataset = _reference_dataset(cfg, req)
     dm, real = _reference(cfg, dataset, features, device, protocol)
     out_dir = Path(cfg.paths.output_dir)
@@ -120,6 +128,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         print(set_name, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
     print(f"wrote {out_dir / 'metrics.json'}")
     return payload
+
+
+def _check_features_fit(features: Any, channels: int, resolution: int, what: str) -> None:
+    """The extractor scores images like these (the Fashion-MNIST classifier: 1-channel
+    Fashion-MNIST-like ones), else a ValueError naming ``features=``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cmexp.metrics.features import check_feature_input
+
+    choice = ""
+    if HydraConfig.initialized():
+        choice = str(HydraConfig.get().runtime.choices.get("features") or "")
+    check_feature_input(features, int(channels), int(resolution), what, choice)
 
 
 def _prepare_model(cfg: DictConfig, protocol: dict[str, Any]) -> Any:
@@ -168,6 +189,9 @@ def _reference(
     from cmexp.metrics.suite import RealFeatureCache, reference_features
 
     dm = reference_datamodule(dataset)
+    _check_features_fit(
+        features, dm.channels, dm.resolution, f"the reference images ({type(dm).__name__})"
+    )
     real = reference_features(
         RealFeatureCache(cfg.cache_dir),
         features,
