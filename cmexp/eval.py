@@ -152,7 +152,10 @@ def _prepare_model(cfg: DictConfig, protocol: dict[str, Any]) -> Any:
     described = req.describe(cfg)
     protocol.update(
         {
-            **{k: described[k] for k in ("ckpt", "kind", "weights", "rho", "num_scales")},
+            **{
+                k: described[k]
+                for k in ("ckpt", "kind", "weights", "rho", "num_scales", "clip_denoised")
+            },
             "num_samples": n,
             "seeds": [seed, seed + n - 1],
             "sets": {},
@@ -236,6 +239,7 @@ def _sample_sets(cfg: DictConfig, req: Any, out_dir: Path, protocol: dict) -> di
             "nfe": req.nfe(sigmas),
             "sampler": req.sampler,
             "options": req.options,
+            "clip_denoised": req.clip_denoised,
         }
     return sets
 

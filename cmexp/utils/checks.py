@@ -408,6 +408,7 @@ _TAUS = {
         bad=("abc", -1),
     ),
     "s_noise": Num(0, lo_open=True),
+    "clip_denoised": Bool(null=True),
 }
 _FEATURES = {"features.name": Str(empty=True), "features.weights_path": Str(null=True)}
 #: Class-conditional sampling (cmexp.sample / cmexp.eval): labels and the guidance scale w.
@@ -479,6 +480,7 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
         "real_split": SPLIT,
         "data_dir": Str(null=True),
         "cache_dir": Str(),
+        "clip_denoised": Bool(null=True),
     },
     "export": {
         "ckpt": Str(null=True),  # required: checked after the values (names the key and the file)
