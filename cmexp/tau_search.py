@@ -34,7 +34,6 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.inference import sigma_plan
     from cmexp.inference.data import reference_datamodule
     from cmexp.inference.request import prepare
-    from cmexp.metrics.features import check_feature_input
     from cmexp.metrics.suite import RealFeatureCache, extract, frechet_distance, reference_features
 
     req = prepare(
@@ -45,11 +44,7 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     loaded, device = req.loaded, req.device
     features = instantiate(cfg.features).to(device)
     name = f"fd_{getattr(features, 'name', '') or 'features'}"
-    fits = f"the samples of ckpt={cfg.ckpt}"
-    check_feature_input(features, loaded.img_channels, loaded.img_resolution, fits, _choice())
     dm = reference_datamodule(loaded.dataset, cfg.data_dir)
-    fits = f"the reference images ({type(dm).__name__})"
-    check_feature_input(features, dm.channels, dm.resolution, fits, _choice())
     real = reference_features(
         RealFeatureCache(cfg.cache_dir),
         features,
@@ -90,15 +85,6 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
         f"use: python -m cmexp.sample ckpt={cfg.ckpt} steps={cfg.steps} taus=[{','.join(f'{t:.4f}' for t in taus)}]"
     )
     return result
-
-
-def _choice() -> str:
-    """The ``features=`` choice of this command line ("" outside a Hydra job)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return ""
-    return str(HydraConfig.get().runtime.choices.get("features") or "")
 
 
 def _result(

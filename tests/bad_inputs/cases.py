@@ -312,7 +312,6 @@ CASES: list[Case] = [
     C("eval", "ckpt={ct}", "features=fmnist_classifier scores 1-channel Fashion-MNIST-like images (28 or 32 pixels); the samples of ckpt={ct} are 3x32x32: use features=inception", "load"),
     C("eval", "samples={good_npz}", "features=fmnist_classifier scores 1-channel Fashion-MNIST-like images (28 or 32 pixels); the images of samples={good_npz} are 3x32x32: use features=inception", "load"),
     C("eval", "samples={grey_npz} dataset=gaussian_mixture", "features=fmnist_classifier scores 1-channel Fashion-MNIST-like images (28 or 32 pixels); the reference images (GaussianMixtureDataModule) are 3x32x32: use features=inception", "load"),
-    C("tau_search", "ckpt={ct} num_samples=4 num_real=4", "features=fmnist_classifier scores 1-channel Fashion-MNIST-like images (28 or 32 pixels); the samples of ckpt={ct} are 3x32x32: use features=inception", "load"),
     C("eval", "ckpt={ct} -m features=fmnist_classifier,nonexistent", "Could not find 'features/nonexistent'; Available options in 'features': fmnist_classifier, inception"),
     C("eval", "ckpt={ct} features.ckpt=zoo:nope", "features.ckpt=zoo:nope: unknown zoo model 'nope'; the zoo has: zoo:fmnist_cd, zoo:fmnist_classifier, zoo:fmnist_ct, zoo:fmnist_edm"),
     C("eval", "ckpt={ct} features.ckpt=null", "features.ckpt is required by the feature classifier"),
