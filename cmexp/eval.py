@@ -103,6 +103,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if req is None:
         u8 = read_samples(cfg.samples)
         protocol.update({"samples": str(cfg.samples), "num_samples": len(u8)})
+        _check_features_fit(
+            features, u8.shape[3], u8.shape[1], f"the images of samples={cfg.samples}"
+        )
+    else:
+        loaded = req.loaded
+        _check_features_fit(
+            features, loaded.img_channels, loaded.img_resolution, f"the samples of ckpt={cfg.ckpt}"
+        )
     dataset = _reference_dataset(cfg, req)
     dm, real = _reference(cfg, dataset, features, device, protocol)
     out_dir = Path(cfg.paths.output_dir)
@@ -122,6 +130,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return payload
 
 
+def _check_features_fit(features: Any, channels: int, resolution: int, what: str) -> None:
+    """The extractor scores images like these (the Fashion-MNIST classifier: 1-channel
+    Fashion-MNIST-like ones), else a ValueError naming ``features=``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cmexp.metrics.features import check_feature_input
+
+    choice = ""
+    if HydraConfig.initialized():
+        choice = str(HydraConfig.get().runtime.choices.get("features") or "")
+    check_feature_input(features, int(channels), int(resolution), what, choice)
+
+
 def _prepare_model(cfg: DictConfig, protocol: dict[str, Any]) -> Any:
     """The shared inference preamble (``cmexp.inference.request.prepare``) and its protocol."""
     from cmexp.inference.request import prepare
@@ -131,7 +152,10 @@ def _prepare_model(cfg: DictConfig, protocol: dict[str, Any]) -> Any:
     described = req.describe(cfg)
     protocol.update(
         {
-            **{k: described[k] for k in ("ckpt", "kind", "weights", "rho", "num_scales")},
+            **{
+                k: described[k]
+                for k in ("ckpt", "kind", "weights", "rho", "num_scales", "clip_denoised")
+            },
             "num_samples": n,
             "seeds": [seed, seed + n - 1],
             "sets": {},
@@ -168,6 +192,9 @@ def _reference(
     from cmexp.metrics.suite import RealFeatureCache, reference_features
 
     dm = reference_datamodule(dataset)
+    _check_features_fit(
+        features, dm.channels, dm.resolution, f"the reference images ({type(dm).__name__})"
+    )
     real = reference_features(
         RealFeatureCache(cfg.cache_dir),
         features,
@@ -212,6 +239,7 @@ def _sample_sets(cfg: DictConfig, req: Any, out_dir: Path, protocol: dict) -> di
             "nfe": req.nfe(sigmas),
             "sampler": req.sampler,
             "options": req.options,
+            "clip_denoised": req.clip_denoised,
         }
     return sets
 

@@ -30,6 +30,12 @@ from typing import Any
 #: A method may register samplers of a family of its own (e.g. a flow map u(x, r, t)).
 SOLVER_FAMILIES = ("denoiser",)
 
+#: The ``clip_denoised`` sampling option's default per family, when neither the checkpoint
+#: nor the method's record says (:attr:`Method.clip_denoised`): Alg. 1 clamps each
+#: intermediate output to [-1, 1] (the CM paper's code); the diffusion solvers do not clamp
+#: the denoiser (EDM's ``generate.py``). A family not listed: its sampler's own behaviour.
+CLIP_DENOISED = {"consistency": True, "denoiser": False}
+
 
 @dataclass(frozen=True)
 class Method:
@@ -45,6 +51,8 @@ class Method:
             with when they record none (``meta["precond"]``); a class with ``from_meta(net, meta)``.
         sampler: the default sampler of its checkpoints (``"consistency"``, ``"heun"``, ``"ddim"``).
         final_zero: a solver plan ends with a step into sigma = 0 (EDM); False: at sigma_min.
+        clip_denoised: the ``clip_denoised`` sampling default of its checkpoints (None: the
+            family's, :data:`CLIP_DENOISED`); a checkpoint's ``meta["clip_denoised"]`` wins.
         teacher: what needs ``model.teacher_path`` ("consistency distillation"), None: no teacher.
         schema: value rules of its own config keys (``cmexp.utils.checks.Rule`` by key).
         rules: its checks between keys, ``rules(cfg)`` raising ``ConfigError`` (torch-free).
@@ -58,6 +66,7 @@ class Method:
     wrapper: str | None = None
     sampler: str | None = None
     final_zero: bool = True
+    clip_denoised: bool | None = None
     teacher: str | None = None
     schema: Mapping[str, Any] = field(default_factory=dict)
     rules: Callable[[Any], None] | None = None
@@ -73,7 +82,8 @@ class Sampler:
         name: the ``sampler=`` value.
         family: the models it samples (:attr:`Method.family`).
         run: ``"module:function"``, called as ``run(model, z, sigmas, *, sigma_min,
-            class_labels, noise, clip, **options)`` with unit noise ``z`` ``[B,C,H,W]`` and the
+            class_labels, noise, clip, [clip_denoised], **options)`` (``clip_denoised`` only
+            when the function takes it) with unit noise ``z`` ``[B,C,H,W]`` and the
             descending plan ``sigmas``; returns ``[B,C,H,W]``.
         nfe: network evaluations of a plan ``sigmas`` (a list of floats).
         options: the command-line options it takes (DDIM ``eta``, ...).

@@ -74,6 +74,7 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     indices, evaluated = greedy_tau_search(score, spec.num_scales, int(cfg.steps) - 1)
     result = _result(cfg, name, features, spec, indices, evaluated, len(real["features"]))
+    result["clip_denoised"] = req.clip_denoised
     result["seconds"] = round(time.perf_counter() - t0, 2)
     taus = result["taus"]
     out = Path(cfg.paths.output_dir)

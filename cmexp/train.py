@@ -28,6 +28,9 @@ log = logging.getLogger("cmexp.train")
 #: The README's main job: `python -m cmexp.train` with no +experiment trains this experiment.
 MAIN_EXPERIMENT = "fmnist_cd_quick"
 
+#: Set when this command line gave no +experiment and ``MAIN_EXPERIMENT`` was appended.
+MAIN_EXPERIMENT_APPENDED = False
+
 
 def train_overrides(argv: list[str], main_experiment: bool = True) -> list[str]:
     """The overrides of a ``cmexp.train`` command line in the order Hydra must apply them:
@@ -172,7 +175,13 @@ def build(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
     latents) and the run record it carries into every checkpoint."""
     datamodule = hydra.utils.instantiate(cfg.dataset)
     codec = latent_codec(cfg)  # latent mode: the autoencoder, checked before the model is built
-    model = hydra.utils.instantiate(cfg.model)
+    try:
+        model = hydra.utils.instantiate(cfg.model)
+    except Exception as err:
+        hint = main_experiment_hint(cfg, err)
+        if hint is None:
+            raise
+        raise ConfigError(hint) from err
     if codec is not None:
         from cmexp.data.latent import LatentDataModule
 
@@ -189,6 +198,50 @@ def build(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
 
         log.info("schedule: %s", describe_curriculum(model.schedule))
     return datamodule, model, record
+
+
+def experiments_of_model(choice: str) -> list[str]:
+    """The experiments (``conf/experiment/*.yaml``) that select ``model=<choice>``, Fashion-MNIST
+    ones first (``fmnist_<choice>`` before the others)."""
+    import re
+
+    from cmexp.utils.cli import CONF_DIR
+
+    found = [
+        p.stem
+        for p in sorted((CONF_DIR / "experiment").glob("*.yaml"))
+        if re.search(rf"override /model: {re.escape(choice)}\s*(#.*)?$", p.read_text(), re.M)
+    ]
+    return sorted(found, key=lambda n: (n != f"fmnist_{choice}", not n.startswith("fmnist_"), n))
+
+
+def main_experiment_hint(cfg: DictConfig, err: BaseException) -> str | None:
+    """The one line for a model whose keys do not fit its ``_target_`` because the main job's
+    experiment was appended to a command line without ``+experiment`` (``model=edm`` then keeps
+    the CD experiment's ``model.taus``, ...): what happened and the way out. None otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cmexp.utils.cli import user_error
+
+    user = user_error(err)
+    if not MAIN_EXPERIMENT_APPENDED or not isinstance(user, ConfigError):
+        return None
+    if "do not fit its _target_" not in str(user):
+        return None
+    choice = ""
+    if HydraConfig.initialized():
+        choice = str(HydraConfig.get().runtime.choices.get("model") or "")
+    fits = experiments_of_model(choice) if choice else []
+    way_out = (
+        f"pass +experiment={fits[0]}"
+        if fits
+        else "pass the +experiment=NAME of the model you want"
+    )
+    return (
+        f"{str(user).splitlines()[0]}; no +experiment was given, so the main job's experiment "
+        f"+experiment={MAIN_EXPERIMENT} was appended and its model settings stay: {way_out}"
+        + (f" (the experiments of model={choice}: {', '.join(fits)})" if len(fits) > 1 else "")
+    )
 
 
 def _resume_checkpoint(cfg: DictConfig, output_dir: Path, model: Any) -> str | None:
@@ -349,6 +402,9 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     reject_renamed_keys("train")
+    MAIN_EXPERIMENT_APPENDED = not any(
+        not a.startswith("-") and override_key(a) == "experiment" for a in sys.argv[1:]
+    )
     sys.argv[1:] = train_overrides(sys.argv[1:])
     run_cli(
         precheck, "train"

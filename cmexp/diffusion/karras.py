@@ -66,8 +66,15 @@ def append_dims(x: Tensor, target_ndim: int) -> Tensor:
 
 
 def as_sigma_batch(sigma: Tensor | float, x: Tensor) -> Tensor:
-    """Broadcast a scalar or ``[B]`` sigma to ``[B]`` on x's device, float32 or wider."""
+    """Broadcast a scalar or ``[B]`` sigma to ``[B]`` on x's device, float32 or wider; float64
+    when x is float64 (a Python float is then built in float64 directly, never rounded through
+    float32 first, so ``f(x, sigma_min) = x`` holds exactly in float64)."""
+    wide = x.dtype == torch.float64
+    if wide and not isinstance(sigma, Tensor):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
     sigma = torch.as_tensor(sigma, device=x.device)
+    if wide and sigma.dtype != torch.float64:
+        sigma = sigma.double()
     if not sigma.is_floating_point():
         sigma = sigma.float()
     if sigma.dtype in (torch.float16, torch.bfloat16):

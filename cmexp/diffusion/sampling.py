@@ -73,6 +73,7 @@ def sample_multistep(
     class_labels: Tensor | None = None,
     noise: NoiseFn | None = None,
     clip_denoised: bool = True,
+    clip_output: bool | None = None,
 ) -> Tensor:
     """Multistep consistency sampling (CM paper Alg. 1).
 
@@ -85,7 +86,9 @@ def sample_multistep(
         sigmas: descending noise levels, ``sigmas[0]`` = T, all > sigma_min.
         noise: draws the re-noising z' like its argument (default ``torch.randn_like``; pass
             ``SeededNoise(...).randn_like`` for per-seed determinism).
-        clip_denoised: clamp each f output to [-1, 1] before re-noising (official code).
+        clip_denoised: clamp each f output to [-1, 1] before re-noising (the CM paper's code;
+            ECT's and FastGen's samplers do not).
+        clip_output: clamp the result to [-1, 1] (None: as ``clip_denoised``).
     """
     sig = check_sigmas(sigmas, sigma_min)
     noise = noise or torch.randn_like
@@ -95,4 +98,4 @@ def sample_multistep(
             x = x.clamp(-1, 1)
         x = x + (tau**2 - sigma_min**2) ** 0.5 * noise(x)
         x = consistency_fn(x, tau, class_labels)
-    return x.clamp(-1, 1) if clip_denoised else x
+    return x.clamp(-1, 1) if (clip_denoised if clip_output is None else clip_output) else x

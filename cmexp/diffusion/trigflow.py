@@ -230,6 +230,7 @@ def sample_trigflow(
     class_labels: Tensor | None = None,
     noise: Callable[[Tensor], Tensor] | None = None,
     clip_denoised: bool = True,
+    clip_output: bool | None = None,
 ) -> Tensor:
     """sCM's multistep sampler in TrigFlow time (sCM Alg. 1; 1 step: ``ts = [t_max]``, 2 steps:
     ``[t_max, 1.1]``, sCM's intermediate time).
@@ -241,7 +242,9 @@ def sample_trigflow(
     Args:
         z: ``[B,C,H,W]`` standard normal noise. ts: descending TrigFlow times in (0, pi/2].
         noise: draws the fresh standard normal z' like its argument (default ``randn_like``).
-        clip_denoised: clamp each f output to [-1, 1] before re-noising.
+        clip_denoised: clamp each f output to [-1, 1] before re-noising (as the CM paper's
+            code; FastGen's sCM sampler does not).
+        clip_output: clamp the result to [-1, 1] (None: as ``clip_denoised``).
     """
     ts = check_trigflow_times(ts, "ts", closed_top=True)
     if any(b >= a for a, b in itertools.pairwise(ts)):
@@ -260,4 +263,4 @@ def sample_trigflow(
             x = x.clamp(-1, 1)
         x_t = math.cos(t) * x + math.sin(t) * sd * noise(x)
         x = model.consistency(x_t, torch.full_like(t0, t), class_labels)
-    return x.clamp(-1, 1) if clip_denoised else x
+    return x.clamp(-1, 1) if (clip_denoised if clip_output is None else clip_output) else x

@@ -18,7 +18,7 @@ from torch import Tensor
 from cmexp import registry
 from cmexp.diffusion.sampling import SeededNoise
 from cmexp.inference.loader import LoadedModel
-from cmexp.inference.plan import check_sampler
+from cmexp.inference.plan import check_clip_denoised, check_sampler
 from cmexp.utils.images import image_grid, save_png, to_uint8
 
 
@@ -50,6 +50,7 @@ def generate(
     options: dict[str, float] | None = None,
     class_labels: Sequence[int] | None = None,
     guidance: float | None = None,
+    clip_denoised: bool | None = None,
 ) -> Tensor:
     """``[num_samples,C,H,W]`` images in [-1,1]. A latent model (``loaded.latent``) samples
     latents ``[num_samples,z,h,w]`` (never clamped: they are not in [-1, 1]) and decodes them.
@@ -68,6 +69,10 @@ def generate(
             None: one label per image from its seed (:mod:`cmexp.inference.conditional`).
         guidance: the guidance scale w (conditional diffusion models: classifier-free
             guidance; guided CD students: their w input, default the recorded scale).
+        clip_denoised: clamp to [-1, 1] each intermediate output of Alg. 1 before re-noising,
+            or the denoiser's output in every solver step; None: the model's default
+            (:func:`cmexp.inference.plan.check_clip_denoised`). The result of a pixel model
+            is clamped to [-1, 1] either way.
     """
     from cmexp.inference.conditional import check_guidance, conditioned_model, sample_labels
 
@@ -76,6 +81,11 @@ def generate(
     sampler = check_sampler(sampler, loaded.spec)
     run = registry.load(registry.sampler(sampler).run)
     options = dict(options or {})
+    clip_denoised = check_clip_denoised(
+        clip_denoised, loaded.spec, sampler, latent=loaded.latent is not None
+    )
+    if clip_denoised is not None:
+        options["clip_denoised"] = clip_denoised
     shape = (m.img_channels, m.img_resolution, m.img_resolution)
     out = []
     starts = range(0, num_samples, batch_size)

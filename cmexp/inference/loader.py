@@ -25,7 +25,9 @@ def sampling_spec(meta: dict[str, Any], config: dict[str, Any] | None = None) ->
     sampler and plan end come from the registered method of its kind. Checkpoints written
     before ``rho``/``num_scales``/``taus`` were recorded fall back to their run config (then
     to the CM paper's rho = 7, N = 18); a recorded sampler of another family (checkpoints of
-    consistency models once recorded ``heun``) gives way to the method's own."""
+    consistency models once recorded ``heun``) gives way to the method's own. The
+    ``clip_denoised`` default is the checkpoint's (converted openai/consistency_models files
+    record True, as their ``image_sample.py``), else the method record's, else the family's."""
     method = registry.method(str(meta["kind"]), meta.get("method_package"))
     model_cfg = (config or {}).get("model") or {}
     schedule_cfg = (config or {}).get("schedule") or {}
@@ -51,7 +53,13 @@ def sampling_spec(meta: dict[str, Any], config: dict[str, Any] | None = None) ->
         sampler=sampler,
         final_zero=bool(meta.get("final_zero", method.final_zero)),
         alpha_bars=tuple(float(a) for a in alpha_bars) if alpha_bars is not None else (),
+        clip_denoised=_clip_default(meta.get("clip_denoised", method.clip_denoised)),
     )
+
+
+def _clip_default(value: Any) -> bool | None:
+    """A recorded ``clip_denoised`` default (None: the family's)."""
+    return None if value is None else bool(value)
 
 
 @dataclass

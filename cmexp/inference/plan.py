@@ -42,6 +42,8 @@ class SamplingSpec:
         alpha_bars: a discrete VP schedule's ``alpha_bar_t`` (t = 1..T) when the model was
             trained on one (``cmexp.diffusion.VPSchedule``): its grid is then the schedule's
             trailing timesteps instead of the Karras levels (``sigma_max`` may be inf).
+        clip_denoised: the model's default of the ``clip_denoised`` sampling option (None: its
+            family's, ``cmexp.registry.CLIP_DENOISED``; :func:`check_clip_denoised`).
     """
 
     family: str = "denoiser"
@@ -53,6 +55,7 @@ class SamplingSpec:
     sampler: str = "heun"
     final_zero: bool = True
     alpha_bars: tuple[float, ...] = ()
+    clip_denoised: bool | None = None
 
     @property
     def uses_solver(self) -> bool:
@@ -196,6 +199,42 @@ def check_sampler(sampler: str | None, spec: SamplingSpec) -> str:
             f"use one of {', '.join(s for s in fits if not registry.sampler(s).finite_start)}"
         )
     return name
+
+
+def check_clip_denoised(
+    value: bool | None, spec: SamplingSpec, sampler: str, latent: bool = False
+) -> bool | None:
+    """The ``clip_denoised`` sampling option in effect (None: the model's default): clamp to
+    [-1, 1] each intermediate output of Alg. 1 before re-noising, or the denoiser's output in
+    every solver step. The default is the model's (``spec.clip_denoised``: its checkpoint's,
+    e.g. True for an openai/consistency_models EDM file, as its ``image_sample.py``), else its
+    family's (consistency: True, denoiser: False); a latent model's is False (latents are not
+    in [-1, 1]) and true is refused there. None for a plug-in sampler that takes no such
+    option (true is then refused: it would be ignored)."""
+    import inspect
+
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"clip_denoised must be true, false or null, got {value!r}")
+    if latent:
+        if value:
+            raise ValueError(
+                "clip_denoised=true: a latent model samples latents, which are not in [-1, 1]; "
+                "leave clip_denoised out (or false)"
+            )
+        value = False
+    params = inspect.signature(registry.load(registry.sampler(sampler).run)).parameters
+    takes = "clip_denoised" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
+    default = spec.clip_denoised
+    if default is None:
+        default = registry.CLIP_DENOISED.get(spec.family)
+    resolved = default if value is None else value
+    if not takes:
+        if value:
+            raise ValueError(f"clip_denoised=true: sampler={sampler} takes no clip_denoised")
+        return None
+    return None if resolved is None else bool(resolved)
 
 
 def nfe(sigmas: Sequence[float] | Tensor, sampler: str, passes: int = 1) -> int:

@@ -2,8 +2,8 @@
 ``cmexp.tau_search``, ``cmexp.edit``): the model of ``ckpt=`` on its device, its labels and
 guidance, the sampler and its options, and the sample sets' plans, all checked against the
 model before any file is written. The checkpoint is the source of the sampling settings; the
-command line's ``sampler``, ``taus``, ``tau_indices``, ``steps``, ``solver_steps``, ``rho`` and
-``num_scales`` override them."""
+command line's ``sampler``, ``taus``, ``tau_indices``, ``steps``, ``solver_steps``, ``rho``,
+``num_scales`` and ``clip_denoised`` override them."""
 
 from __future__ import annotations
 
@@ -21,7 +21,13 @@ from cmexp.inference.conditional import (
 )
 from cmexp.inference.generate import generate, sampler_options
 from cmexp.inference.loader import LoadedModel, load_from_config
-from cmexp.inference.plan import check_sampler, nfe, sigma_plan, solver_plan
+from cmexp.inference.plan import (
+    check_clip_denoised,
+    check_sampler,
+    nfe,
+    sigma_plan,
+    solver_plan,
+)
 
 
 def _as_list(value: Any, key: str) -> list[Any] | None:
@@ -42,7 +48,8 @@ class Request:
     ``plans``: ``[(set name, descending sigmas)]``: one-step maps ``"{k}step"`` for each
     ``steps`` k, solver families ``"{sampler}{nfe}nfe"`` for the model's plan or each
     ``solver_steps`` k. ``passes``: network passes per evaluation (2 for classifier-free
-    guidance)."""
+    guidance). ``clip_denoised``: that sampling option in effect (the command line's, else the
+    model's default; None for a plug-in sampler without it)."""
 
     loaded: LoadedModel
     device: str
@@ -52,6 +59,7 @@ class Request:
     guidance: float | None = None
     passes: int = 1
     plans: list[tuple[str, list[float]]] = field(default_factory=list)
+    clip_denoised: bool | None = None
 
     def nfe(self, sigmas: Sequence[float]) -> int:
         return nfe(sigmas, self.sampler, self.passes)
@@ -76,6 +84,7 @@ class Request:
             options=self.options,
             class_labels=self.class_labels,
             guidance=self.guidance,
+            clip_denoised=self.clip_denoised,
         )
 
     def describe(self, cfg: Any) -> dict[str, Any]:
@@ -86,6 +95,7 @@ class Request:
             "weights": "ema" if cfg.get("use_ema", True) else "online",
             "sampler": self.sampler,
             "options": self.options,
+            "clip_denoised": self.clip_denoised,
             "rho": self.loaded.spec.rho,
             "num_scales": self.loaded.spec.num_scales,
         }
@@ -121,6 +131,9 @@ def prepare(
         class_labels=class_labels,
         guidance=guidance,
         passes=conditioned_model(loaded, guidance)[1],
+        clip_denoised=check_clip_denoised(
+            cfg.get("clip_denoised"), loaded.spec, sampler, latent=loaded.latent is not None
+        ),
     )
     spec = loaded.spec
     if spec.uses_solver:

@@ -1,7 +1,11 @@
 """The shared samplers in the registry's calling convention (:class:`cmexp.registry.Sampler`):
-``run(model, z, sigmas, *, sigma_min, class_labels, noise, clip, **options)`` with unit noise
-``z`` ``[B,C,H,W]``, the descending plan ``sigmas`` and image i's own noise generator ``noise``;
-each returns ``[B,C,H,W]``. The science lives in k-diffusion-style plain functions
+``run(model, z, sigmas, *, sigma_min, class_labels, noise, clip, clip_denoised, **options)``
+with unit noise ``z`` ``[B,C,H,W]``, the descending plan ``sigmas`` and image i's own noise
+generator ``noise``; each returns ``[B,C,H,W]``. ``clip`` clamps the result to [-1, 1] (pixel
+models; latents are never clamped); ``clip_denoised`` is the sampling option of the same name
+(``cmexp.inference.plan.check_clip_denoised``): Alg. 1 clamps each intermediate output before
+re-noising, the diffusion solvers clamp the denoiser's output inside every step
+(openai/consistency_models' ``clip_denoised=True``). The science lives in k-diffusion-style plain functions
 (``cmexp.diffusion.sampling``, ``solvers``, ``samplers``); this module only adapts them, so
 :func:`cmexp.inference.generate` draws every sample of the suite the same way."""
 
@@ -28,12 +32,33 @@ def run_consistency(
     class_labels: Tensor | None = None,
     noise: NoiseFn | None = None,
     clip: bool = True,
+    clip_denoised: bool | None = None,
 ) -> Tensor:
-    """CM paper Alg. 1 (``cmexp.diffusion.sample_multistep``): ``clip`` clamps each step's
-    output to [-1, 1] (pixel models; latents are never clamped)."""
+    """CM paper Alg. 1 (``cmexp.diffusion.sample_multistep``): ``clip_denoised`` clamps each
+    intermediate output to [-1, 1] before re-noising (None: as ``clip``), ``clip`` the result
+    (pixel models; latents are never clamped)."""
     return sample_multistep(
-        model, z, sigmas, sigma_min, class_labels=class_labels, noise=noise, clip_denoised=clip
+        model,
+        z,
+        sigmas,
+        sigma_min,
+        class_labels=class_labels,
+        noise=noise,
+        clip_denoised=clip if clip_denoised is None else bool(clip_denoised),
+        clip_output=clip,
     )
+
+
+class ClampedDenoiser(nn.Module):
+    """``D(x, sigma, labels).clamp(-1, 1)``: openai/consistency_models' ``clip_denoised=True``
+    inside every solver step (its ``KarrasDenoiser.denoise`` output, before the ODE derivative)."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: Tensor, sigma: Tensor | float, *args: object, **kwargs: object) -> Tensor:
+        return self.denoiser(x, sigma, *args, **kwargs).clamp(-1, 1)
 
 
 def solver_sampler(
@@ -42,7 +67,8 @@ def solver_sampler(
     """A diffusion solver ``solver(denoiser, x, sigmas, class_labels, [noise], **options)`` in
     the registry's convention: it starts from ``sigmas[0] z`` (the VP state z itself where
     sigmas[0] = inf: zero terminal SNR), takes image i's generator as its fresh noise when
-    ``stochastic``, and clamps the result to [-1, 1] when ``clip``."""
+    ``stochastic``, clamps the denoiser's output in every step when ``clip_denoised``
+    (:class:`ClampedDenoiser`) and the result to [-1, 1] when ``clip``."""
 
     def run(
         model: nn.Module,
@@ -53,12 +79,14 @@ def solver_sampler(
         class_labels: Tensor | None = None,
         noise: NoiseFn | None = None,
         clip: bool = True,
+        clip_denoised: bool | None = None,
         **options: float,
     ) -> Tensor:
         sig = torch.as_tensor(sigmas, dtype=torch.float32, device=z.device)
         x0 = z if torch.isinf(sig[0]) else z * sig[0]
         kwargs = {"noise": noise, **options} if stochastic else dict(options)
-        x = solver(model, x0, sig, class_labels=class_labels, **kwargs)
+        denoiser = ClampedDenoiser(model) if clip_denoised else model
+        x = solver(denoiser, x0, sig, class_labels=class_labels, **kwargs)
         return x.clamp(-1, 1) if clip else x
 
     run.__doc__ = f"``{solver.__module__}.{solver.__name__}`` in the registry's convention."

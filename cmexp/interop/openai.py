@@ -147,6 +147,8 @@ def convert_openai(path: Path, state: dict[str, Tensor]) -> Converted:
         "img_channels": net_cfg["img_channels"],
         "label_dim": net_cfg["label_dim"],
         "source_format": "openai-consistency-models",
+        # image_sample.py's default: every sampler clamps the denoiser / consistency output
+        "clip_denoised": True,
     }
     if kind == "edm":
         meta["precond"] = {"name": "edm"}

@@ -54,6 +54,22 @@ class ClassifierFeatures(nn.Module):
         self.name = name
         self.source = str(ckpt.path)
 
+    #: Fashion-MNIST's own side and the suite's padded one (28 + 2 x 2): the sizes the
+    #: classifier's features mean something for (its input is resized to its own side).
+    RESOLUTIONS = (28, 32)
+
+    def accepts(self, channels: int, resolution: int) -> bool:
+        """Whether images of ``channels`` x ``resolution``^2 are what the classifier scores
+        (its own channel count; 28 or 32 pixels, or its own side)."""
+        return int(channels) == self.img_channels and int(resolution) in (
+            *self.RESOLUTIONS,
+            self.img_resolution,
+        )
+
+    def describe_input(self) -> str:
+        sides = " or ".join(str(r) for r in sorted({*self.RESOLUTIONS, self.img_resolution}))
+        return f"{self.img_channels}-channel Fashion-MNIST-like images ({sides} pixels)"
+
     def train(self, mode: bool = True) -> "ClassifierFeatures":
         super().train(False)  # always eval: BatchNorm statistics stay frozen
         return self
@@ -153,3 +169,21 @@ class InceptionFeatures(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         """``[B, 1008]`` unbiased logits (IS)."""
         return self._both(x)[1]
+
+
+def check_feature_input(
+    features: nn.Module, channels: int, resolution: int, what: str, choice: str = ""
+) -> None:
+    """A ValueError naming ``features=`` when the extractor does not score ``what`` (images of
+    ``channels`` x ``resolution``^2): the Fashion-MNIST classifier's features of RGB or
+    other-sized images would give a number (``fd_fmnist``) that means nothing. Extractors
+    without an ``accepts`` method (Inception: any image) pass."""
+    accepts = getattr(features, "accepts", None)
+    if accepts is None or accepts(channels, resolution):
+        return
+    name = choice or "fmnist_classifier"
+    raise ValueError(
+        f"features={name} scores {features.describe_input()}; {what} are "
+        f"{int(channels)}x{int(resolution)}x{int(resolution)}: use features=inception "
+        "(or a feature classifier of that data)"
+    )

@@ -410,6 +410,7 @@ _TAUS = {
         bad=("abc", -1),
     ),
     "s_noise": Num(0, lo_open=True),
+    "clip_denoised": Bool(null=True),
 }
 _FEATURES = {"features.name": Str(empty=True), "features.weights_path": Str(null=True)}
 #: Class-conditional sampling (cmexp.sample / cmexp.eval): labels and the guidance scale w.
@@ -481,6 +482,7 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
         "real_split": SPLIT,
         "data_dir": Str(null=True),
         "cache_dir": Str(),
+        "clip_denoised": Bool(null=True),
     },
     "export": {
         "ckpt": Str(null=True),  # required: checked after the values (names the key and the file)
@@ -680,7 +682,20 @@ def _required_checkpoint(cfg: DictConfig, key: str) -> None:
 
 
 def _check_export_out(cfg: DictConfig) -> None:
-    """``format=diffusers`` writes a folder at ``out``: required, and new or empty."""
+    """``format=slim`` writes a new file at ``out``; ``format=diffusers`` a folder: required,
+    and new or empty. Nothing that exists is overwritten."""
+    if sel(cfg, "format") == "slim":
+        out = sel(cfg, "out")
+        if not out:
+            raise ConfigError("format=slim needs out=/path/to/file.pt (a new file)")
+        path = Path(str(out)).expanduser()
+        if path.exists():
+            what = "a folder" if path.is_dir() else "a file that exists"
+            raise ConfigError(
+                f"out={out} is {what}; refusing to overwrite it: give a new file name "
+                "(or remove it first)"
+            )
+        return
     if sel(cfg, "format") != "diffusers":
         return
     out = sel(cfg, "out")

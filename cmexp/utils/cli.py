@@ -56,7 +56,9 @@ def user_error(err: BaseException) -> BaseException | None:
     seen, outer = 0, err
     while isinstance(err, InstantiationException) and err.__cause__ is not None and seen < 5:
         err, seen = err.__cause__, seen + 1
-    if isinstance(err, (ConfigError, FileNotFoundError, ValueError, MissingMandatoryValue)):
+    if isinstance(
+        err, (ConfigError, FileNotFoundError, FileExistsError, ValueError, MissingMandatoryValue)
+    ):
         return err
     if isinstance(outer, InstantiationException) and isinstance(err, TypeError):
         # a config group whose keys do not fit its class (e.g. model=classifier under a CT experiment)
@@ -174,6 +176,48 @@ def hydra_message(err: BaseException) -> str:
     return "; ".join(parts)
 
 
+def check_sweep_options(entry: str, overrides: list[str], parsed: list[Any]) -> None:
+    """A multirun (``-m``, a sweep override such as ``+experiment=a,b``): every config-group
+    option it names exists, else a :class:`~cmexp.utils.checks.ConfigError` with the one line
+    a single run gets ("Could not find 'sweep/x'; Available options in 'sweep': ..."). The
+    first job's config is composed (each sweep override at its first value), then each other
+    value of a swept group in its place; other composition errors are left to Hydra, which
+    reports them per job."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException, MissingConfigException
+
+    from cmexp.utils.checks import ConfigError
+
+    values: list[list[str]] = []
+    try:
+        for line, o in zip(overrides, parsed, strict=True):
+            values.append(list(o.sweep_string_iterator()) if o.is_sweep_override() else [line])
+    except Exception:  # noqa: BLE001 - a sweep Hydra's basic sweeper cannot list (interval)
+        return
+    if any(not v for v in values):
+        return
+
+    def line(i: int, value: str) -> str:
+        o = parsed[i]
+        return f"{o.get_key_element()}={value}" if o.is_sweep_override() else value
+
+    first = [line(i, v[0]) for i, v in enumerate(values)]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=entry):
+        jobs = [first]
+        repo = GlobalHydra.instance().config_loader().repository
+        for i, o in enumerate(parsed):
+            if o.is_sweep_override() and repo.group_exists(o.key_or_group):
+                jobs += [[*first[:i], line(i, v), *first[i + 1 :]] for v in values[i][1:]]
+        for job in jobs:
+            try:
+                compose(entry, overrides=job)
+            except MissingConfigException as err:
+                raise ConfigError(hydra_message(err)) from None
+            except HydraException:
+                return
+
+
 def precheck(entry: str, argv: list[str] | None = None) -> Any:
     """What ``python -m cmexp.<entry>`` checks before Hydra starts the job (Hydra makes the run
     folder and writes ``.hydra/*.yaml`` there before the job runs): renamed keys, the config
@@ -191,6 +235,7 @@ def precheck(entry: str, argv: list[str] | None = None) -> Any:
     from cmexp.utils import runs
     from cmexp.utils.checks import ConfigError, check_config
 
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     runs.forget_plan()
     message = renamed_key_error(entry, argv)
@@ -210,6 +255,7 @@ def precheck(entry: str, argv: list[str] | None = None) -> Any:
                 message if override in message else f"{override}: {message}"
             ) from None
     if flags & MULTIRUN_FLAGS or any(o.is_sweep_override() for o in parsed):
+        check_sweep_options(entry, overrides, parsed)
         return None
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=entry):
@@ -233,7 +279,20 @@ def precheck(entry: str, argv: list[str] | None = None) -> Any:
         runs.plan_run_folder(run_dir)
         if entry == "train":
             runs.lock_run_folder(run_dir)
+    if from_command_line:
+        pin_run_dir(run_dir, overrides)
     return cfg
+
+
+def pin_run_dir(run_dir: Path, overrides: list[str], argv: list[str] | None = None) -> None:
+    """Hand Hydra the run folder the precheck resolved (``hydra.run.dir=<it>`` appended to the
+    command line, ``sys.argv`` by default) unless the command line names one: Hydra composes
+    the config again and would resolve ``${now:...}`` in ``hydra.run.dir`` a second time, so the
+    folder the precheck checked and locked (made empty) would not be the job's."""
+    if any(override_key(o) == "hydra.run.dir" for o in overrides):
+        return
+    text = str(run_dir).replace("'", "\\'")
+    (sys.argv if argv is None else argv).append(f"hydra.run.dir='{text}'")
 
 
 def list_or_none(value: Any, key: str) -> list[Any] | None:

@@ -149,8 +149,12 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     np.savez(fx / "one.npz", arr_0=np.zeros((1, 32, 32, 3), dtype=np.uint8))
     np.savez(fx / "noarr.npz", images=np.zeros((4, 32, 32, 3), dtype=np.uint8))
     np.savez(fx / "float.npz", arr_0=np.zeros((4, 32, 32, 3), dtype=np.float32))
+    np.savez(fx / "grey.npz", arr_0=rng.integers(0, 255, (10, 28, 28, 1), dtype=np.uint8))
     files.update(
-        {f"{name}_npz": fx / f"{name}.npz" for name in ("trunc", "empty", "one", "noarr", "float")}
+        {
+            f"{name}_npz": fx / f"{name}.npz"
+            for name in ("good", "trunc", "empty", "one", "noarr", "float", "grey")
+        }
     )
 
     # run folders: another command's outputs, logs that cannot be read

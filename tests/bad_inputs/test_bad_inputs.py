@@ -157,6 +157,7 @@ def test_every_case_names_a_key_or_file() -> None:
             "ckpt",
             "paths",
             "features.ckpt",
+            "features=",  # the feature extractor (config group) that does not fit the images
             "model:",
         }
         names |= {
@@ -304,3 +305,66 @@ def test_second_training_on_a_locked_folder_fails_at_once(tmp_path: Path) -> Non
         first.send_signal(signal.SIGKILL)  # a crash: no clean-up code runs
         first.wait(timeout=60)
     assert not runs.is_locked(run)  # the kernel released it: no stale lock
+
+
+def test_cli_export_refuses_an_existing_out_file(tmp_path: Path) -> None:
+    """`cmexp.export format=slim out=<an existing file>`: one line naming out=, exit 2, the
+    file untouched (it ended in Hydra's HYDRA_FULL_ERROR text with exit 1)."""
+    dst = tmp_path / "exists.pt"
+    dst.write_text("keep me")
+    before = _tree(dst)
+    out, _ = _cli("cmexp.export", "ckpt=zoo:fmnist_cd", "format=slim", f"out={dst}")
+    assert _one_error_line(out) == (
+        f"error: out={dst} is a file that exists; refusing to overwrite it: give a new file "
+        "name (or remove it first)"
+    )
+    assert _tree(dst) == before and dst.read_text() == "keep me"
+
+
+def test_cli_unknown_group_option_of_a_multirun_is_one_line(tmp_path: Path) -> None:
+    """An unknown option of any config group, in a single run or a multirun (`-m`, a swept
+    group), ends like `+experiment=<unknown>`: one line listing the options, exit 2."""
+    for args, group in (
+        (["cmexp.train", "+sweep=nope"], "sweep"),
+        (["cmexp.train", "-m", "+sweep=nope"], "sweep"),
+        (["cmexp.train", "-m", "+experiment=fmnist_ct_pseudo_huber,nope"], "experiment"),
+        (["cmexp.sample", "ckpt=zoo:fmnist_cd", "-m", "seed=1,2", "+sweep=nope"], "sweep"),
+    ):
+        out, _ = _cli(*args, f"paths.root_dir={tmp_path}")
+        line = _one_error_line(out)
+        assert f"Could not find '{group}/nope'; Available options in '{group}': " in line, line
+    assert not (tmp_path / "logs").exists()
+
+
+def test_cli_model_without_experiment_names_the_appended_main_experiment(tmp_path: Path) -> None:
+    """`python -m cmexp.train model=edm`: the main job's CD experiment is appended (no
+    +experiment), whose model.taus EDM does not take; the line says so and names the way out."""
+    out, _ = _cli("cmexp.train", "model=edm", f"paths.root_dir={tmp_path}")
+    line = _one_error_line(out)
+    assert line.startswith(
+        "error: model: EDMLitModule.__init__() got an unexpected keyword argument 'taus'"
+    ), line
+    assert (
+        "no +experiment was given, so the main job's experiment +experiment=fmnist_cd_quick "
+        "was appended and its model settings stay: pass +experiment=fmnist_edm"
+    ) in line
+    assert not (tmp_path / "logs").exists()
+
+
+def test_cli_diffusion_sampler_on_a_consistency_model_is_refused(tmp_path: Path) -> None:
+    """`sampler=ddim` / `heun` on a consistency model (cmexp.sample, cmexp.eval): refused with
+    the reason, exit 2, nothing written (using f as a denoiser in a diffusion sampler would be
+    another method, docs/usage.md)."""
+    for entry, sampler in (
+        ("cmexp.sample", "ddim"),
+        ("cmexp.sample", "heun"),
+        ("cmexp.eval", "ddim"),
+    ):
+        out, _ = _cli(
+            entry, "ckpt=zoo:fmnist_cd", f"sampler={sampler}", "num_samples=8",
+            f"paths.root_dir={tmp_path}",
+        )  # fmt: skip
+        assert _one_error_line(out) == (
+            f"error: sampler={sampler} does not fit a consistency model (its samplers: consistency)"
+        )
+    assert not (tmp_path / "logs").exists()

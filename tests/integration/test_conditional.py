@@ -135,8 +135,19 @@ def test_student_starts_as_the_guided_teachers_copy(ckpts) -> None:
 def test_eval_scores_per_class_and_class_accuracy(ckpts, tmp_path: Path) -> None:
     from cmexp.eval import evaluate
 
+    # a tiny feature classifier of the synthetic RGB set (the shipped Fashion-MNIST one scores
+    # only 1-channel Fashion-MNIST-like images: cmexp.eval refuses it here)
+    clf = tmp_path / "clf"
+    train(
+        compose_train(
+            [*TINY, "model=classifier", "net=small_cnn", "net.width=4", "net.feature_dim=8",
+             "~callbacks.sample_grid", "trainer.max_steps=3"],
+            clf,
+        )
+    )  # fmt: skip
     overrides = [
         f"ckpt={ckpts['cd']}",
+        f"features.ckpt={clf / 'checkpoints' / 'last.ckpt'}",
         "num_samples=8",
         "num_real=32",
         "steps=[1]",

@@ -42,6 +42,7 @@ def test_sample_an_edm_pickle(edm_pickle: Path, tmp_path: Path) -> None:
     )
     info = sample(cfg)["info"]
     assert info["kind"] == "edm" and info["sampler"] == "heun" and info["nfe"] == 4  # 2 Heun steps
+    assert info["clip_denoised"] is False  # EDM's generate.py does not clamp the denoiser
     images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
     assert images.shape == (2, 32, 32, 3)
     assert sorted(p.name for p in edm_pickle.parent.iterdir()) == [edm_pickle.name]
@@ -67,6 +68,7 @@ def test_sample_a_consistency_models_file_two_steps(tmp_path: Path) -> None:
     )
     info = sample(cfg)["info"]
     assert info["kind"] == "cd" and info["nfe"] == 2
+    assert info["clip_denoised"] is True  # image_sample.py's clip_denoised=True
     assert info["sigmas"][1] == pytest.approx(ef_tau(40, 22), rel=1e-6)  # launch.sh --ts 0,22,39
 
 

@@ -372,6 +372,7 @@ def test_eval_samples_a_checkpoint_and_scores_npz_files(
         and proto["seeds"] == [0, 11]
     )
     assert proto["sets"]["2step"]["nfe"] == 2 and proto["sets"]["1step"]["sigmas"] == [80.0]
+    assert proto["clip_denoised"] is True and proto["sets"]["2step"]["clip_denoised"] is True
     # scoring the written npz again gives the same numbers
     again = evaluate(
         compose_train(

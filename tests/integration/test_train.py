@@ -391,3 +391,35 @@ def test_wandb_offline_run_logs_metrics_and_uint8_grids(composer, monkeypatch, t
     assert {k for k, _ in logged} == {"samples/1step", "samples/2step"}
     assert all(getattr(img, "dtype", None) in (torch.uint8, np.uint8) for _, img in logged)
     assert (run / "csv" / "metrics.csv").is_file()
+
+
+def test_cli_training_leaves_exactly_one_run_folder(tmp_path: Path) -> None:
+    """`python -m cmexp.train` without hydra.run.dir: the precheck resolves ${now:...} in the run
+    folder's name and locks that folder; Hydra must run the job in the same folder, not resolve
+    the time again and leave the precheck's folder behind, empty but for its lock."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmexp.train",
+            "+experiment=fmnist_ct_pseudo_huber",
+            *TINY,
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=root,
+        env={**os.environ, "CMEXP_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    folders = [p for p in tmp_path.rglob("runs/*") if p.parent.name == "runs"]
+    assert len(folders) == 1, sorted(str(p) for p in folders)
+    assert (folders[0] / "checkpoints" / "last.ckpt").is_file()
+    assert (folders[0] / ".hydra" / "config.yaml").is_file()

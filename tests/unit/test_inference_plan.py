@@ -157,3 +157,101 @@ def test_command_line_helpers() -> None:
         list_or_none("abc", "taus")
     with pytest.raises(ValueError, match="tau_indices must be a list of numbers"):
         list_or_none(["a"], "tau_indices")
+
+
+# ------------------------------------------------------------------ the clip_denoised option
+def test_clip_denoised_defaults_follow_the_model_and_its_family() -> None:
+    from cmexp.inference.plan import check_clip_denoised
+
+    edm = SamplingSpec(family="denoiser", sampler="heun")
+    assert check_clip_denoised(None, CD, "consistency") is True  # the CM paper's code
+    assert check_clip_denoised(None, edm, "heun") is False  # EDM's generate.py
+    assert check_clip_denoised(False, CD, "consistency") is False
+    assert check_clip_denoised(True, edm, "ddim") is True
+    openai_edm = SamplingSpec(family="denoiser", sampler="heun", clip_denoised=True)
+    assert check_clip_denoised(None, openai_edm, "heun") is True  # image_sample.py
+    assert check_clip_denoised(False, openai_edm, "heun") is False
+    assert check_clip_denoised(None, CD, "consistency", latent=True) is False  # latents
+    with pytest.raises(ValueError, match="clip_denoised=true: a latent model samples latents"):
+        check_clip_denoised(True, CD, "consistency", latent=True)
+    with pytest.raises(ValueError, match="clip_denoised must be true, false or null"):
+        check_clip_denoised("yes", CD, "consistency")  # type: ignore[arg-type]
+
+
+class _Loud(torch.nn.Module):
+    """A denoiser / consistency function whose outputs leave [-1, 1]:
+    D(x, sigma) = 1.3 x / sqrt(1 + sigma^2) + 0.5."""
+
+    def forward(self, x, sigma, class_labels=None):
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return 1.3 * x / (1 + s**2).sqrt() + 0.5
+
+
+def test_alg1_clip_denoised_switches_the_intermediate_clamp_only() -> None:
+    from cmexp.inference.samplers import run_consistency
+
+    f, z = _Loud(), torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    fresh = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    sigmas = [80.0, 2.0, 0.5]
+
+    def manual(clamp: bool) -> torch.Tensor:
+        x = f(80.0 * z, 80.0)
+        for tau in sigmas[1:]:
+            x = (x.clamp(-1, 1) if clamp else x) + (tau**2 - 0.002**2) ** 0.5 * fresh
+            x = f(x, tau)
+        return x.clamp(-1, 1)
+
+    def run(**kw):
+        return run_consistency(f, z, sigmas, sigma_min=0.002, noise=lambda x: fresh, **kw)
+
+    torch.testing.assert_close(run(), manual(True))  # the default: clamp, as today
+    torch.testing.assert_close(run(clip_denoised=True), manual(True))
+    torch.testing.assert_close(run(clip_denoised=False), manual(False))  # ECT's / FastGen's
+    assert not torch.allclose(manual(True), manual(False))
+    assert run(clip=False).abs().max() > 1  # latents: never clamped
+
+
+def test_solver_clip_denoised_clamps_the_denoiser_in_every_step() -> None:
+    from cmexp.diffusion import sample_heun
+    from cmexp.inference.samplers import run_euler, run_heun
+
+    d, z = _Loud(), torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    sigmas = [*karras_sigmas(4).tolist(), 0.0]
+    sig = torch.tensor(sigmas)
+
+    def clamped(x, s, labels=None):
+        return d(x, s, labels).clamp(-1, 1)
+
+    want = sample_heun(clamped, z * sig[0], sig).clamp(-1, 1)
+    torch.testing.assert_close(run_heun(d, z, sigmas, sigma_min=0.002, clip_denoised=True), want)
+    plain = sample_heun(d, z * sig[0], sig).clamp(-1, 1)
+    torch.testing.assert_close(run_heun(d, z, sigmas, sigma_min=0.002), plain)  # as today
+    assert not torch.allclose(want, plain)
+    e1 = run_euler(d, z, sigmas, sigma_min=0.002, clip_denoised=True)
+    assert not torch.allclose(e1, run_euler(d, z, sigmas, sigma_min=0.002))
+
+
+def test_trigflow_sampler_switches_the_intermediate_clamp_only() -> None:
+    import math
+
+    from cmexp.diffusion import sample_trigflow
+
+    class Loud(torch.nn.Module):
+        sigma_data = 0.5
+
+        def consistency(self, x_t, t, class_labels=None):
+            return 3 * x_t
+
+    z = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    fresh = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    ts = [1.5, 1.1]
+
+    def manual(clamp: bool) -> torch.Tensor:
+        x = 3 * (0.5 * math.sin(1.5) * z)
+        x = x.clamp(-1, 1) if clamp else x
+        return (3 * (math.cos(1.1) * x + math.sin(1.1) * 0.5 * fresh)).clamp(-1, 1)
+
+    run = lambda **kw: sample_trigflow(Loud(), z, ts, noise=lambda x: fresh, **kw)  # noqa: E731
+    torch.testing.assert_close(run(), manual(True))
+    torch.testing.assert_close(run(clip_denoised=False, clip_output=True), manual(False))
+    assert not torch.allclose(manual(True), manual(False))

@@ -63,6 +63,7 @@ def test_released_files_load_with_their_settings(
         grid = karras_sigmas(num_scales, 0.002, 80.0, 7.0, dtype=torch.float64)
         assert loaded.spec.taus == pytest.approx((float(grid[tau_index]),))
     assert loaded.net.state_dict().keys() == state.keys()
+    assert loaded.spec.clip_denoised is True  # image_sample.py's clip_denoised=True
     # consistency_models' denoise(): c_in, c_skip, c_out from sigma, the UNet at 1000 * 0.25 ln(sigma)
     net = ADMUNet(64, 3, 1000, **SMALL).eval()
     net.load_state_dict(state)
@@ -162,3 +163,36 @@ def test_cd_distils_from_the_released_edm_teacher(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "edm_imagenet64_ema.pt"
     ]  # nothing written beside it
+
+
+def test_released_edm_file_samples_as_image_sample_py(tmp_path: Path) -> None:
+    """An openai/consistency_models EDM file samples as its ``image_sample.py --sampler heun``
+    (``clip_denoised=True``): the denoiser's output is clamped to [-1, 1] inside every Heun
+    step, then the result (``karras_sample``). ``clip_denoised=false`` is EDM's own sampler."""
+    from cmexp.diffusion.sampling import SeededNoise
+    from cmexp.inference.generate import generate
+    from cmexp.inference.plan import solver_plan
+
+    state = _fake(tmp_path / "edm_imagenet64_ema.pt", label_dim=0)
+    state["out.2.weight"] = state["out.2.weight"] * 40  # outputs well outside [-1, 1]
+    torch.save(state, tmp_path / "edm_imagenet64_ema.pt")
+    loaded = load_model(tmp_path / "edm_imagenet64_ema.pt")
+    sigmas = [*solver_plan(loaded.spec, 3), 0.0]  # 3 Heun steps and an Euler step into 0
+    z = SeededNoise([5]).randn((3, 64, 64))
+    sig = torch.tensor(sigmas, dtype=torch.float32)  # get_sigmas_karras: float32
+    with torch.no_grad():
+        x = z * sig[0]
+        for s, s_next in zip(sig[:-1], sig[1:], strict=True):  # karras_diffusion.sample_heun
+            s_in = s.expand(1)
+            d = (x - loaded.model(x, s_in).clamp(-1, 1)) / s
+            x_2 = x + d * (s_next - s)
+            if s_next == 0:
+                x = x_2
+                continue
+            d_2 = (x_2 - loaded.model(x_2, s_next.expand(1)).clamp(-1, 1)) / s_next
+            x = x + (d + d_2) / 2 * (s_next - s)
+        want = x.clamp(-1, 1)
+    got = generate(loaded, 1, sigmas, seed=5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain = generate(loaded, 1, sigmas, seed=5, clip_denoised=False)
+    assert (plain - got).abs().max() > 1e-2  # the per-step clamp matters here

@@ -278,3 +278,15 @@ def test_loss_draws_times_from_the_lognormal_proposal_and_warms_up() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             SCMLoss(JVPTangent(), **bad)
+
+
+def test_sigma_interface_keeps_float64_sigmas_exact() -> None:
+    """float64: a Python-float sigma gives the same f as the float64 tensor (built in float64,
+    not rounded through float32 first), and sample_trigflow's times stay float64."""
+    model = TrigFlowPrecond(GaussianTrigFlowNet()).double()
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    for s in (0.002, 0.05, 0.9824, 80.0):
+        tensor = torch.full((4,), s, dtype=torch.float64)
+        assert torch.equal(model(x, s), model(x, tensor)), s
+    want = x * S / math.sqrt(S**2 + 0.05**2)
+    torch.testing.assert_close(model(x, 0.05), want, rtol=1e-13, atol=1e-13)
