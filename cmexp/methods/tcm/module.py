@@ -176,7 +176,7 @@ class TCMLitModule(DiffusionLitModule):
         extra = {
             "stage": self.loss.stage,
             "ratio": self.loss.ratio(),
-            "boundary_loss": float(out.raw[edge].mean()) if bool(edge.any()) else 0.0,
+            "boundary_loss": float(out.raw.detach()[edge].mean()) if bool(edge.any()) else 0.0,
             "below_transition": float((out.sigma_next < self.transition_t).float().mean()),
         }
         return out.loss.mean(), extra
