@@ -190,11 +190,9 @@ def test_bad_transition_point_ends_with_one_line_and_writes_nothing(
 
 
 @pytest.mark.slow
-def test_shared_command_lines_sample_eval_tau_search_edit_export(
-    tmp_path: Path, stage1: Path
-) -> None:
+def test_shared_command_lines_sample_eval_tau_search_edit(tmp_path: Path, stage1: Path) -> None:
     """A tcm checkpoint through the shared command lines: cmexp.sample, cmexp.eval (with a tiny
-    feature classifier), cmexp.tau_search, cmexp.edit and the diffusers export."""
+    feature classifier), cmexp.tau_search and cmexp.edit."""
     run = tmp_path / "tcm"
     train(compose_train(_stage2(stage1, "trainer.max_steps=2"), run))
     ckpt = run / "checkpoints" / "last.ckpt"
