@@ -74,6 +74,32 @@ def _fake_teacher(cfg, cache: dict[str, Path]) -> Path:
     return cache[key]
 
 
+def _fake_stage1(cfg, cache: dict[str, Path]) -> Path:
+    """A checkpoint shaped like an ECT run of this suite (TCM's stage 1), with its net config."""
+    from cmexp.diffusion import CMPrecond
+
+    key = "stage1:" + OmegaConf.to_yaml(cfg.net)
+    if key not in cache:
+        net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
+        net = hydra.utils.instantiate(net_cfg)
+        path = cache["_dir"] / f"stage1_{len(cache)}.ckpt"
+        meta = {
+            "kind": "ect",
+            "img_resolution": net.img_resolution,
+            "img_channels": net.img_channels,
+            "label_dim": net.label_dim,
+            "sigma_min": float(cfg.model.precond.sigma_min),
+            "sigma_max": float(cfg.model.precond.sigma_max),
+            "sigma_data": float(cfg.model.precond.sigma_data),
+            "c_noise_scale": float(cfg.model.precond.c_noise_scale),
+            "config": {"net": net_cfg},
+        }
+        state = {f"ema.{k}": v for k, v in CMPrecond(net).state_dict().items()}
+        torch.save({"cmexp": meta, "state_dict": state}, path)
+        cache[key] = path
+    return cache[key]
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(
     name, composer, teachers, fake_weights, monkeypatch
@@ -83,6 +109,8 @@ def test_experiment_composes_and_instantiates(
     assert cfg.model._target_.startswith("cmexp.methods.")
     if cfg.model._target_.endswith(("CDLitModule", "PDLitModule", "ECTLitModule")):
         OmegaConf.update(cfg, "model.teacher_path", str(_fake_teacher(cfg, teachers)))
+    if cfg.model._target_.endswith("TCMLitModule"):
+        OmegaConf.update(cfg, "model.stage1_path", str(_fake_stage1(cfg, teachers)))
     datamodule = hydra.utils.instantiate(cfg.dataset)
     assert datamodule.batch_size == cfg.dataset.batch_size
     model = hydra.utils.instantiate(cfg.model)
@@ -100,7 +128,8 @@ def test_experiment_composes_and_instantiates(
         hydra.utils.instantiate(cb)
     if name.startswith("cifar10"):
         # the paper's Table 3 values (PD: the PD paper's batch 128; the CM paper's PD: 512; ECT 128; iCT 1024)
-        batch = {"cifar10_pd": 128, "cifar10_ect": 128, "cifar10_ict": 1024}.get(name, 512)
+        batch = {"cifar10_pd": 128, "cifar10_ect": 128, "cifar10_ict": 1024, "cifar10_tcm": 1024}
+        batch = batch.get(name, 512)
         assert cfg.dataset.batch_size == batch and cfg.net.model_channels == 128
         if "_cd_" in name or "_ct_" in name:
             assert cfg.model.ema_decay == 0.9999
@@ -338,6 +367,8 @@ CIFAR10_FLIPS = {
     "cifar10_pd": True,  # no source available: the suite's CM-paper default
     "cifar10_pd_cm": True,  # consistency_models_cifar10 default config
     "cifar10_ect": False,  # ECT: no augmentation (run_ecm.sh --augment=0, no --xflip)
+    "cifar10_tcm_stage1": False,  # NVlabs/TCM README: --augment=0.0, no --xflip
+    "cifar10_tcm": False,  # NVlabs/TCM README: --augment=0.0, no --xflip
 }
 
 

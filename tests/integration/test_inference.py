@@ -132,7 +132,7 @@ def test_one_loader_refuses_the_wrong_kind_naming_the_key(runs, tmp_path: Path) 
 
     with pytest.raises(
         ValueError,
-        match=r"ckpt=.* holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' here \(editing\)",
+        match=r"ckpt=.* holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here \(editing\)",
     ):
         load_model(runs["edm"], kinds=registry.kinds("consistency"), purpose="editing")
     with pytest.raises(

@@ -1,0 +1,19 @@
+"""Truncated consistency models (TCM, Lee et al., ICLR 2025), stage 2: a consistency model
+trained on [t', T] from a stage-1 consistency model that stays its boundary below t' (stage 1
+is ``model=ect``). docs/modes_tcm.md."""
+
+from cmexp.methods.tcm.rules import SCHEMA, rules
+from cmexp.registry import Method, register_method
+
+register_method(
+    Method(
+        kind="tcm",
+        module="cmexp.methods.tcm.module.TCMLitModule",
+        family="consistency",
+        wrapper="cmexp.diffusion.precond:CMPrecond",  # ECTPrecond/CMPrecond in eval mode
+        sampler="consistency",
+        schema=SCHEMA,
+        rules=rules,
+        doc="docs/modes_tcm.md",
+    )
+)
