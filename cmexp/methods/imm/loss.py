@@ -185,4 +185,3 @@ class IMMLoss:
         mmd = mmd_squared(y_fm.float(), y_hat_fm.float(), bandwidth.float(), self.kernel_eps)
         loss = self.weight(t_fm) * mmd
         return IMMLossOutput(loss=loss.repeat_interleave(m), sigma_t=t_b, sigma_s=s_b, sigma_r=r_b)
-

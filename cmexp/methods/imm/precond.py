@@ -134,9 +134,7 @@ class IMMPrecond(nn.Module):
             sig_t, sig_s = sig_t.double(), sig_s.double()
         sd = self.sigma_data
         t, s = fm_time(sig_t, sd), fm_time(sig_s, sd)
-        c_skip, c_out, c_in = (
-            append_dims(c, x.ndim) for c in simple_edm_coefficients(t, s, sd)
-        )
+        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in simple_edm_coefficients(t, s, sd))
         a_t, a_s = append_dims(1 - t, x.ndim), append_dims(1 - s, x.ndim)
         x_fm = a_t * x  # IMM's x_t on the OT-FM path
         g = self.net(
