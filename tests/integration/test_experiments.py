@@ -338,6 +338,7 @@ CIFAR10_FLIPS = {
     "cifar10_pd": True,  # no source available: the suite's CM-paper default
     "cifar10_pd_cm": True,  # consistency_models_cifar10 default config
     "cifar10_ect": False,  # ECT: no augmentation (run_ecm.sh --augment=0, no --xflip)
+    "cifar10_imm": True,  # no source available (lumalabs/imm has no training config)
 }
 
 
