@@ -370,5 +370,15 @@ CASES: list[Case] = [
     C("compare", "{ct_run} --label nope", "--label nope: not a config group or key of the run"),
     C("compare", "", "the following arguments are required: paths"),
     C("compare", "{ct_run} --bogus", "unrecognized arguments: --bogus"),
+    # imm
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.group_size=3", "model.loss.group_size=3 must divide dataset.batch_size=8"),
+    C("train", f"{T} model=imm", "model=imm needs net.guidance_embed=true"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.group_size=0", "model.loss.group_size must be an integer >= 1, got 0"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.decrement_k=-1", "model.loss.decrement_k must be a number >= 0, got -1"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.alpha_power=-1", "model.loss.alpha_power must be a number >= 0, got -1"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.logsnr_shift=abc", "model.loss.logsnr_shift must be a number, got 'abc'"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.kernel_eps=0", "model.loss.kernel_eps must be a number > 0, got 0"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.num_scales=1", "model.num_scales must be an integer >= 2, got 1"),
+    C("sample", "ckpt={ct} sampler=pushforward", "sampler=pushforward does not fit a consistency model (its samplers: consistency)", "load"),
 ]
 # fmt: on
