@@ -7,6 +7,8 @@ One run, ratios only (full step and bare passes timed alternately, so both see t
 - sCT: full step / (one forward-mode JVP of the online net (forward + tangent) + online forward/backward)
 - sCD: full step / (teacher forward + JVP + online forward/backward)
 - CD (Heun): full step / (2 teacher forwards + target forward + online forward/backward)
+- IMM: full step / (target forward at (s, r) + online forward/backward at (s, t)); the rest is
+  the MMD over particle groups (M = 4)
 
 The full step is ``compute_loss`` + backward + optimizer step + target/EMA updates. The teacher
 of CD/ECT/sCD is a random network of the same architecture saved as an EDM checkpoint.
@@ -70,6 +72,8 @@ def build(mode: str, net_name: str, batch: int, folder: Path):
         over += ["schedule=fixed", "metric=l2"] + (
             ["solver=heun", "schedule.num_scales=18"] if mode == "cd" else []
         )
+    if mode == "imm":
+        over += ["net.guidance_embed=true"]  # the second time s
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=over)
@@ -103,7 +107,7 @@ def bare_passes(mode: str, module, x: torch.Tensor):
                 teacher(x, sigma)
             if mode in ("cd", "ct"):
                 module.target(x, sigma)
-            if mode == "ect":
+            if mode in ("ect", "imm"):
                 model(x, sigma)
             if mode == "scd":
                 teacher(x, sigma)
@@ -157,6 +161,7 @@ PASSES = {
     "ect": "target fwd at r + online fwd/bwd",
     "sct": "JVP (fwd + tangent) + online fwd/bwd",
     "scd": "teacher fwd + JVP + online fwd/bwd",
+    "imm": "target fwd at (s, r) + online fwd/bwd",
 }
 
 
@@ -167,7 +172,7 @@ def main() -> None:
     parser.add_argument("--net", default="ncsnpp_small")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--modes", default="ct,ect,sct,scd,cd")
+    parser.add_argument("--modes", default="ct,ect,sct,scd,cd,imm")
     parser.add_argument(
         "--write", type=Path, default=None, help="append a section to this markdown file"
     )

@@ -38,7 +38,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     req = prepare(
         cfg,
         kinds=registry.kinds("consistency"),
-        purpose="editing needs a consistency model: CD, CT, ECT, sCT or sCD",
+        purpose="editing needs a consistency model",
     )
     loaded, device = req.loaded, req.device
     task = instantiate(cfg.task)

@@ -39,7 +39,7 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     req = prepare(
         cfg,
         kinds=registry.kinds("consistency"),
-        purpose="the tau search needs a consistency model: CD, CT, ECT, sCT or sCD",
+        purpose="the tau search needs a consistency model",
     )
     loaded, device = req.loaded, req.device
     features = instantiate(cfg.features).to(device)

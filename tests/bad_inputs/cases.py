@@ -228,7 +228,7 @@ CASES: list[Case] = [
     C("sample", "ckpt={iddpm_pkl}", "ckpt={iddpm_pkl} is not supported: its network is a iDDPMPrecond (iDDPM's discrete 1000-step schedule); supported: EDMPrecond", "load"),
     C("sample", "ckpt={oai_missing}", "ckpt={oai_missing} is not supported: the state dict lacks out.0.weight", "load"),
     C("sample", "ckpt={oai_noname}", "ckpt={oai_noname} is not supported: it is an openai/consistency_models UNet state dict", "load"),
-    C("edit", "task=inpaint ckpt={edm_pkl}", "ckpt={edm_pkl} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (editing needs a consistency model: CD, CT, ECT, sCT or sCD)", "load"),
+    C("edit", "task=inpaint ckpt={edm_pkl}", "ckpt={edm_pkl} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (editing needs a consistency model)", "load"),
     C("sample", "ckpt={ct} num_samples=0", "num_samples must be an integer >= 1, got 0"),
     C("sample", "ckpt={ct} num_samples=abc", "num_samples must be an integer >= 1, got 'abc'"),
     C("sample", "ckpt={ct} num_samples=2.5", "num_samples must be an integer >= 1, got 2.5"),
@@ -276,7 +276,7 @@ CASES: list[Case] = [
     C("edit", "task=inpaint", "ckpt is required"),
     C("edit", "task=inpaint ckpt={latent_ct}", "task=inpaint edits pixels (a mask, luma, patch means or pixel noise) but ckpt={latent_ct} is a latent-space model; latent models support task=interpolate and task=stroke", "load"),
     C("edit", "task=denoise ckpt={latent_ct}", "task=denoise edits pixels", "load"),
-    C("edit", "task=inpaint ckpt={edm}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (editing needs a consistency model: CD, CT, ECT, sCT or sCD)", "load"),
+    C("edit", "task=inpaint ckpt={edm}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (editing needs a consistency model)", "load"),
     C("edit", "task=inpaint ckpt={clf}", "ckpt={clf} holds a 'classifier' model", "load"),
     C("edit", "task=inpaint ckpt={corrupt}", "ckpt={corrupt} is not a PyTorch checkpoint"),
     C("edit", "task=denoise ckpt={ct} real_split=validation", "real_split must be one of train, test, got 'validation'"),
@@ -362,7 +362,7 @@ CASES: list[Case] = [
     C("tau_search", "ckpt={ct} features.ckpt={clf} real_split=val", "real_split must be one of train, test"),
     C("tau_search", "ckpt={ct} features.ckpt={clf} data_dir={nothere}", "data_dir={nothere}: no such folder"),
     C("tau_search", "ckpt={ct} features.ckpt=zoo:nope", "features.ckpt=zoo:nope: unknown zoo model 'nope'; the zoo has: zoo:fmnist_cd, zoo:fmnist_classifier, zoo:fmnist_ct, zoo:fmnist_edm"),
-    C("tau_search", "ckpt={edm} features.ckpt={clf}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (the tau search needs a consistency model: CD, CT, ECT, sCT or sCD)", "load"),
+    C("tau_search", "ckpt={edm} features.ckpt={clf}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (the tau search needs a consistency model)", "load"),
     C("tau_search", "ckpt={empty} features.ckpt={clf}", "ckpt={empty} is an empty file"),
     C("tau_search", "ckpt={ct} features.ckpt={clf} grid_num_scales=18", "grid_num_scales was renamed: use num_scales"),
     # ------------------------------------------------------------------ export (format=diffusers)
@@ -405,5 +405,15 @@ CASES: list[Case] = [
     C("train", f"{T} model=tcm model.stage1_path={{ct}} model.loss.ratio_limit=1", "model.loss.ratio_limit must be a number in (0, 1)"),
     C("train", f"{T} model=tcm model.stage1_path={{ct}} model.start_stage=-1", "model.start_stage must be an integer >= 0"),
     C("train", f"{T} model=tcm model.stage1_path={{ct}} model.double_kimg=0", "model.double_kimg must be a number > 0"),
+    # imm
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.group_size=3", "model.loss.group_size=3 must divide dataset.batch_size=8"),
+    C("train", f"{T} model=imm", "model=imm needs net.guidance_embed=true"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.group_size=0", "model.loss.group_size must be an integer >= 1, got 0"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.decrement_k=-1", "model.loss.decrement_k must be a number >= 0, got -1"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.alpha_power=-1", "model.loss.alpha_power must be a number >= 0, got -1"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.logsnr_shift=abc", "model.loss.logsnr_shift must be a number, got 'abc'"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.loss.kernel_eps=0", "model.loss.kernel_eps must be a number > 0, got 0"),
+    C("train", f"{T} model=imm net.guidance_embed=true model.num_scales=1", "model.num_scales must be an integer >= 2, got 1"),
+    C("sample", "ckpt={ct} sampler=pushforward", "sampler=pushforward does not fit a consistency model (its samplers: consistency)", "load"),
 ]
 # fmt: on

@@ -369,6 +369,7 @@ CIFAR10_FLIPS = {
     "cifar10_ect": False,  # ECT: no augmentation (run_ecm.sh --augment=0, no --xflip)
     "cifar10_tcm_stage1": False,  # NVlabs/TCM README: --augment=0.0, no --xflip
     "cifar10_tcm": False,  # NVlabs/TCM README: --augment=0.0, no --xflip
+    "cifar10_imm": True,  # no source available (lumalabs/imm has no training config)
 }
 
 
