@@ -129,7 +129,7 @@ CASES: list[Case] = [
     C("train", f"{T} model.precond.c_noise_scale=0", "model.precond.c_noise_scale must be a number > 0"),
     C("train", f"{T} model.lr_warmup_kimg=-1", "model.lr_warmup_kimg must be a number >= 0"),
     C("train", f"{T} model.taus=abc", "model.taus must be a list of numbers > 0"),
-    C("train", f"{T} model.taus=[500]", "model.taus entries must lie in (sigma_min, sigma_max)", "load"),
+    C("train", f"{T} model.taus=[500]", "model.taus entries must lie in (model.precond.sigma_min, model.precond.sigma_max)", "load"),
     C("train", f"{T} model=edm model.sample_num_scales=1", "model.sample_num_scales must be an integer >= 2"),
     C("train", f"{T} model.compile_net=maybe", "model.compile_net must be true or false"),
     C("train", f"{T} seed=-1", "seed must be an integer in [0, 4294967295], got -1"),
