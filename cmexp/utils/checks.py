@@ -602,6 +602,8 @@ def sniff_archive(path: Path, key: str, value: Any, what: str, noun: str) -> Non
         return
     if noun == "checkpoint" and head[:1] == b"\x80":  # a legacy (pickle) torch.save file
         return
+    if noun == "checkpoint" and head[:1] and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
+        return  # a msgpack map: a Flax checkpoint (cmexp.interop.flax_cifar10 reads and checks it)
     raise ConfigError(
         f"{key}={value} is not a {'PyTorch checkpoint' if noun == 'checkpoint' else noun} "
         f"(not a zip archive); expected {what}"
