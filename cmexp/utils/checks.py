@@ -453,6 +453,7 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
         "grid_size": Int(1),
         "kid_subset_size": Int(2),
         "cache_dir": Str(),
+        "reference": Str(null=True),
         "solver_steps": Numbers(lo=1, ints=True, min_len=1, example="[1, 2, 4]", null=True),
     },
     "edit": {
@@ -651,7 +652,8 @@ def check_config(entry: str, cfg: DictConfig) -> None:
             check_checkpoint_file(ckpt, "ckpt")
         else:
             _check_samples(samples)
-            _check_dataset(cfg)
+            if not sel(cfg, "reference"):
+                _check_dataset(cfg)
     if entry in ("eval", "tau_search"):
         _check_features(cfg, "features")
     if entry == "edit":
