@@ -129,15 +129,17 @@ def test_eval_edit_and_tau_search(release, tmp_path: Path, monkeypatch) -> None:
     assert sorted(p.name for p in release["cd"].parent.iterdir()) == ["checkpoint_80"]
 
 
-def test_released_edm_teacher_distils(release, tmp_path: Path) -> None:
-    """``model.teacher_path=edm_cifar10_ema`` (test-made): the student is net=ncsnpp at the
-    file's width and starts from the teacher's weights (model.init_from_teacher=true)."""
+@pytest.mark.parametrize("method", ["cd", "ect"])
+def test_released_edm_teacher_distils(release, tmp_path: Path, method: str) -> None:
+    """``model.teacher_path=edm_cifar10_ema`` (test-made): CD's teacher and ECT's starting
+    point; the student is net=ncsnpp at the file's width and starts from the teacher's weights
+    (model.init_from_teacher=true for CD; ECT always does)."""
     from cmexp.train import train
 
     torch.set_num_threads(1)
     overrides = [
         "debug=tiny",
-        "model=cd",
+        f"model={method}",
         f"model.teacher_path={release['edm']}",
         "net=ncsnpp",
         "net.model_channels=8",
@@ -152,4 +154,5 @@ def test_released_edm_teacher_distils(release, tmp_path: Path) -> None:
     ckpt = torch.load(
         tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
-    assert ckpt["cmexp"]["kind"] == "cd" and ckpt["cmexp"]["teacher_path"] == str(release["edm"])
+    assert ckpt["cmexp"]["kind"] == method
+    assert ckpt["cmexp"]["teacher_path"] == str(release["edm"])
