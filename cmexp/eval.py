@@ -111,13 +111,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         _check_features_fit(
             features, loaded.img_channels, loaded.img_resolution, f"the samples of ckpt={cfg.ckpt}"
         )
-    dataset = _reference_dataset(cfg, req)
-    dm, real = _reference(cfg, dataset, features, device, protocol)
+    if cfg.get("reference"):  # reference statistics (mu, sigma) instead of real images
+        dm, real = None, _reference_stats(cfg, features, protocol)
+    else:
+        dm, real = _reference(cfg, _reference_dataset(cfg, req), features, device, protocol)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = _sample_sets(cfg, req, out_dir, protocol) if req is not None else _read_set(cfg, u8)
     labels = req.labels(int(cfg.seed), int(cfg.num_samples)) if req is not None else None
     results = _score(cfg, sets, features, real, dm, labels, device)
+    protocol["fid_protocol"] = _fid_protocol(protocol, features)
     payload = {
         "metrics": results,
         "protocol": protocol,
@@ -219,6 +222,55 @@ def _reference(
     return dm, real
 
 
+def _reference_stats(cfg: DictConfig, features: Any, protocol: dict) -> dict[str, Any]:
+    """``reference=``: a statistics ``.npz`` (``mu``, ``sigma``: EDM's ``cifar10-32x32.npz``,
+    clean-fid's ``cifar10_legacy_tensorflow_train_32.npz``, or your own) by path, or one of the
+    pinned names (downloaded into ``cache_dir`` when missing there); its SHA-256 is checked
+    against the pin (``cmexp.metrics.pins``) and recorded."""
+    from cmexp.metrics.pins import PINNED, check_file, download
+    from cmexp.metrics.suite import read_reference_stats
+
+    value = str(cfg.reference)
+    path = Path(value).expanduser()
+    if not path.exists() and value in PINNED and value.endswith(".npz"):
+        cached = Path(str(cfg.cache_dir)) / value
+        path = (
+            cached if cached.is_file() else download(value, Path(str(cfg.cache_dir)), "reference")
+        )
+    if path.is_dir():
+        raise ValueError(f"reference={value} is a folder; expected an .npz with 'mu' and 'sigma'")
+    if not path.is_file():
+        known = ", ".join(k for k in PINNED if k.endswith(".npz"))
+        raise FileNotFoundError(
+            f"reference={value}: no such file; give an .npz with 'mu' and 'sigma' or one of {known}"
+        )
+    record = check_file(path, "reference")
+    stats = read_reference_stats(path, "reference")
+    dim = int(stats["mu"].shape[0])
+    if dim != int(getattr(features, "num_features", dim)):
+        raise ValueError(
+            f"reference={value} holds {dim}-d statistics but the features ({type(features).__name__}) "
+            f"are {features.num_features}-d: use the extractor the statistics were made with "
+            "(features=inception for FID)"
+        )
+    protocol["reference"] = {"statistics": record, "dim": dim}
+    return stats
+
+
+def _fid_protocol(protocol: dict[str, Any], features: Any) -> dict[str, Any]:
+    """What a reader needs to compare this FID with a paper's: the reference, the sample count
+    and seeds, the feature weights and their SHA-256 pin status."""
+    pin = getattr(features, "pin", None) or {}
+    return {
+        "reference": protocol.get("reference"),
+        "num_samples": protocol.get("num_samples"),
+        "seeds": protocol.get("seeds"),
+        "weights": protocol.get("weights"),
+        "weights_sha256": pin.get("sha256", protocol.get("weights_sha256")),
+        "weights_pin": pin.get("pin", "none"),
+    }
+
+
 def _sample_sets(cfg: DictConfig, req: Any, out_dir: Path, protocol: dict) -> dict[str, Any]:
     """Generate every plan of the request, write ``samples_<set>.npz`` and grids, and return
     the uint8 sets (what is scored is exactly what the files hold)."""
@@ -266,14 +318,17 @@ def _score(
 ) -> dict[str, Any]:
     """FD/KID/IS/precision-recall of every set; a class-conditional model's per-class FD and
     class accuracy too."""
-    from cmexp.metrics.suite import extract, score
+    from cmexp.metrics.suite import extract, score, score_against_stats
 
     name = str(getattr(features, "name", ""))
     results: dict[str, Any] = {}
     for set_name, images in sets.items():
         fake = extract(features, images, int(cfg.batch_size), device, True, f"features {set_name}")
-        results[set_name] = score(real, fake, name, kid_subset_size=int(cfg.kid_subset_size))
-        if labels is not None:
+        if "mu" in real:  # reference statistics: FD (and IS) only
+            results[set_name] = score_against_stats(real, fake, name)
+        else:
+            results[set_name] = score(real, fake, name, kid_subset_size=int(cfg.kid_subset_size))
+        if labels is not None and dm is not None:
             from cmexp.metrics.classes import per_class_scores
 
             real_labels = dm.real_labels(len(real["features"]), str(cfg.real_split))

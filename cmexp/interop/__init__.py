@@ -1,7 +1,8 @@
 """Checkpoints of other code bases, read in memory as cmexp checkpoints (nothing is written
 next to them): NVlabs/edm network pickles (:mod:`cmexp.interop.edm`, read without running the
-code they embed: :mod:`cmexp.interop.safe_pickle`) and openai/consistency_models ``.pt`` files
-(:mod:`cmexp.interop.openai`). ``read_checkpoint`` calls :func:`read_foreign` /
+code they embed: :mod:`cmexp.interop.safe_pickle`), openai/consistency_models ``.pt`` files
+(:mod:`cmexp.interop.openai`) and openai/consistency_models_cifar10 Flax msgpack checkpoints
+(:mod:`cmexp.interop.flax_cifar10`, read without JAX). ``read_checkpoint`` calls :func:`read_foreign` /
 :func:`adapt_foreign`; every ``ckpt=`` and ``model.teacher_path=`` therefore accepts them.
 """
 
@@ -14,12 +15,13 @@ from typing import Any
 
 from cmexp.interop.edm import SUPPORTED as EDM_SUPPORTED
 from cmexp.interop.edm import Converted
+from cmexp.interop.flax_cifar10 import SUPPORTED as FLAX_SUPPORTED
 from cmexp.interop.openai import SUPPORTED as OPENAI_SUPPORTED
 from cmexp.interop.safe_pickle import UnsafePickleError, UnsupportedPickleError, is_plain_pickle
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = f"{EDM_SUPPORTED}; {OPENAI_SUPPORTED}"
+SUPPORTED = f"{EDM_SUPPORTED}; {OPENAI_SUPPORTED}; {FLAX_SUPPORTED}"
 
 #: Dataset configs (``conf/dataset/NAME.yaml``) recorded for foreign models of a known dataset.
 _CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "dataset"
@@ -47,17 +49,20 @@ def dataset_config(name: str) -> dict[str, Any] | None:
     return out  # type: ignore[return-value]
 
 
-def as_checkpoint(converted: Converted, dataset: str | None = None) -> dict[str, Any]:
+def as_checkpoint(
+    converted: Converted, dataset: str | None = None, online: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A converted model in the layout of a cmexp checkpoint: ``{"cmexp": meta, "state_dict"}``
-    with the weights under ``ema.net.`` and ``model.net.`` (the same tensors)."""
+    with the weights under ``ema.net.`` and ``model.net.`` (the same tensors unless the file
+    also holds ``online`` weights: those go under ``model.net.``, selected by ``use_ema=false``)."""
     config = dict(converted.config)
     ds = dataset_config(dataset) if dataset else None
     if ds is not None:
         config["dataset"] = ds
     meta = {**converted.meta, "config": {"config": config}}
     state = {}
-    for prefix in ("ema.net.", "model.net."):
-        state.update({prefix + k: v for k, v in converted.weights.items()})
+    for prefix, weights in (("ema.net.", converted.weights), ("model.net.", online)):
+        state.update({prefix + k: v for k, v in (weights or converted.weights).items()})
     for note in converted.notes:
         log.info("%s", note)
     return {"cmexp": meta, "state_dict": state, "global_step": None}
@@ -70,8 +75,19 @@ def _named(err: Exception, key: str, source: str) -> ValueError:
 
 
 def read_foreign(file: Path, key: str, source: str) -> dict[str, Any] | None:
-    """An NVlabs/edm pickle as a cmexp checkpoint dict, or None when ``file`` is not a plain
-    pickle (a ``torch.save`` file: read it with torch and pass it to :func:`adapt_foreign`)."""
+    """An NVlabs/edm pickle or an openai/consistency_models_cifar10 Flax msgpack state as a cmexp
+    checkpoint dict, or None when ``file`` is neither (a ``torch.save`` file: read it with torch
+    and pass it to :func:`adapt_foreign`)."""
+    from cmexp.interop.flax_cifar10 import looks_like_flax
+
+    if looks_like_flax(file):
+        from cmexp.interop.flax_cifar10 import convert_flax_cifar10
+
+        try:
+            converted, online = convert_flax_cifar10(file)
+        except UnsupportedPickleError as err:
+            raise _named(err, key, source) from None
+        return as_checkpoint(converted, "cifar10", online)
     if not is_plain_pickle(file):
         return None
     from cmexp.interop.edm import read_edm_pickle

@@ -113,6 +113,7 @@ class InceptionFeatures(nn.Module):
 
     FILE = "weights-inception-2015-12-05-6726825d.pth"
     URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + FILE
+    # its SHA-256 and where that comes from: cmexp.metrics.pins.PINNED[FILE]
 
     def __init__(self, weights_path: str | None = None, name: str = "") -> None:
         super().__init__()
@@ -139,8 +140,9 @@ class InceptionFeatures(nn.Module):
                         f"here (no network): copy it (from {self.URL}) into {cache}/ or set "
                         f"features.weights_path=/path/to/{self.FILE}"
                     )
-                cache.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(self.URL, str(path))
+                from cmexp.metrics.pins import download
+
+                download(self.FILE, cache, "features.weights_path")  # SHA-256 checked first
         self.net = FeatureExtractorInceptionV3(
             "inception-v3-compat",
             ["2048", "logits_unbiased"],
@@ -148,6 +150,20 @@ class InceptionFeatures(nn.Module):
         )
         self.num_features = 2048
         self.name, self.source = name, str(path)
+        from cmexp.metrics.pins import check_file
+
+        #: the weights' SHA-256 and whether it is the pinned one ("code"); another file (e.g. a
+        #: re-export) is used, with "mismatch" in the protocol and a warning: not the paper's FID
+        self.pin = check_file(path, "features.weights_path", strict=False)
+        if self.pin["pin"] != "code":
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s is not the pinned torch-fidelity Inception file (SHA-256 %s...): FID/IS from it "
+                "are not the papers' protocol",
+                path,
+                self.pin["sha256"][:16],
+            )
 
     def train(self, mode: bool = True) -> "InceptionFeatures":
         super().train(False)

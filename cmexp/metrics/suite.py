@@ -68,6 +68,50 @@ def frechet_distance(real: dict[str, Tensor], fake: dict[str, Tensor]) -> float:
     )
 
 
+def frechet_distance_stats(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (torch-fidelity's
+    computation, the one :func:`frechet_distance` uses on fitted statistics)."""
+    import numpy as np
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    a = {"mu": np.asarray(mu1, np.float64), "sigma": np.asarray(sigma1, np.float64)}
+    b = {"mu": np.asarray(mu2, np.float64), "sigma": np.asarray(sigma2, np.float64)}
+    return float(fid_statistics_to_metric(a, b, verbose=False)["frechet_inception_distance"])
+
+
+def read_reference_stats(path: str | Path, key: str = "reference") -> dict[str, Any]:
+    """``{"mu": [D], "sigma": [D, D]}`` (float64) of a reference statistics ``.npz`` (EDM's
+    ``fid-refs/*.npz``, clean-fid's ``stats/*.npz``: arrays ``mu`` and ``sigma``); a missing,
+    unreadable or ill-shaped file is a ValueError naming ``key``."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("mu", "sigma") if k not in data]
+            if missing:
+                raise ValueError(
+                    f"{key}={path} has no '{missing[0]}' array (found {sorted(data.keys())}); "
+                    "expected reference statistics with 'mu' [D] and 'sigma' [D, D]"
+                )
+            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        if isinstance(err, ValueError) and str(err).startswith(f"{key}="):
+            raise
+        raise ValueError(
+            f"{key}={path} is not a readable .npz of reference statistics ({type(err).__name__}: "
+            "truncated or not an npz?)"
+        ) from None
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if d < 2 or sigma.shape != (d, d) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(
+            f"{key}={path}: mu {mu.shape} and sigma {sigma.shape} are not the mean [D] and "
+            "covariance [D, D] of one feature space (or hold NaN/inf)"
+        )
+    return {"mu": mu, "sigma": sigma}
+
+
 def score(
     real: dict[str, Tensor],
     fake: dict[str, Tensor],
@@ -124,6 +168,36 @@ def score(
         verbose=False,
     )
     out["precision"], out["recall"] = float(prc["precision"]), float(prc["recall"])
+    if "logits" in fake:
+        isc = isc_features_to_metric(
+            fake["logits"], splits=min(isc_splits, len(ff)), shuffle=True, rng_seed=seed
+        )
+        out[f"is{sfx}"], out[f"is{sfx}_std"] = (
+            float(isc["inception_score_mean"]),
+            float(isc["inception_score_std"]),
+        )
+    return out
+
+
+def score_against_stats(
+    stats: dict[str, Any],
+    fake: dict[str, Tensor],
+    name: str = "",
+    isc_splits: int = 10,
+    seed: int = 2020,
+) -> dict[str, float]:
+    """The metrics that reference statistics allow (:func:`read_reference_stats`): the Frechet
+    distance (``fid`` / ``fd_<name>``) and, with logits, IS. KID and precision/recall need the
+    real features themselves and are left out."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    ff = fake["features"]
+    if len(ff) < 2:
+        raise ValueError(f"need at least 2 generated images, got {len(ff)}")
+    f = fid_features_to_statistics(ff)
+    fd_key, sfx = (f"fd_{name}", f"_{name}") if name else ("fid", "")
+    out = {fd_key: frechet_distance_stats(f["mu"], f["sigma"], stats["mu"], stats["sigma"])}
     if "logits" in fake:
         isc = isc_features_to_metric(
             fake["logits"], splits=min(isc_splits, len(ff)), shuffle=True, rng_seed=seed

@@ -454,6 +454,7 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
         "grid_size": Int(1),
         "kid_subset_size": Int(2),
         "cache_dir": Str(),
+        "reference": Str(null=True),
         "solver_steps": Numbers(lo=1, ints=True, min_len=1, example="[1, 2, 4]", null=True),
     },
     "edit": {
@@ -604,6 +605,8 @@ def sniff_archive(path: Path, key: str, value: Any, what: str, noun: str) -> Non
         return
     if noun == "checkpoint" and head[:1] == b"\x80":  # a legacy (pickle) torch.save file
         return
+    if noun == "checkpoint" and head[:1] and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
+        return  # a msgpack map: a Flax checkpoint (cmexp.interop.flax_cifar10 reads and checks it)
     raise ConfigError(
         f"{key}={value} is not a {'PyTorch checkpoint' if noun == 'checkpoint' else noun} "
         f"(not a zip archive); expected {what}"
@@ -651,7 +654,8 @@ def check_config(entry: str, cfg: DictConfig) -> None:
             check_checkpoint_file(ckpt, "ckpt")
         else:
             _check_samples(samples)
-            _check_dataset(cfg)
+            if not sel(cfg, "reference"):
+                _check_dataset(cfg)
     if entry in ("eval", "tau_search"):
         _check_features(cfg, "features")
     if entry == "edit":

@@ -378,6 +378,18 @@ CASES: list[Case] = [
     C("export", "ckpt={ncsnpp_ct} format=diffusers out={nothere}", "format=diffusers: ckpt={ncsnpp_ct} uses SongUNet (NCSN++), which diffusers' UNet2DModel cannot represent exactly", "load"),
     C("export", "ckpt={ct} format=diffusers out={nothere}", "format=diffusers: ckpt={ct} uses TinyUNet, which diffusers' UNet2DModel cannot represent exactly; format=diffusers exports ADMUNet consistency models", "load"),
     C("export", "ckpt={edm} format=diffusers out={nothere}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (format=diffusers exports consistency models)", "load"),
+    C("export", "ckpt={edm} format=diffusers out={nothere}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' here (format=diffusers exports consistency models)", "load"),
+    # issue 33: openai/consistency_models_cifar10 Flax checkpoints; eval's reference statistics
+    C("sample", "ckpt={flax_trunc}", "ckpt={flax_trunc} is not supported: it is not a complete Flax msgpack state: it ends early (truncated?)", "load"),
+    C("sample", "ckpt={flax_layout}", "ckpt={flax_layout} is not supported: it is a msgpack map without params/params_ema", "load"),
+    C("sample", "ckpt={flax_evil}", "ckpt={flax_evil} was refused: it needs os.system", "load"),
+    C("sample", "ckpt={flax_noname}", "ckpt={flax_noname} is not supported: it is an openai/consistency_models_cifar10 Flax train state, but neither its name nor its folders name a released model", "load"),
+    C("train", f"{T} model=cd model.teacher_path={{flax_trunc}}", "model.teacher_path={flax_trunc} is not supported: it is not a complete Flax msgpack state", "load"),
+    C("eval", "samples={good_npz} features.ckpt={clf} reference={nothere}", "reference={nothere}: no such file; give an .npz with 'mu' and 'sigma'", "load"),
+    C("eval", "samples={good_npz} features.ckpt={clf} reference={fx}", "reference={fx} is a folder; expected an .npz with 'mu' and 'sigma'", "load"),
+    C("eval", "samples={good_npz} features.ckpt={clf} reference={trunc_npz}", "reference={trunc_npz} is not a readable .npz of reference statistics", "load"),
+    C("eval", "samples={good_npz} features.ckpt={clf} reference={good_npz}", "reference={good_npz} has no 'mu' array", "load"),
+    C("eval", "samples={good_npz} features.ckpt={clf} reference={stats3_npz}", "reference={stats3_npz} holds 3-d statistics but the features (ClassifierFeatures)", "load"),
     # ------------------------------------------------------------------ compare
     C("compare", "{nothere}", "{nothere}: no such run or sweep folder"),
     C("compare", "{noimgs}", "no runs with logs (csv/metrics.csv or wandb/offline-run-*) under {noimgs}"),

@@ -175,6 +175,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         files[name] = run
     files["sample_run"] = sample_run
     files.update(_foreign_files(fx))
+    files.update(_flax_files(fx))
     files["ncsnpp_ct"] = _ncsnpp_ct(ct, fx)
     return {k: str(v) for k, v in files.items()}
 
@@ -203,6 +204,32 @@ def _ncsnpp_ct(ct: Path, fx: Path) -> Path:
     state = {f"ema.{k}": v for k, v in model.state_dict().items()}
     torch.save({"cmexp": meta, "state_dict": state, "global_step": 2}, fx / "ct_ncsnpp.ckpt")
     return fx / "ct_ncsnpp.ckpt"
+
+
+def _flax_files(fx: Path) -> dict[str, Path]:
+    """issue 33: openai/consistency_models_cifar10 Flax files gone wrong (tests/flax_format.py):
+    truncated, a msgpack map that is no train state, a code-running pickle under a released
+    name, a good state under a name that says nothing; reference statistics of 3-d features."""
+    from tests import flax_format as ff
+
+    params = ff.ncsnpp_params(nf=8, ch_mult=(1, 2), num_res_blocks=1)
+    good = ff.state_bytes(ff.train_state(params))
+    out = {
+        "flax_trunc": fx / "cd-lpips" / "checkpoints" / "checkpoint_80",
+        "flax_layout": fx / "cd-l2" / "checkpoints" / "checkpoint_80",
+        "flax_evil": fx / "ct-lpips" / "checkpoints" / "checkpoint_74",
+        "flax_noname": fx / "flax" / "checkpoint_80",
+        "stats3_npz": fx / "stats3.npz",
+        "good_npz": fx / "good.npz",
+    }
+    for key in ("flax_trunc", "flax_layout", "flax_evil", "flax_noname"):
+        out[key].parent.mkdir(parents=True, exist_ok=True)
+    out["flax_trunc"].write_bytes(good[: len(good) // 2])
+    out["flax_layout"].write_bytes(ff.state_bytes({"weights": {}, "step": np.int32(1)}))
+    out["flax_evil"].write_bytes(b"\x80\x04cos\nsystem\n(S'touch cmexp_bad_input_ran'\ntR.")
+    out["flax_noname"].write_bytes(good)
+    np.savez(out["stats3_npz"], mu=np.zeros(3), sigma=np.eye(3))
+    return out
 
 
 def _foreign_files(fx: Path) -> dict[str, Path]:
