@@ -249,7 +249,7 @@ def _compose(*overrides: str):
 
 def test_cifar10_recipe_has_the_papers_values() -> None:
     """lumalabs/imm configs/cifar10_generate_images.yaml (network, sampling) and the values
-    recalled from the paper's appendix table (docs/modes_imm.md marks them unconfirmed)."""
+    recalled from the paper's appendix table (docs/modes.md (IMM) marks them unconfirmed)."""
     cfg = _compose("+experiment=cifar10_imm")
     assert cfg.model._target_ == "cmexp.methods.imm.module.IMMLitModule"
     net = cfg.net

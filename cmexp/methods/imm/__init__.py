@@ -2,7 +2,7 @@
 few-step flow map ``x_s = f(x_t, s, t)`` trained from scratch by matching, over groups of
 particles, the distribution of ``f(x_t, s, t)`` with that of ``f(x_r, s, r)`` for an ``r``
 between ``s`` and ``t`` (an MMD with a Laplace kernel); sampled by pushforward on a
-decreasing time grid. docs/modes_imm.md.
+decreasing time grid. docs/modes.md (IMM).
 
 Registers the method (kind ``imm``, sampling family ``flow_map``) and its two samplers
 (``pushforward``: IMM's deterministic pushforward; ``pushforward_restart``: jump to the data
@@ -33,7 +33,7 @@ register_method(
         sampler="pushforward",
         schema=SCHEMA,
         rules=rules,
-        doc="docs/modes_imm.md",
+        doc="docs/modes.md (IMM)",
     )
 )
 

@@ -78,7 +78,7 @@ class IMMLoss:
     Args:
         group_size: M, particles per (s, r, t) group (IMM: 4); must divide the batch.
         decrement_k: k of the mapping's decrement ``(sigma_max - sigma_min) / 2^k`` (15 here:
-            not confirmed, docs/modes_imm.md).
+            not confirmed, docs/modes.md (IMM)).
         alpha_power: a of w(s, t) (1). logsnr_shift: b of w(s, t) (5).
         kernel_eps: the Laplace kernel's distance floor.
     """

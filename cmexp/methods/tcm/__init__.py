@@ -1,6 +1,6 @@
 """Truncated consistency models (TCM, Lee et al., ICLR 2025), stage 2: a consistency model
 trained on [t', T] from a stage-1 consistency model that stays its boundary below t' (stage 1
-is ``model=ect``). docs/modes_tcm.md."""
+is ``model=ect``). docs/modes.md (TCM)."""
 
 from cmexp.methods.tcm.rules import SCHEMA, rules
 from cmexp.registry import Method, register_method
@@ -14,6 +14,6 @@ register_method(
         sampler="consistency",
         schema=SCHEMA,
         rules=rules,
-        doc="docs/modes_tcm.md",
+        doc="docs/modes.md (TCM)",
     )
 )
