@@ -19,6 +19,7 @@ from cmexp.inference import load_model
 from cmexp.sample import sample
 from cmexp.train import train
 from cmexp.utils.checks import ConfigError
+from cmexp import registry
 
 from .conftest import compose_train, raises_wrapped_value_error
 
@@ -308,7 +309,7 @@ def test_sample_ddim_ddpm_and_edm_sde_on_an_edm_checkpoint(
     [
         (
             "sampler=dpm",
-            "error: sampler must be one of consistency, heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'",
+            f"error: sampler must be one of {', '.join(registry.samplers())} or null, got 'dpm'",
         ),
         ("eta=-0.5", "error: eta must be a number >= 0, got -0.5"),
     ],

@@ -17,6 +17,7 @@ import torch
 from cmexp.edit import edit
 from cmexp.sample import sample
 from cmexp.train import train
+from cmexp import registry
 from tests.fakes import write_fake_vgg16
 
 from .conftest import compose_train
@@ -89,7 +90,7 @@ def test_teacher_sampling_with_heun_and_euler(ckpts, tmp_path: Path) -> None:
     assert heun["images"].shape == euler["images"].shape == (2, 3, 32, 32)
     with pytest.raises(
         ValueError,
-        match="sampler must be one of consistency, heun, euler, ddim, ddpm, edm_sde or null, got 'dpm'",
+        match=f"sampler must be one of {', '.join(registry.samplers())} or null, got 'dpm'",
     ):
         run_sample(tmp_path, [f"ckpt={ckpts['edm']}", "sampler=dpm"], "bad")
 

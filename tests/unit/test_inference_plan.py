@@ -16,6 +16,7 @@ from cmexp.inference import (
     solver_plan,
 )
 from cmexp.utils.cli import list_or_none, override_key
+from cmexp import registry
 
 CD = SamplingSpec(family="consistency", sampler="consistency", num_scales=18, taus=(0.585,))
 
@@ -88,7 +89,7 @@ def test_sampler_names_and_options_are_checked_naming_the_key() -> None:
     )
     with pytest.raises(
         ValueError,
-        match="^sampler must be one of consistency, heun, euler, ddim, ddpm, edm_sde, got 'plms'",
+        match=f"^sampler must be one of {', '.join(registry.samplers())}, got 'plms'",
     ):
         check_sampler("plms", edm)
     with pytest.raises(ValueError, match="^sampler=heun does not fit a consistency model"):
