@@ -81,9 +81,16 @@ METHODS: dict[str, str] = {
     "sct": "fmnist_sct",
     "scd": "fmnist_scd",
     "pd": "fmnist_pd",
+    "tcm": "fmnist_tcm",
+    "imm": "fmnist_imm",
 }
 #: methods that distil or tune an EDM teacher (``model.teacher_path``)
 NEEDS_TEACHER = ("cd", "ect", "scd", "pd")
+#: methods that start from a stage-1 consistency model (``model.stage1_path``: a tiny ECT run
+#: from the teacher, :func:`stage1_checkpoint`)
+NEEDS_STAGE1 = ("tcm",)
+#: a method's own overrides under debug=tiny (IMM: the tiny net takes the second time s)
+METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {"imm": ("net.guidance_embed=true",)}
 TINY = [
     "debug=tiny",
     "quality=none",
@@ -210,12 +217,26 @@ class StepRecorder(pl.Callback):
 
 def compose(method: str, out: Path, *overrides: str, teacher: Path | None = None) -> DictConfig:
     """The ``debug=tiny`` config of ``method`` (a key of :data:`METHODS`), outputs in ``out``."""
-    over = [f"+experiment={METHODS[method]}", *TINY]
-    if method in NEEDS_TEACHER:
+    over = [f"+experiment={METHODS[method]}", *TINY, *METHOD_OVERRIDES.get(method, ())]
+    if method in NEEDS_TEACHER or method in NEEDS_STAGE1:
         if teacher is None:
             raise ValueError(f"{method} needs a teacher checkpoint")
         over.append(f"model.teacher_path={teacher}")
+    if method in NEEDS_STAGE1:
+        over = [o for o in over if not o.startswith("model.teacher_path=")]
+        over.append(f"model.stage1_path={stage1_checkpoint(teacher)}")
     return compose_train([*over, *overrides], out)
+
+
+def stage1_checkpoint(teacher: Path) -> Path:
+    """A stage-1 consistency model for TCM: ``+experiment=fmnist_ect debug=tiny`` from
+    ``teacher``, 2 CPU steps, made once beside the teacher's run folder."""
+    folder = teacher.parents[2] / "tcm_stage1"
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        cfg = compose("ect", folder, *accelerator("cpu"), teacher=teacher)
+        run(cfg, steps=2, same_noise=False)
+    return ckpt
 
 
 def accelerator(device: str, precision: str = "32-true") -> list[str]:
