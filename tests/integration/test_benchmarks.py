@@ -89,7 +89,7 @@ def test_modes_step_cost_script_times_every_mode_and_writes_its_table(tmp_path: 
             "--net",
             "tiny",
             "--batch",
-            "2",
+            "4",  # IMM's particle groups of 4 must divide it
             "--repeat",
             "1",
             "--write",
@@ -103,7 +103,7 @@ def test_modes_step_cost_script_times_every_mode_and_writes_its_table(tmp_path: 
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r["mode"] for r in rows] == ["ct", "ect", "sct", "scd", "cd"]
+    assert [r["mode"] for r in rows] == ["ct", "ect", "sct", "scd", "cd", "imm"]
     assert all(r["full_s"] > 0 and r["bare_s"] > 0 for r in rows)
     table = out.read_text()
     assert (
