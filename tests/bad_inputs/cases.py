@@ -378,7 +378,6 @@ CASES: list[Case] = [
     C("export", "ckpt={ncsnpp_ct} format=diffusers out={nothere}", "format=diffusers: ckpt={ncsnpp_ct} uses SongUNet (NCSN++), which diffusers' UNet2DModel cannot represent exactly", "load"),
     C("export", "ckpt={ct} format=diffusers out={nothere}", "format=diffusers: ckpt={ct} uses TinyUNet, which diffusers' UNet2DModel cannot represent exactly; format=diffusers exports ADMUNet consistency models", "load"),
     C("export", "ckpt={edm} format=diffusers out={nothere}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (format=diffusers exports consistency models)", "load"),
-    C("export", "ckpt={edm} format=diffusers out={nothere}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' here (format=diffusers exports consistency models)", "load"),
     # issue 33: openai/consistency_models_cifar10 Flax checkpoints; eval's reference statistics
     C("sample", "ckpt={flax_trunc}", "ckpt={flax_trunc} is not supported: it is not a complete Flax msgpack state: it ends early (truncated?)", "load"),
     C("sample", "ckpt={flax_layout}", "ckpt={flax_layout} is not supported: it is a msgpack map without params/params_ema", "load"),

@@ -93,15 +93,19 @@ def test_eval_edit_and_tau_search(release, tmp_path: Path, monkeypatch) -> None:
     torch.set_num_threads(1)
     monkeypatch.setenv("CMEXP_ROOT", str(release["root"]))  # data_dir = <root>/data
     common = [f"ckpt={release['cd']}", f"cache_dir={tmp_path / 'cache'}"]
+    # CIFAR-10-shaped samples are scored with Inception (the Fashion-MNIST classifier refuses
+    # them): a weights file of the real layout with random values
+    weights = _fake_inception_weights(tmp_path / "inception", monkeypatch)
     out = evaluate(
         compose_train(
-            [*common, "num_samples=4", "num_real=8", "batch_size=4", "steps=[1,2]"],
+            [*common, "num_samples=4", "num_real=8", "batch_size=4", "steps=[1,2]",
+             "features=inception", f"features.weights_path={weights}", "kid_subset_size=4"],
             tmp_path / "eval",
             "eval",
         )
-    )
+    )  # fmt: skip
     assert set(out["metrics"]) == {"1step", "2step"}
-    assert np.isfinite(out["metrics"]["2step"]["fd_fmnist"])
+    assert np.isfinite(out["metrics"]["2step"]["fid"])
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["protocol"]["kind"] == "cd" and saved["protocol"]["reference"]["count"] == 8
     res = edit(
@@ -156,3 +160,20 @@ def test_released_edm_teacher_distils(release, tmp_path: Path, method: str) -> N
     )
     assert ckpt["cmexp"]["kind"] == method
     assert ckpt["cmexp"]["teacher_path"] == str(release["edm"])
+
+
+def _fake_inception_weights(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """torch-fidelity's Inception-v3 weights file name and layout with random values."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+
+    from cmexp.metrics import InceptionFeatures
+
+    with monkeypatch.context() as m:
+        m.setattr(fi.torch, "load", lambda *a, **k: None)
+        m.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        state = fi.FeatureExtractorInceptionV3(
+            "x", ["2048"], feature_extractor_weights_path="unused"
+        ).state_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / InceptionFeatures.FILE)
+    return folder
