@@ -96,8 +96,10 @@ class NoForwardADTinyUNet(torch.nn.Module):
         self.quant = Quantize()
         self.img_resolution, self.img_channels = self.body.img_resolution, self.body.img_channels
         self.label_dim = self.body.label_dim
+        self.guidance_embed = self.body.guidance_embed  # a second input (MeanFlow's t - r)
 
     def forward(
-        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels=None
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels=None, guidance=None
     ) -> torch.Tensor:
-        return self.quant(self.body(x, noise_labels, class_labels))
+        extra = {} if guidance is None else {"guidance": guidance}
+        return self.quant(self.body(x, noise_labels, class_labels, **extra))

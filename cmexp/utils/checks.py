@@ -323,7 +323,7 @@ TRAIN: dict[str, Rule] = {
     "vp_schedule.alpha_bars.max_beta": Num(0, 1, lo_open=True),
     "vp_schedule.alpha_bars.s": Num(0),
     "vp_schedule.zero_terminal_snr": Bool(),
-    "tangent.eps": Num(0, 0.1, lo_open=True),  # sCT/sCD's finite-difference tangent
+    "tangent.eps": Num(0, 0.1, lo_open=True),  # the finite-difference tangent (sCT/sCD, MeanFlow)
     "model.loss.metric.c": Num(0, lo_open=True, null=True),  # a loss's own distance's c
     "metric.net": OneOf("vgg", "alex", "squeeze"),
     "metric.resize": Int(16, null=True),

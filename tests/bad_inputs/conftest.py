@@ -54,6 +54,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             ],
             base / "runs" / "clf",
         )
+        meanflow = _train(
+            ["model=meanflow", "net.guidance_embed=true"], base / "runs" / "meanflow"
+        )
         ae = _train(  # latent mode: a tiny autoencoder (32x32x3 -> 8x8x4) and a CT model on its latents
             [
                 "model=autoencoder",
@@ -80,6 +83,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "cond_edm": cond_edm,
         "ae": ae,
         "latent_ct": latent_ct,
+        "meanflow": meanflow,
     }
 
     # checkpoints: damaged, foreign, slim, another architecture

@@ -128,8 +128,13 @@ def test_experiment_composes_and_instantiates(
         hydra.utils.instantiate(cb)
     if name.startswith("cifar10"):
         # the paper's Table 3 values (PD: the PD paper's batch 128; the CM paper's PD: 512; ECT 128; iCT 1024)
-        batch = {"cifar10_pd": 128, "cifar10_ect": 128, "cifar10_ict": 1024, "cifar10_tcm": 1024}
-        batch = batch.get(name, 512)
+        batch = {
+            "cifar10_pd": 128,
+            "cifar10_ect": 128,
+            "cifar10_ict": 1024,
+            "cifar10_tcm": 1024,
+            "cifar10_meanflow": 1024,  # MeanFlow App. A (py-meanflow: 128 x 8 GPUs)
+        }.get(name, 512)
         assert cfg.dataset.batch_size == batch and cfg.net.model_channels == 128
         if "_cd_" in name or "_ct_" in name:
             assert cfg.model.ema_decay == 0.9999
@@ -370,6 +375,7 @@ CIFAR10_FLIPS = {
     "cifar10_tcm_stage1": False,  # NVlabs/TCM README: --augment=0.0, no --xflip
     "cifar10_tcm": False,  # NVlabs/TCM README: --augment=0.0, no --xflip
     "cifar10_imm": True,  # no source available (lumalabs/imm has no training config)
+    "cifar10_meanflow": True,  # py-meanflow RandomHorizontalFlip + EDM augment pipe's x-flips
 }
 
 

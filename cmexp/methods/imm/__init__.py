@@ -39,9 +39,10 @@ register_method(
 
 _RUN = "cmexp.methods.imm.sampler:"
 for _s in (
-    Sampler("pushforward", FAMILY, _RUN + "run_pushforward", _nfe_per_level,
+    Sampler("pushforward", FAMILY, _RUN + "run_pushforward", _nfe_per_level, finite_start=True,
             doc="IMM Alg. 2: x <- f(x, s, t) along [T, taus..., sigma_min] (deterministic)"),
     Sampler("pushforward_restart", FAMILY, _RUN + "run_pushforward_restart", _nfe_per_level,
+            finite_start=True,
             doc="IMM restart sampling: x0 = f(x, sigma_min, t), re-noise to the next level"),
 ):  # fmt: skip
     register_sampler(_s)

@@ -14,14 +14,14 @@ and ``r`` ramping 0 -> 1 over ``warmup_steps`` (tangent warm-up):
 learned network of t. The loss value is ``lambda e^w ||g||^2 / D - w``; its gradient in theta is
 ``-2 lambda e^w / D g . dF_theta/dtheta``, the sCM gradient. ``cos(t) sin(t) dF^-/dt`` is one
 forward-mode product (``torch.func.jvp``) with tangents ``(cos t sin t dx_t/dt, cos t sin t)``
-(the "JVP rearrangement": bounded for every t), or its central finite difference.
+(the "JVP rearrangement": bounded for every t), or its central finite difference
+(the shared tangent objects of :mod:`cmexp.losses.tangent`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,102 +30,66 @@ from torch import Tensor, nn
 
 from cmexp.diffusion.karras import append_dims
 from cmexp.diffusion.rng import global_draw, replay_rng
+from cmexp.losses.tangent import JVP, DirectionalDerivative, FiniteDifference
 
 #: ``fn(x_t [B,C,H,W], t [B]) -> F [B,C,H,W]``: the network read as TrigFlow's F.
 FFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class JVPTangent:
-    """``cos(t) sin(t) dF/dt`` along ``(dx_t/dt, 1)`` by forward-mode AD (``torch.func.jvp``,
-    one pass at about the cost of a forward and a half). Every layer of the network must
-    support forward-mode AD: :meth:`check` finds the one that does not."""
+def trigflow_tangent(
+    tangent: DirectionalDerivative, fn: FFn, x_t: Tensor, t: Tensor, dxdt: Tensor
+) -> Tensor:
+    """``cos(t) sin(t) dF/dt`` along ``(dx_t/dt, 1)``: the shared directional derivative
+    (``tangent=jvp | finite_difference``, :mod:`cmexp.losses.tangent`) with tangents
+    ``(cos t sin t dx_t/dt, cos t sin t)`` (the "JVP rearrangement": bounded for every t).
+    x_t, dxdt ``[B,C,H,W]``; t ``[B]``."""
+    vt = torch.cos(t) * torch.sin(t)
+    vx = append_dims(vt, x_t.ndim).to(dxdt.dtype) * dxdt
+    return tangent.derivative(fn, (x_t, t), (vx, vt))
 
-    key = "tangent=jvp"
+
+def check_trigflow_tangent(tangent: DirectionalDerivative, model: nn.Module) -> None:
+    """One tangent through ``model.F`` (a TrigFlow wrapper) on a one-image batch; a layer
+    without forward-mode AD raises a ValueError naming it (nothing to check for finite
+    differences). The global RNG is untouched."""
+    gen = torch.Generator().manual_seed(0)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    shape = (1, model.img_channels, model.img_resolution, model.img_resolution)
+    x = torch.randn(shape, generator=gen).to(dev)
+    v = torch.randn(shape, generator=gen).to(dev)
+    t = torch.full((1,), 0.7, device=dev)
+    labels = torch.zeros(1, dtype=torch.long, device=dev) if model.label_dim > 0 else None
+    tangent.check_probe(
+        model,
+        lambda: model.F(x, t, labels),
+        lambda: trigflow_tangent(tangent, lambda a, b: model.F(a, b, labels), x, t, v),
+    )
+
+
+class JVPTangent(JVP):
+    """sCM's ``cos(t) sin(t) dF/dt`` by forward-mode AD, called as ``tangent(fn, x_t, t,
+    dxdt)`` (the shared :class:`cmexp.losses.tangent.JVP` that ``tangent=jvp`` builds, with
+    sCM's tangents; :func:`trigflow_tangent`)."""
 
     def __call__(self, fn: FFn, x_t: Tensor, t: Tensor, dxdt: Tensor) -> Tensor:
         """x_t, dxdt ``[B,C,H,W]``; t ``[B]`` -> ``cos t sin t dF/dt`` ``[B,C,H,W]``."""
-        vt = torch.cos(t) * torch.sin(t)
-        vx = append_dims(vt, x_t.ndim).to(dxdt.dtype) * dxdt
-        # Outside autocast: forward-mode AD through autocast's casts fails (a dual bf16 weight
-        # meets an fp32 tangent), and the tangent carries no gradient. A no-op in fp32 runs.
-        with torch.autocast(device_type=x_t.device.type, enabled=False):
-            return torch.func.jvp(fn, (x_t, t), (vx, vt))[1]
+        return trigflow_tangent(self, fn, x_t, t, dxdt)
 
     def check(self, model: nn.Module) -> None:
-        """Run one JVP on a one-image batch through ``model.F`` (a TrigFlow wrapper); a layer
-        without forward-mode AD raises a ValueError naming it. The global RNG is untouched."""
-        gen = torch.Generator().manual_seed(0)
-        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        shape = (1, model.img_channels, model.img_resolution, model.img_resolution)
-        x = torch.randn(shape, generator=gen).to(dev)
-        t = torch.full((1,), 0.7, device=dev)
-        labels = torch.zeros(1, dtype=torch.long, device=dev) if model.label_dim > 0 else None
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), _layer_stack(model) as stack:
-            model.F(x, t, labels)  # a plain forward must work (its errors are not about AD)
-            try:
-                self(lambda a, b: model.F(a, b, labels), x, t, torch.randn_like(x))
-            except (RuntimeError, NotImplementedError, TypeError) as err:
-                name, layer = stack[-1] if stack else ("net", type(model).__name__)
-                first = (
-                    str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                )
-                raise ValueError(
-                    f"{self.key}: layer '{name}' ({layer}) of the network does not support "
-                    f"forward-mode AD ({first}); use tangent=finite_difference or a network "
-                    "whose layers define a forward-mode derivative"
-                ) from None
+        """:func:`check_trigflow_tangent`."""
+        check_trigflow_tangent(self, model)
 
 
-class FiniteDifferenceTangent:
-    """``cos(t) sin(t) dF/dt`` as a central difference along ``(cos t sin t dx_t/dt,
-    cos t sin t)`` with step ``eps`` (two forward passes with the same dropout masks): for
-    networks without forward-mode AD (FastGen's ``use_jvp_finite_diff``). The step keeps
-    ``t +- eps cos t sin t`` inside (0, pi/2) for every t."""
-
-    key = "tangent=finite_difference"
-
-    def __init__(self, eps: float = 1e-3) -> None:
-        if not 0 < eps <= 0.1:
-            raise ValueError(f"tangent.eps must be in (0, 0.1], got {eps!r}")
-        self.eps = float(eps)
+class FiniteDifferenceTangent(FiniteDifference):
+    """sCM's ``cos(t) sin(t) dF/dt`` as a central difference along ``(cos t sin t dx_t/dt,
+    cos t sin t)`` with step ``eps`` (two forward passes with the same dropout masks; the
+    step keeps ``t +- eps cos t sin t`` inside (0, pi/2) for every t)."""
 
     def __call__(self, fn: FFn, x_t: Tensor, t: Tensor, dxdt: Tensor) -> Tensor:
-        vt = torch.cos(t) * torch.sin(t)
-        vx = append_dims(vt, x_t.ndim).to(dxdt.dtype) * dxdt
-        h = self.eps
-        with replay_rng(x_t.device) as replay:
-            with replay():
-                plus = fn(x_t + h * vx, t + h * vt)
-            with replay():
-                minus = fn(x_t - h * vx, t - h * vt)
-        return (plus - minus) / (2 * h)
+        return trigflow_tangent(self, fn, x_t, t, dxdt)
 
     def check(self, model: nn.Module) -> None:
         """Nothing to check: any network runs forward."""
-
-
-@contextmanager
-def _layer_stack(model: nn.Module) -> Iterator[list[tuple[str, str]]]:
-    """The stack of ``(name, class)`` of the modules being executed (innermost last), kept by
-    forward hooks; left as it was when an exception unwinds a forward."""
-    stack: list[tuple[str, str]] = []
-    handles = []
-    for name, mod in model.named_modules():
-        if mod is model:
-            continue
-
-        def pre(m: nn.Module, args: Any, _name: str = name) -> None:
-            stack.append((_name, type(m).__name__))
-
-        def post(m: nn.Module, args: Any, out: Any) -> None:
-            stack.pop()
-
-        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
-    try:
-        yield stack
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class AdaptiveWeight(nn.Module):
@@ -173,7 +137,8 @@ class SCMLoss:
     """The sCT / sCD objective (module docstring; sCM Alg. 1).
 
     Args:
-        tangent: :class:`JVPTangent` or :class:`FiniteDifferenceTangent` (``tangent=``).
+        tangent: the shared directional derivative (``tangent=jvp | finite_difference``:
+            :class:`cmexp.losses.tangent.JVP` or ``FiniteDifference``).
         P_mean, P_std: the time proposal ``tan t = e^tau / sd``, ``tau ~ N(P_mean, P_std^2)``
             (sCM App. G, CIFAR-10: -1.0, 1.4; 1.8 from an EDM initialisation, sCM Table 3).
         warmup_steps: tangent warm-up, r = min(1, step / warmup_steps) (sCM: 10k iterations;
@@ -187,7 +152,7 @@ class SCMLoss:
 
     def __init__(
         self,
-        tangent: JVPTangent | FiniteDifferenceTangent,
+        tangent: DirectionalDerivative,
         P_mean: float = -1.0,
         P_std: float = 1.4,
         warmup_steps: int = 10000,
@@ -268,7 +233,7 @@ class SCMLoss:
         # (same dropout masks; the stream continues as after one pass).
         with replay_rng(x0.device) as replay:
             with torch.no_grad(), replay():
-                sc_dfdt = self.tangent(fn, x_t, t, dxdt).detach()
+                sc_dfdt = trigflow_tangent(self.tangent, fn, x_t, t, dxdt).detach()
             F = model.F(x_t, t, class_labels)
         f_minus = F.detach()
         r = self.warmup(step)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from cmexp.diffusion.ema import ema_update_
 from cmexp.diffusion.trigflow import EDMTrigFlowPrecond, TrigFlowPrecond, check_trigflow_times
 from cmexp.inference.plan import SamplingSpec
-from cmexp.methods.scm.loss import SCMLoss, trigflow_sigma_taus
+from cmexp.methods.scm.loss import SCMLoss, check_trigflow_tangent, trigflow_sigma_taus
 from cmexp.training.base import DiffusionLitModule, OptimizerFactory, PrecondFactory
 from cmexp.training.teacher import check_preconditioning, load_teacher
 
@@ -81,7 +81,9 @@ class SCMLitModule(DiffusionLitModule):
         if int(num_scales) != num_scales or num_scales < 2:
             raise ValueError(f"model.num_scales must be an integer >= 2, got {num_scales!r}")
         self.num_scales, self.rho = int(num_scales), float(rho)
-        loss.tangent.check(self.model)  # a layer without forward-mode AD: one error naming it
+        check_trigflow_tangent(
+            loss.tangent, self.model
+        )  # no forward-mode AD: one error naming the layer
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The online network and the adaptive weighting."""
