@@ -83,6 +83,7 @@ METHODS: dict[str, str] = {
     "pd": "fmnist_pd",
     "tcm": "fmnist_tcm",
     "imm": "fmnist_imm",
+    "meanflow": "fmnist_meanflow",
 }
 #: methods that distil or tune an EDM teacher (``model.teacher_path``)
 NEEDS_TEACHER = ("cd", "ect", "scd", "pd")
@@ -90,7 +91,9 @@ NEEDS_TEACHER = ("cd", "ect", "scd", "pd")
 #: from the teacher, :func:`stage1_checkpoint`)
 NEEDS_STAGE1 = ("tcm",)
 #: a method's own overrides under debug=tiny (IMM: the tiny net takes the second time s)
-METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {"imm": ("net.guidance_embed=true",)}
+METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
+    m: ("net.guidance_embed=true",) for m in ("imm", "meanflow")
+}
 TINY = [
     "debug=tiny",
     "quality=none",
