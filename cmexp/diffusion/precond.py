@@ -69,7 +69,33 @@ def boundary_scalings(
     return c_skip, c_out, c_in
 
 
-class _Precond(nn.Module):
+class WrapsNet:
+    """What every preconditioning wrapper shares (mixed in before ``nn.Module``): the sizes
+    samplers read, taken from its raw ``net``, and its rebuilding from checkpoint metadata
+    (``from_meta``: ``cls(net, sigma_min, sigma_max, sigma_data, c_noise_scale)``; a wrapper
+    with other constants overrides it)."""
+
+    net: nn.Module
+
+    @classmethod
+    def from_meta(cls, net: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        """The wrapper around ``net`` that a checkpoint's metadata describes."""
+        return cls(net, *precond_args(meta))
+
+    @property
+    def img_resolution(self) -> int:
+        return int(self.net.img_resolution)
+
+    @property
+    def img_channels(self) -> int:
+        return int(self.net.img_channels)
+
+    @property
+    def label_dim(self) -> int:
+        return int(getattr(self.net, "label_dim", 0))
+
+
+class _Precond(WrapsNet, nn.Module):
     """Shared wrapper logic; subclasses choose the scalings."""
 
     def __init__(
@@ -89,23 +115,6 @@ class _Precond(nn.Module):
         self.sigma_max = float(sigma_max)
         self.sigma_data = float(sigma_data)
         self.c_noise_scale = float(c_noise_scale)
-
-    @classmethod
-    def from_meta(cls, net: nn.Module, meta: dict[str, Any]) -> nn.Module:
-        """The wrapper around ``net`` that a checkpoint's metadata describes."""
-        return cls(net, *precond_args(meta))
-
-    @property
-    def img_resolution(self) -> int:
-        return int(self.net.img_resolution)
-
-    @property
-    def img_channels(self) -> int:
-        return int(self.net.img_channels)
-
-    @property
-    def label_dim(self) -> int:
-        return int(getattr(self.net, "label_dim", 0))
 
     def c_noise(self, sigma: Tensor) -> Tensor:
         """Noise-level input of the raw net: ``c_noise_scale * ln(sigma)``.

@@ -24,13 +24,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.karras import append_dims, as_sigma_batch, check_sigma_range
-from cmexp.diffusion.precond import precond_args, register_precond
+from cmexp.diffusion.precond import WrapsNet, register_precond
 
 HALF_PI = math.pi / 2
 
@@ -58,7 +57,7 @@ def check_trigflow_times(
 
 
 @register_precond("trigflow")
-class TrigFlowPrecond(nn.Module):
+class TrigFlowPrecond(WrapsNet, nn.Module):
     """A raw network as a TrigFlow consistency model (sCM Eq. 7).
 
     ``F_theta(x_t / sd, c_noise(t))`` with ``c_noise(t) = c_noise_scale * t`` (sCM Sec. 4.1: the
@@ -91,23 +90,6 @@ class TrigFlowPrecond(nn.Module):
         self.net = net
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data, self.c_noise_scale = float(sigma_data), float(c_noise_scale)
-
-    @classmethod
-    def from_meta(cls, net: nn.Module, meta: dict[str, Any]) -> nn.Module:
-        """The wrapper around ``net`` that a checkpoint's metadata describes."""
-        return cls(net, *precond_args(meta))
-
-    @property
-    def img_resolution(self) -> int:
-        return int(self.net.img_resolution)
-
-    @property
-    def img_channels(self) -> int:
-        return int(self.net.img_channels)
-
-    @property
-    def label_dim(self) -> int:
-        return int(getattr(self.net, "label_dim", 0))
 
     @property
     def t_max(self) -> float:

@@ -25,13 +25,12 @@ enters the raw network through its zero-initialised second embedding (``net.guid
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.karras import append_dims, as_sigma_batch, check_sigma_range
-from cmexp.diffusion.precond import precond_args, register_precond
+from cmexp.diffusion.precond import WrapsNet, register_precond
 
 
 def fm_time(sigma: Tensor, sigma_data: float) -> Tensor:
@@ -58,7 +57,7 @@ def simple_edm_coefficients(
 
 
 @register_precond("imm")
-class IMMPrecond(nn.Module):
+class IMMPrecond(WrapsNet, nn.Module):
     """A raw network as IMM's flow map, with the suite's sigma interface.
 
     Args:
@@ -92,23 +91,6 @@ class IMMPrecond(nn.Module):
         self.net = net
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data, self.c_noise_scale = float(sigma_data), float(c_noise_scale)
-
-    @classmethod
-    def from_meta(cls, net: nn.Module, meta: dict[str, Any]) -> nn.Module:
-        """The wrapper around ``net`` that a checkpoint's metadata describes."""
-        return cls(net, *precond_args(meta))
-
-    @property
-    def img_resolution(self) -> int:
-        return int(self.net.img_resolution)
-
-    @property
-    def img_channels(self) -> int:
-        return int(self.net.img_channels)
-
-    @property
-    def label_dim(self) -> int:
-        return int(getattr(self.net, "label_dim", 0))
 
     def describe(self) -> dict[str, str]:
         """What a checkpoint records to rebuild the wrapper (``cmexp.inference.loader``)."""

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from cmexp.diffusion.karras import append_dims, as_sigma_batch
-from cmexp.diffusion.precond import register_precond
+from cmexp.diffusion.precond import WrapsNet, register_precond
 
 
 def sigma_to_t(sigma: float) -> float:
@@ -69,7 +69,7 @@ def check_flow_net(net: nn.Module) -> None:
 
 
 @register_precond("meanflow")
-class MeanFlowPrecond(nn.Module):
+class MeanFlowPrecond(WrapsNet, nn.Module):
     """A raw network as MeanFlow's average velocity ``u(z_t, r, t)``.
 
     ``u = net(z_t, c t, labels, guidance=c (t - r))`` with ``c = c_noise_scale``: the (t, t - r)
@@ -117,18 +117,6 @@ class MeanFlowPrecond(nn.Module):
     def from_meta(cls, net: nn.Module, meta: dict[str, Any]) -> nn.Module:
         """The wrapper around ``net`` that a checkpoint's metadata describes."""
         return cls(net, meta["sigma_min"], meta["sigma_data"], meta["c_noise_scale"])
-
-    @property
-    def img_resolution(self) -> int:
-        return int(self.net.img_resolution)
-
-    @property
-    def img_channels(self) -> int:
-        return int(self.net.img_channels)
-
-    @property
-    def label_dim(self) -> int:
-        return int(getattr(self.net, "label_dim", 0))
 
     def describe(self) -> dict[str, str]:
         """What a checkpoint records to rebuild the wrapper (``cmexp.inference.loader``)."""
