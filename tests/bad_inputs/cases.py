@@ -77,6 +77,7 @@ CASES: list[Case] = [
     C("train", f"{T} model=sct model.loss.P_std=abc", "model.loss.P_std must be a number > 0, got 'abc'"),
     C("train", f"{T} model=sct model.loss.warmup_steps=-1", "model.loss.warmup_steps must be an integer >= 0, got -1"),
     C("train", f"{T} model=sct model.loss.tangent_c=0", "model.loss.tangent_c must be a number > 0, got 0"),
+    C("train", f"{T} model=sct model.loss.tangent_norm=L2", "model.loss.tangent_norm must be one of"),
     C("train", f"{T} model=sct model.loss.prior_weighting=maybe", "model.loss.prior_weighting must be true or false"),
     C("train", f"{T} model=sct model.weighting.channels=3", "model.weighting.channels must be an even integer >= 2, got 3"),
     C("train", f"{T} model=sct model.num_scales=1", "model.num_scales must be an integer >= 2, got 1"),

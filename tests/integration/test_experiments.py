@@ -399,3 +399,12 @@ def test_scm_recipes_have_their_dropout(composer) -> None:
     states no sCD-specific dropout)."""
     assert composer(["+experiment=cifar10_sct"]).net.dropout == 0.2
     assert composer(["+experiment=cifar10_scd"]).net.dropout == 0.0
+
+
+def test_scm_recipes_normalise_the_tangent_by_its_rms_norm(composer) -> None:
+    """sCT/sCD: g / (||g||_2 / sqrt(D) + c), FastGen's g_norm_spatial_invariance=True (the
+    default of config_scm.py's LossConfig, kept by its CIFAR-10 configs); l2 is the option."""
+    for name in ("cifar10_sct", "cifar10_scd", "fmnist_sct", "fmnist_scd"):
+        loss = composer([f"+experiment={name}"]).model.loss
+        assert (loss.tangent_norm, loss.tangent_c) == ("rms", 0.1), name
+    assert composer(["model=sct", "model.loss.tangent_norm=l2"]).model.loss.tangent_norm == "l2"

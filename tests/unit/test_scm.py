@@ -275,9 +275,35 @@ def test_loss_draws_times_from_the_lognormal_proposal_and_warms_up() -> None:
         ({"P_std": 0}, "model.loss.P_std must be > 0"),
         ({"warmup_steps": -1}, "model.loss.warmup_steps must be an integer >= 0"),
         ({"tangent_c": 0}, "model.loss.tangent_c must be > 0"),
+        ({"tangent_norm": "max"}, "model.loss.tangent_norm must be one of rms, l2, got 'max'"),
     ):
         with pytest.raises(ValueError, match=match):
             SCMLoss(JVPTangent(), **bad)
+
+
+@pytest.mark.parametrize("norm", ["rms", "l2"])
+def test_tangent_normalisation_divides_by_the_chosen_norm_plus_c(norm: str) -> None:
+    """g <- g / (n + c) with n = ||g||_2 / sqrt(D) (rms: FastGen's g_norm_spatial_invariance)
+    or n = ||g||_2 (l2). At the forward value F = F^-, so the loss is
+    lambda e^w / D ||g / (n + c)||^2 - w: recover ||g / (n + c)||^2 from it and compare it with
+    ||g||^2 / (n + c)^2, ||g||_2 taken from the l2 run (its reported norm is the plain one)."""
+    torch.manual_seed(0)
+    x0 = torch.rand(3, 1, 8, 8) * 2 - 1
+    z = SD * torch.randn(3, 1, 8, 8)
+    t = torch.tensor([0.3, 0.9, 1.3])
+    model, weight = TrigFlowPrecond(tiny()), AdaptiveWeight(16)
+    outs = {}
+    for kind in ("l2", norm):
+        loss_fn = SCMLoss(JVPTangent(), tangent_c=0.1, tangent_norm=kind, sigma_data=SD)
+        outs[kind] = loss_fn.terms(model, weight, x0, z, t, step=10**6)
+    out, l2 = outs[norm], outs["l2"].tangent_norm
+    dim = 64
+    n = l2 / math.sqrt(dim) if norm == "rms" else l2
+    torch.testing.assert_close(out.tangent_norm, n)
+    sq = (out.loss + out.w).detach() * dim * SD * torch.tan(t) / torch.exp(out.w)
+    torch.testing.assert_close(sq, l2**2 / (n + 0.1) ** 2, rtol=1e-5, atol=1e-6)
+    if norm == "rms":  # n << ||g||_2: the normalised tangent has RMS close to 1, not 1/sqrt(D)
+        assert float((sq / dim).sqrt().min()) > 0.5
 
 
 def test_sigma_interface_keeps_float64_sigmas_exact() -> None:

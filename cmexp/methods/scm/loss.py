@@ -10,6 +10,10 @@ and ``r`` ramping 0 -> 1 over ``warmup_steps`` (tangent warm-up):
     g <- g / (||g|| + c)                                   (tangent normalisation, c = 0.1)
     loss = lambda(t) e^{w(t)} / D ||F_theta - F^- - g||^2 - w(t)   (adaptive weighting)
 
+``||g||`` is the RMS norm ``||g||_2 / sqrt(D)`` (``tangent_norm="rms"``: FastGen's default
+``g_norm_spatial_invariance=True`` and the sCM-mnist reference) or the Euclidean norm
+(``tangent_norm="l2"``: the paper's ``||g||`` read literally, sqrt(D) = 55 times larger at
+3x32x32, so the same c normalises far less).
 ``lambda(t) = 1 / (sd tan t)`` (the prior weighting, optional), ``D`` = C H W, ``w`` a small
 learned network of t. The loss value is ``lambda e^w ||g||^2 / D - w``; its gradient in theta is
 ``-2 lambda e^w / D g . dF_theta/dtheta``, the sCM gradient. ``cos(t) sin(t) dF^-/dt`` is one
@@ -133,6 +137,9 @@ class SCMLossOutput:
     warmup: float
 
 
+TANGENT_NORMS = ("rms", "l2")
+
+
 class SCMLoss:
     """The sCT / sCD objective (module docstring; sCM Alg. 1).
 
@@ -144,6 +151,8 @@ class SCMLoss:
         warmup_steps: tangent warm-up, r = min(1, step / warmup_steps) (sCM: 10k iterations;
             0 = none).
         tangent_c: c of the tangent normalisation g / (||g|| + c) (sCM: 0.1).
+        tangent_norm: ``"rms"`` (||g||_2 / sqrt(D), FastGen's ``g_norm_spatial_invariance``
+            default) or ``"l2"`` (||g||_2).
         prior_weighting: multiply by 1 / (sd tan t) (sCM's prior weighting).
         sigma_data: sd (0.5).
         teacher: sCD's frozen teacher, anything with ``velocity(x_t, t, labels) -> dx_t/dt``
@@ -157,6 +166,7 @@ class SCMLoss:
         P_std: float = 1.4,
         warmup_steps: int = 10000,
         tangent_c: float = 0.1,
+        tangent_norm: str = "rms",
         prior_weighting: bool = True,
         sigma_data: float = 0.5,
         teacher: Any = None,
@@ -171,7 +181,13 @@ class SCMLoss:
             raise ValueError(f"model.loss.tangent_c must be > 0, got {tangent_c!r}")
         if not sigma_data > 0:
             raise ValueError(f"model.sigma_data must be > 0, got {sigma_data!r}")
+        if tangent_norm not in TANGENT_NORMS:
+            raise ValueError(
+                f"model.loss.tangent_norm must be one of {', '.join(TANGENT_NORMS)}, "
+                f"got {tangent_norm!r}"
+            )
         self.tangent = tangent
+        self.tangent_norm = tangent_norm
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.warmup_steps, self.tangent_c = int(warmup_steps), float(tangent_c)
         self.prior_weighting, self.sigma_data = bool(prior_weighting), float(sigma_data)
@@ -238,10 +254,12 @@ class SCMLoss:
         f_minus = F.detach()
         r = self.warmup(step)
         g = -(c**2) * (sd * f_minus - dxdt) - r * (c * s * x_t + sd * sc_dfdt)
+        dim = x0[0].numel()
         norm = g.flatten(1).norm(dim=1)
+        if self.tangent_norm == "rms":
+            norm = norm / math.sqrt(dim)
         g = g / (append_dims(norm, g.ndim) + self.tangent_c)
         w = weight_net(t)
-        dim = x0[0].numel()
         sq = ((F - f_minus - g) ** 2).flatten(1).sum(1)
         prior = 1 / (sd * torch.tan(t)) if self.prior_weighting else torch.ones_like(t)
         loss = prior * torch.exp(w) / dim * sq - w

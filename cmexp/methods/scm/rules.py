@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
-from cmexp.utils.checks import LOGNORMAL, POSITIVE, Bool, Int, Rule, is_int, is_num
+from cmexp.utils.checks import LOGNORMAL, POSITIVE, Bool, Int, OneOf, Rule, is_int, is_num
 
 SCHEMA: dict[str, Rule] = {
     **LOGNORMAL,  # tan(t) = e^tau / sd, tau ~ N(P_mean, P_std^2) (sCM App. G)
     "model.loss.warmup_steps": Int(0),
     "model.loss.tangent_c": POSITIVE,
+    "model.loss.tangent_norm": OneOf("rms", "l2"),  # loss.TANGENT_NORMS (this file is torch-free)
     "model.loss.prior_weighting": Bool(),
     "model.loss.sigma_data": POSITIVE,
     "model.weighting.channels": Rule(
