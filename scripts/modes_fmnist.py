@@ -1,17 +1,32 @@
-"""Training modes side by side on Fashion-MNIST at equal images seen (docs/modes.md).
+"""Every training mode on Fashion-MNIST at equal images seen (docs/modes.md, "Comparing the modes").
 
-    .venv/bin/python scripts/modes_fmnist.py TEACHER_CKPT [--out OUT] [--steps 1000] [--every 250]
-    .venv/bin/python scripts/modes_fmnist.py --table OUT        # (re)write OUT/modes.{md,csv,png}
-    .venv/bin/python scripts/modes_fmnist.py --grids OUT        # (re)write OUT/modes_grid.png
+    .venv/bin/python scripts/modes_fmnist.py [--teacher zoo:fmnist_edm] [--out OUT] [--steps 1200]
+                                             [--until S] [--every 200] [--jobs 2] [--modes cd,ect,...]
+    .venv/bin/python scripts/modes_fmnist.py --table OUT    # (re)write OUT/modes.{csv,png}
+    .venv/bin/python scripts/modes_fmnist.py --final OUT [--at S] [--num-samples 10000]
+    .venv/bin/python scripts/modes_fmnist.py --grids OUT [--at S]
 
-1. trains CD (fmnist_cd_l2), ECT (fmnist_ect) and sCD (fmnist_scd) from TEACHER_CKPT, and
-   iCT-style CT (fmnist_ct_pseudo_huber) and sCT (fmnist_sct) from scratch, all with
-   ``+sweep=modes`` (batch 64, ``--steps`` steps, fd_fmnist of 1- and 2-step samples every
-   ``--every`` steps with the shipped classifier, the same seeds everywhere);
-2. writes OUT/modes.csv (every evaluation), OUT/modes.md (the last evaluation per mode) and
-   OUT/modes.png (fd_fmnist against images seen, 1 and 2 steps);
-3. writes OUT/modes_grid.png: each mode's last checkpoint (sampling EMA), 1 and 2 steps (its
-   default tau), the same seeds 0..N-1 in every row.
+Arms (``ARMS``): CD (``fmnist_cd_l2``), ECT (``fmnist_ect``) and sCD (``fmnist_scd``) from the
+EDM teacher; iCT-style CT (``fmnist_ct_pseudo_huber``), sCT (``fmnist_sct``), MeanFlow
+(``fmnist_meanflow``) and IMM (``fmnist_imm``) from scratch; TCM (``fmnist_tcm``): its stage 1
+is the ECT arm up to half the budget (the ECT checkpoint at step ``--steps``/2), its stage 2
+trains the other half, so its images seen count both stages.
+
+1. Training: every arm is one ``cmexp.train +experiment=X +sweep=modes`` run in OUT/runs/<arm>
+   (batch 64, 1- and 2-step fd_fmnist of 1,000 fixed seeds against 10,000 training images
+   every ``--every`` steps, a checkpoint every 100 steps). ``--jobs`` runs go at once, each on
+   one thread. ``--until S`` stops every arm at S steps; running the script again resumes each
+   arm exactly from its last.ckpt (``ckpt_path=``) up to the next ``--until``. Anything that
+   depends on the run length is pinned to ``--steps`` (CT's curriculum ``schedule.total_steps``),
+   so stopping and resuming trains the same run as one go.
+2. ``--table``: OUT/modes.csv (every in-training evaluation) and OUT/modes.png (fd_fmnist
+   against images seen, 1 and 2 steps).
+3. ``--final``: ``cmexp.eval`` of each arm's checkpoint at ``--at`` images-seen steps (default
+   ``--steps``): ``--num-samples`` samples (seeds 0..N-1) at 1 and 2 steps, the shipped
+   classifier, all 10,000 test images; OUT/final.{csv,md}.
+4. ``--grids``: OUT/modes_grid.png, each arm's checkpoint at ``--at``, 1 and 2 steps (its
+   default plan), image i from seed i in every row.
+
 DRY_RUN=1 prints the training commands instead of running them.
 """
 
@@ -19,73 +34,165 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DISTILLED = ("fmnist_cd_l2", "fmnist_ect", "fmnist_scd")
-FROM_SCRATCH = ("fmnist_ct_pseudo_huber", "fmnist_sct")
+BATCH = 64  # +sweep=modes
+CKPT_EVERY = 100
 
 
-def train(out: Path, teacher: str, steps: int, every: int) -> None:
-    common = [
+@dataclass(frozen=True)
+class Arm:
+    """One mode of the comparison: its experiment and what it starts from."""
+
+    experiment: str
+    teacher: bool = False  # distilled / initialised from the EDM teacher (model.teacher_path)
+    stage1: str | None = None  # TCM: the arm whose checkpoint at half the budget is stage 1
+
+
+ARMS: dict[str, Arm] = {
+    "cd": Arm("fmnist_cd_l2", teacher=True),
+    "ect": Arm("fmnist_ect", teacher=True),
+    "scd": Arm("fmnist_scd", teacher=True),
+    "ct": Arm("fmnist_ct_pseudo_huber"),
+    "sct": Arm("fmnist_sct"),
+    "meanflow": Arm("fmnist_meanflow"),
+    "imm": Arm("fmnist_imm"),
+    "tcm": Arm("fmnist_tcm", stage1="ect"),
+}
+DOUBLE_KIMG_ECT = 25.6  # fmnist_ect / fmnist_tcm model.double_kimg
+
+
+def offset_steps(arm: Arm, steps: int) -> int:
+    """Steps of another arm that this arm starts from (TCM: the ECT stage 1, half the budget)."""
+    return steps // 2 if arm.stage1 else 0
+
+
+def ckpt_dir(out: Path, name: str) -> Path:
+    return out / "runs" / name / "checkpoints"
+
+
+def reached(out: Path, name: str) -> int:
+    """Steps an arm's run has finished (0 when it has no checkpoint)."""
+    done = out / "runs" / name / "reached.json"
+    if done.is_file():
+        return int(json.loads(done.read_text())["step"])
+    steps = [int(p.stem[4:]) for p in ckpt_dir(out, name).glob("step*.ckpt")]
+    return max(steps, default=0)
+
+
+def command(out: Path, name: str, teacher: str, steps: int, until: int, every: int) -> list[str]:
+    """The ``cmexp.train`` command that takes arm ``name`` to ``until`` images-seen steps."""
+    arm = ARMS[name]
+    own_until = until - offset_steps(arm, steps)
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmexp.train",
+        f"+experiment={arm.experiment}",
         "+sweep=modes",
-        f"trainer.max_steps={steps}",
+        f"trainer.max_steps={own_until}",
         f"callbacks.sample_quality.every_n_steps={every}",
+        f"callbacks.checkpoint.every_n_train_steps={CKPT_EVERY}",
+        f"callbacks.sample_grid.every_n_steps={every}",
+        "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={out / 'runs'}",
+        f"hydra.sweep.subdir={name}",
     ]
-    # "++": Hydra first composes a multirun's sweep config without the swept +experiment (the
-    # default model has no teacher_path), where a plain override is refused as a new key.
-    groups = [
-        (DISTILLED, [f"++model.teacher_path={teacher}"], "distilled"),
-        (FROM_SCRATCH, [], "scratch"),
-    ]
-    for experiments, extra, name in groups:
-        cmd = [
-            sys.executable,
-            "-m",
-            "cmexp.train",
-            "-m",
-            f"+experiment={','.join(experiments)}",
-            *common,
-            *extra,
-            f"hydra.sweep.dir={out / 'runs' / name}",
+    if arm.teacher:
+        # "++": the sweep config is composed before +experiment adds teacher_path
+        cmd.append(f"++model.teacher_path={teacher}")
+    if arm.experiment == "fmnist_ct_pseudo_huber":
+        cmd.append(f"schedule.total_steps={steps}")  # the curriculum of the whole budget
+    if arm.stage1:
+        half = offset_steps(arm, steps)
+        cmd += [
+            f"model.stage1_path={ckpt_dir(out, arm.stage1) / f'step{half:07d}.ckpt'}",
+            # stage 2 continues stage 1's stage (TCM README: --resume_tick)
+            f"model.start_stage={int(half * BATCH / 1000 // DOUBLE_KIMG_ECT)}",
         ]
-        if os.environ.get("DRY_RUN") == "1":
-            print(" ".join(cmd))
-            continue
-        subprocess.run(cmd, cwd=ROOT, check=True)
+    if (ckpt_dir(out, name) / "last.ckpt").is_file():
+        cmd.append(f"ckpt_path={ckpt_dir(out, name) / 'last.ckpt'}")
+    return cmd
 
 
-def run_mode(run: Path) -> str:
-    """The experiment a multirun job folder trained (from its .hydra/overrides.yaml)."""
-    overrides = run / ".hydra" / "overrides.yaml"
-    text = overrides.read_text() if overrides.is_file() else ""
-    return next((e for e in (*DISTILLED, *FROM_SCRATCH) if f"experiment={e}" in text), run.name)
+def run_arm(out: Path, name: str, teacher: str, steps: int, until: int, every: int) -> str:
+    arm = ARMS[name]
+    if until <= offset_steps(arm, steps):
+        return f"{name}: starts after step {offset_steps(arm, steps)} of {arm.stage1}"
+    own_until = until - offset_steps(arm, steps)
+    if reached(out, name) >= own_until:
+        return f"{name}: at step {reached(out, name)} already"
+    if arm.stage1 and os.environ.get("DRY_RUN") != "1":
+        half = offset_steps(arm, steps)
+        while not (ckpt_dir(out, arm.stage1) / f"step{half:07d}.ckpt").is_file():
+            time.sleep(30)  # the stage-1 arm runs in another job
+    cmd = command(out, name, teacher, steps, until, every)
+    if os.environ.get("DRY_RUN") == "1":
+        print(" ".join(cmd))
+        return f"{name}: dry run"
+    (out / "runs" / name).mkdir(parents=True, exist_ok=True)
+    log = out / "runs" / f"{name}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.time()
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        return f"{name}: exit {rc}, see {log}"
+    (out / "runs" / name / "reached.json").write_text(json.dumps({"step": own_until}))
+    return f"{name}: step {own_until} in {time.time() - t0:.0f} s"
+
+
+def train(args: argparse.Namespace, names: list[str]) -> None:
+    until = args.until or args.steps
+    # a stage-1 arm runs before the arms that wait for it
+    names = sorted(names, key=lambda n: ARMS[n].stage1 is not None)
+    jobs = 1 if os.environ.get("DRY_RUN") == "1" else args.jobs
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [
+            pool.submit(run_arm, args.out, n, args.teacher, args.steps, until, args.every)
+            for n in names
+        ]
+        for f in futures:
+            print(f.result(), flush=True)
+
+
+def arm_meta(out: Path) -> dict[str, int]:
+    meta = out / "study.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 def collect(out: Path) -> list[dict]:
+    """Every in-training evaluation: mode, own step, images seen (kimg, stage 1 included)."""
+    steps = arm_meta(out).get("steps", 0)
     rows = []
-    for metrics in sorted((out / "runs").glob("*/*/csv/metrics.csv")):
-        mode = run_mode(metrics.parents[1])
-        kimg_at: dict[int, float] = {}
+    for name, arm in ARMS.items():
+        metrics = out / "runs" / name / "csv" / "metrics.csv"
+        if not metrics.is_file():
+            continue
+        offset = offset_steps(arm, steps) * BATCH / 1000
         evals: dict[int, dict] = {}
         with open(metrics) as fh:
             for r in csv.DictReader(fh):
-                step = int(r["step"])
-                if r.get("train/kimg"):
-                    kimg_at[step] = float(r["train/kimg"])
                 for k in ("val/fd_fmnist_1step", "val/fd_fmnist_2step"):
                     if r.get(k):
-                        evals.setdefault(step, {})[k.split("_")[-1]] = float(r[k])
+                        evals.setdefault(int(r["step"]), {})[k.split("_")[-1]] = float(r[k])
         for step, v in sorted(evals.items()):
-            kimg = kimg_at.get(step, kimg_at.get(step - 1, (step + 1) * 64 / 1000))
             rows.append(
                 {
-                    "mode": mode,
+                    "mode": name,
+                    "experiment": arm.experiment,
                     "step": step,
-                    "kimg": kimg,
+                    "kimg": offset + (step + 1) * BATCH / 1000,
                     "fd_1step": v.get("1step"),
                     "fd_2step": v.get("2step"),
                 }
@@ -101,42 +208,101 @@ def table(out: Path) -> None:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    last = {}
-    for r in rows:
-        last[r["mode"]] = r
-    lines = [
-        "| mode | images seen (kimg) | fd_fmnist 1 step | fd_fmnist 2 steps |",
-        "|---|---|---|---|",
-    ]
-    for mode, r in last.items():
-        f1 = f"{r['fd_1step']:.2f}" if r["fd_1step"] is not None else "-"
-        f2 = f"{r['fd_2step']:.2f}" if r["fd_2step"] is not None else "-"
-        lines.append(f"| {mode} | {r['kimg']:.1f} | {f1} | {f2} |")
-    (out / "modes.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, title in zip(axes, ("fd_1step", "fd_2step"), ("1 step", "2 steps"), strict=True):
-        for mode in last:
+        for mode in modes:
             pts = [(r["kimg"], r[key]) for r in rows if r["mode"] == mode and r[key] is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
+                ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=mode)
         ax.set_title(title)
         ax.set_xlabel("images seen (kimg)")
         ax.set_yscale("log")
-    axes[0].set_ylabel("fd_fmnist (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fd_fmnist, 1,000 samples (lower is better)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "modes.png", dpi=100)
-    print((out / "modes.md").read_text())
+    print(f"wrote {out / 'modes.csv'} and {out / 'modes.png'} ({len(rows)} evaluations)")
 
 
-def grids(out: Path, num: int = 12) -> None:
-    """One row per mode and step count: ``num`` samples of each run's last checkpoint, image i
-    from seed i in every row (1 step: f(T z, T); 2 steps: the checkpoint's default tau)."""
+def checkpoint_at(out: Path, name: str, at: int, steps: int) -> Path:
+    """Arm ``name``'s checkpoint after ``at`` images-seen steps (TCM: stage 1 included)."""
+    own = at - offset_steps(ARMS[name], steps)
+    path = ckpt_dir(out, name) / f"step{own:07d}.ckpt"
+    if own <= 0 or not path.is_file():
+        raise SystemExit(
+            f"{path}: no checkpoint of arm {name} at step {at}; train to --until {at}"
+        )
+    return path
+
+
+def final(out: Path, at: int, num_samples: int, names: list[str]) -> None:
+    """cmexp.eval of every arm at ``at`` steps: 1 and 2 steps, the test split."""
+    steps = arm_meta(out)["steps"]
+    rows = []
+    for name in names:
+        ckpt = checkpoint_at(out, name, at, steps)
+        run = out / "final" / f"{name}_{at}"
+        metrics = run / "metrics.json"
+        if not metrics.is_file():
+            cmd = [
+                sys.executable,
+                "-m",
+                "cmexp.eval",
+                f"ckpt={ckpt}",
+                f"num_samples={num_samples}",
+                "num_real=10000",
+                "real_split=test",
+                "steps=[1,2]",
+                f"hydra.run.dir={run}",
+            ]
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+        m = json.loads(metrics.read_text())
+        flat = {k: v for k, v in m.items() if isinstance(v, int | float)}
+        rows.append(
+            {
+                "mode": name,
+                "experiment": ARMS[name].experiment,
+                "kimg": at * BATCH / 1000,
+                "fd_1step": flat.get("fd_fmnist_1step"),
+                "fd_2step": flat.get("fd_fmnist_2step"),
+                "precision_1step": flat.get("precision_1step"),
+                "recall_1step": flat.get("recall_1step"),
+            }
+        )
+    with open(out / "final.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = [
+        f"| mode | experiment | fd_fmnist 1 step | fd_fmnist 2 steps | precision 1 step "
+        f"| recall 1 step |  ({num_samples} samples vs 10,000 test images, {at * BATCH / 1000:g} kimg)",
+        "|---|---|---|---|---|---|",
+    ]
+    lines[0] = lines[0].split("  (")[0]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | `{r['experiment']}` | {fmt(r['fd_1step'])} | {fmt(r['fd_2step'])} "
+            f"| {fmt(r['precision_1step'])} | {fmt(r['recall_1step'])} |"
+        )
+    (out / "final.md").write_text("\n".join(lines) + "\n")
+    print((out / "final.md").read_text())
+
+
+def grids(out: Path, at: int | None, num: int = 12) -> None:
+    """One row per arm and step count: ``num`` samples of each arm's checkpoint at ``at``
+    (default: last.ckpt), image i from seed i in every row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,22 +311,24 @@ def grids(out: Path, num: int = 12) -> None:
 
     from cmexp.inference import generate, load_model, sigma_plan
 
-    runs = [
-        (run_mode(c.parents[1]), c)
-        for c in sorted((out / "runs").glob("*/*/checkpoints/last.ckpt"))
-    ]
+    steps = arm_meta(out).get("steps", 0)
+    runs = []
+    for name in ARMS:
+        last = ckpt_dir(out, name) / "last.ckpt"
+        if last.is_file():
+            runs.append((name, checkpoint_at(out, name, at, steps) if at else last))
     if not runs:
         raise SystemExit(f"no checkpoints under {out / 'runs'}: train first")
     rows = []
     with torch.no_grad():
-        for mode, ckpt in runs:
+        for name, ckpt in runs:
             loaded = load_model(str(ckpt))
-            for steps in (1, 2):
-                x = generate(loaded, num, sigma_plan(loaded.spec, steps), seed=0)
+            for k in (1, 2):
+                x = generate(loaded, num, sigma_plan(loaded.spec, k), seed=0)
                 strip = torch.cat(list(((x[:, 0] + 1) / 2).clamp(0, 1)), dim=1)
-                rows.append((f"{mode}, {steps} step{'s' * (steps > 1)}", strip))
-    fig, axes = plt.subplots(len(rows), 1, figsize=(num * 0.6, len(rows) * 0.75))
-    for ax, (label, strip) in zip(axes, rows, strict=True):
+                rows.append((f"{name}, {k} step{'s' * (k > 1)}", strip))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(num * 0.6, len(rows) * 0.75), squeeze=False)
+    for ax, (label, strip) in zip(axes[:, 0], rows, strict=True):
         ax.imshow(strip.numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -174,31 +342,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "teacher", nargs="?", help="last.ckpt of +experiment=fmnist_edm (or zoo:NAME)"
-    )
+    parser.add_argument("--teacher", default="zoo:fmnist_edm", help="the EDM teacher checkpoint")
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "modes")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--every", type=int, default=250)
-    parser.add_argument(
-        "--table", type=Path, default=None, help="only (re)write the table and plot of this folder"
-    )
-    parser.add_argument(
-        "--grids", type=Path, default=None, help="only (re)write the sample grids of this folder"
-    )
+    parser.add_argument("--steps", type=int, default=1200, help="the budget (steps at batch 64)")
+    parser.add_argument("--until", type=int, default=None, help="stop every arm at this step")
+    parser.add_argument("--every", type=int, default=200, help="in-training evaluation period")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--modes", default=",".join(ARMS), help=f"a subset of {','.join(ARMS)}")
+    parser.add_argument("--table", type=Path, default=None, help="only write the table and plot")
+    parser.add_argument("--final", type=Path, default=None, help="only the final evaluation")
+    parser.add_argument("--grids", type=Path, default=None, help="only the sample grids")
+    parser.add_argument("--at", type=int, default=None, help="--final/--grids: images-seen step")
+    parser.add_argument("--num-samples", type=int, default=10000)
     args = parser.parse_args()
+    names = [n for n in args.modes.split(",") if n]
+    unknown = [n for n in names if n not in ARMS]
+    if unknown:
+        parser.error(f"--modes: unknown {', '.join(unknown)}; expected some of {', '.join(ARMS)}")
     if args.table is not None:
         table(args.table)
-        return
-    if args.grids is not None:
-        grids(args.grids)
-        return
-    if not args.teacher:
-        parser.error("TEACHER_CKPT is required (last.ckpt of +experiment=fmnist_edm, or zoo:NAME)")
-    train(args.out, args.teacher, args.steps, args.every)
-    if os.environ.get("DRY_RUN") != "1":
-        table(args.out)
-        grids(args.out)
+    elif args.final is not None:
+        final(args.final, args.at or arm_meta(args.final)["steps"], args.num_samples, names)
+    elif args.grids is not None:
+        grids(args.grids, args.at)
+    else:
+        if args.steps % (2 * CKPT_EVERY) or args.steps % args.every:
+            parser.error(f"--steps must be a multiple of {2 * CKPT_EVERY} and of --every")
+        meta = arm_meta(args.out)
+        if meta and meta.get("steps") != args.steps:
+            parser.error(f"--steps: {args.out} was trained for --steps {meta['steps']}")
+        if os.environ.get("DRY_RUN") != "1":
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "study.json").write_text(json.dumps({"steps": args.steps}))
+        train(args, names)
 
 
 if __name__ == "__main__":

@@ -284,62 +284,71 @@ def test_fig4_script_commands_compose_with_equal_budgets_and_the_table_reads_eva
 
 
 def test_modes_sweep_trains_every_mode_at_equal_images_seen(composer, tmp_path: Path) -> None:
-    """+sweep=modes puts CD, ECT, sCD, CT and sCT on the same budget and evaluation cadence, and
-    scripts/modes_fmnist.py turns the runs' logs into the table and the fd-vs-images plot."""
+    """+sweep=modes puts all eight modes on the same budget and evaluation cadence;
+    scripts/modes_fmnist.py runs one resumable run per arm (TCM: stage 2 from the ECT arm's
+    checkpoint at half the budget) and turns the logs into the fd-vs-images table and plot."""
     budgets = set()
-    for experiment in (
-        "fmnist_cd_l2",
-        "fmnist_ect",
-        "fmnist_scd",
-        "fmnist_ct_pseudo_huber",
-        "fmnist_sct",
-    ):
-        cfg = composer([f"+experiment={experiment}", "+sweep=modes"])
+    arms = {
+        "cd": "fmnist_cd_l2",
+        "ect": "fmnist_ect",
+        "scd": "fmnist_scd",
+        "ct": "fmnist_ct_pseudo_huber",
+        "sct": "fmnist_sct",
+        "meanflow": "fmnist_meanflow",
+        "imm": "fmnist_imm",
+        "tcm": "fmnist_tcm",
+    }
+    for experiment in arms.values():
+        overrides = [f"+experiment={experiment}", "+sweep=modes"]
+        if experiment == "fmnist_tcm":
+            overrides.append("model.stage1_path=S.ckpt")
+        cfg = composer(overrides)
         q = cfg.callbacks.sample_quality
         budgets.add(
             (cfg.trainer.max_steps, cfg.dataset.batch_size, q.every_n_steps, q.num_samples, q.seed)
         )
     assert budgets == {(1000, 64, 250, 1000, 0)}
+    script = [sys.executable, "scripts/modes_fmnist.py"]
     env = {**os.environ, "DRY_RUN": "1"}
+    args = ["--teacher", "T.ckpt", "--out", str(tmp_path), "--steps", "1200", "--until", "800"]
     out = subprocess.run(
-        [sys.executable, "scripts/modes_fmnist.py", "T.ckpt", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [*script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    cmds = out.stdout.splitlines()
-    assert (
-        "+experiment=fmnist_cd_l2,fmnist_ect,fmnist_scd" in cmds[0]
-        and "++model.teacher_path=T.ckpt" in cmds[0]
+    cmds = {
+        line.split("hydra.sweep.subdir=")[1].split()[0]: line
+        for line in out.stdout.splitlines()
+        if "cmexp.train" in line
+    }
+    assert list(cmds) == list(arms)
+    for name, experiment in arms.items():
+        cmd = cmds[name]
+        assert f"+experiment={experiment} +sweep=modes" in cmd
+        assert ("++model.teacher_path=T.ckpt" in cmd) == (name in ("cd", "ect", "scd"))
+        assert ("trainer.max_steps=200" if name == "tcm" else "trainer.max_steps=800") in cmd
+    assert "schedule.total_steps=1200" in cmds["ct"]  # the curriculum of the whole budget
+    stage1 = tmp_path / "runs" / "ect" / "checkpoints" / "step0000600.ckpt"
+    assert f"model.stage1_path={stage1}" in cmds["tcm"] and "model.start_stage=1" in cmds["tcm"]
+    bad = subprocess.run(
+        [*script, "--modes", "cd,xyz"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
-    assert (
-        "+experiment=fmnist_ct_pseudo_huber,fmnist_sct" in cmds[1]
-        and "teacher_path" not in cmds[1]
-    )
-    for name, fd in (("fmnist_ect", 3.0), ("fmnist_sct", 5.0)):
-        run = tmp_path / "runs" / "x" / name
+    assert bad.returncode == 2 and "--modes: unknown xyz" in bad.stderr
+    (tmp_path / "study.json").write_text('{"steps": 1200}')
+    for name, fd in (("ect", 3.0), ("tcm", 5.0)):
+        run = tmp_path / "runs" / name
         (run / "csv").mkdir(parents=True)
-        (run / ".hydra").mkdir()
-        (run / ".hydra" / "overrides.yaml").write_text(f"- +experiment={name}\n")
         (run / "csv" / "metrics.csv").write_text(
             "step,train/kimg,val/fd_fmnist_1step,val/fd_fmnist_2step\n"
-            f"249,16.0,,\n249,,{2 * fd},{fd}\n499,32.0,,\n499,,{fd},{fd / 2}\n"
+            f"199,12.8,,\n199,,{2 * fd},{fd}\n399,25.6,,\n399,,{fd},{fd / 2}\n"
         )
     out = subprocess.run(
-        [sys.executable, "scripts/modes_fmnist.py", "--table", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [*script, "--table", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    md = (tmp_path / "modes.md").read_text()
-    assert (
-        "| fmnist_ect | 32.0 | 3.00 | 1.50 |" in md and "| fmnist_sct | 32.0 | 5.00 | 2.50 |" in md
-    )
+    rows = (tmp_path / "modes.csv").read_text().splitlines()
+    assert "ect,fmnist_ect,399,25.6,3.0,1.5" in rows
+    # TCM's images seen include its stage 1: 600 ECT steps (38.4 kimg) before its own 400
+    assert "tcm,fmnist_tcm,399,64.0,5.0,2.5" in rows
     assert (tmp_path / "modes.png").stat().st_size > 1000
 
 
@@ -350,10 +359,8 @@ def test_modes_script_draws_every_runs_samples_with_the_same_seeds(tmp_path: Pat
 
     from .conftest import compose_train
 
-    run = tmp_path / "runs" / "scratch" / "0"
+    run = tmp_path / "runs" / "ct"  # the CT arm's run folder
     train(compose_train(["debug=tiny", "model=ct", "trainer.max_steps=2"], run))
-    (run / ".hydra").mkdir(exist_ok=True)
-    (run / ".hydra" / "overrides.yaml").write_text("- +experiment=fmnist_ct_pseudo_huber\n")
     out = subprocess.run(
         [sys.executable, "scripts/modes_fmnist.py", "--grids", str(tmp_path)],
         check=False,
