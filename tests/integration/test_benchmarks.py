@@ -94,6 +94,7 @@ def test_modes_step_cost_script_times_every_mode_and_writes_its_table(tmp_path: 
             "1",
             "--write",
             str(out),
+            "--profile",
         ],
         cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -103,8 +104,16 @@ def test_modes_step_cost_script_times_every_mode_and_writes_its_table(tmp_path: 
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r["mode"] for r in rows] == ["ct", "ect", "sct", "scd", "cd", "imm"]
+    modes = ["ct", "ect", "sct", "scd", "cd", "imm", "meanflow", "tcm"]
+    assert [r["mode"] for r in rows] == modes
     assert all(r["full_s"] > 0 and r["bare_s"] > 0 for r in rows)
+    by_mode = {r["mode"]: r for r in rows}
+    # the op-level account: sCT and MeanFlow run exactly their bare passes' convolutions (the
+    # JVP and the online pass; backward only through the online pass), and pay an optimizer step
+    for mode in ("sct", "meanflow", "ct", "cd"):
+        r = by_mode[mode]
+        assert (r["conv_full"], r["conv_bwd_full"]) == (r["conv_bare"], r["conv_bwd_bare"]), mode
+        assert 0 < r["optimizer_share"] < 0.5, mode
     table = out.read_text()
     assert (
         "| sct | JVP (fwd + tangent) + online fwd/bwd |" in table
