@@ -8,11 +8,65 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmexp.diffusion.precond import EDMPrecond
+from cmexp.diffusion.precond import ECTPrecond, EDMPrecond
 from cmexp.inference.checkpoint import read_checkpoint
 from cmexp.training.base import frozen_copy
 
 PRECOND_KEYS = ("sigma_max", "sigma_data", "c_noise_scale")
+#: The checkpoint kinds a consistency model may start from (TCM's stage 1, ECT fine-tuning a
+#: released CD/CT model): consistency models of this suite or read by cmexp.interop.
+CONSISTENCY_INIT_KINDS = ("ect", "cd", "ct")
+_INIT_CONSTANTS = ("sigma_min", "sigma_max", "sigma_data", "c_noise_scale")
+
+
+def _edm_in_training(model: nn.Module) -> bool:
+    return isinstance(model, ECTPrecond) and model.edm_scalings_in_training
+
+
+def init_from_consistency_model(model: nn.Module, path: str | None, key: str, purpose: str) -> str:
+    """Copy a consistency model's sampling-EMA raw-network weights into ``model`` (a
+    consistency wrapper), after checking that the two compute the same function: the same
+    ``sigma_min``, ``sigma_max``, ``sigma_data`` and ``c_noise_scale``, the same scalings in
+    training (an ECT checkpoint: EDM's, ``model/precond=ect``; CD/CT: the boundary scalings,
+    ``model/precond=cm``) and the same network. A ValueError naming ``key`` otherwise.
+
+    Args:
+        path: a cmexp ECT/CD/CT checkpoint, ``zoo:NAME``, or a released CD/CT file that
+            :mod:`cmexp.interop` reads (openai/consistency_models_cifar10's Flax checkpoints).
+        key: the config key that named it (``model.stage1_path``, ``model.teacher_path``).
+        purpose: why a consistency model is needed, named when the kind is wrong.
+    Returns: the resolved path.
+    """
+    from cmexp.inference.loader import load_model
+
+    init = load_model(path, key=key, kinds=CONSISTENCY_INIT_KINDS, purpose=purpose)
+    if (init.kind == "ect") != _edm_in_training(model):
+        want = "model/precond=ect" if init.kind == "ect" else "model/precond=cm"
+        raise ValueError(
+            f"{key}={path} is a '{init.kind}' model, trained with "
+            f"{'EDM' if init.kind == 'ect' else 'the boundary'} scalings; the student must "
+            f"train with the same: use {want}"
+        )
+    diff = [
+        k
+        for k in _INIT_CONSTANTS
+        if abs(float(getattr(model, k)) - float(getattr(init.model, k))) > 1e-12
+    ]
+    if diff:
+        got = ", ".join(f"model.precond.{k}={getattr(model, k)}" for k in diff)
+        want = ", ".join(f"{k}={getattr(init.model, k)}" for k in diff)
+        raise ValueError(
+            f"{key}={path} was trained with {want} but this run sets {got}; "
+            "the student starts from its weights: use its values"
+        )
+    try:
+        model.net.load_state_dict(init.net.state_dict())
+    except RuntimeError as err:
+        raise ValueError(
+            f"{key}={path}: its weights do not fit the run's net config; use its net "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    return str(init.path)
 
 
 def load_teacher_weights(student: nn.Module, teacher: nn.Module) -> None:

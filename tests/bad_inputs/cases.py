@@ -52,7 +52,9 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ train: the CD teacher
     C("train", f"{T} model=cd", "model.teacher_path is required"),
     C("train", f"{T} model=ect", "model.teacher_path is required for easy consistency tuning"),
-    C("train", f"{T} model=ect model.teacher_path={{ct}}", "model.teacher_path={ct} holds a 'ct' model; expected 'edm'", "load"),
+    C("train", f"{T} model=ect model.teacher_path={{ct}}", "model.teacher_path={ct} is a 'ct' model, trained with the boundary scalings; the student must train with the same: use model/precond=cm", "load"),
+    C("train", f"{T} model=ect model.teacher_path={{clf}}", "model.teacher_path={clf} holds a 'classifier' model; expected 'edm' or 'ect' or 'cd' or 'ct' here", "load"),
+    C("train", f"{T} model=ect model/precond=cm model.teacher_path={{meanflow}}", "model.teacher_path={meanflow} holds a 'meanflow' model; expected 'edm' or 'ect' or 'cd' or 'ct' here", "load"),
     C("train", f"{T} model=ect model.teacher_path={{edm}} model.loss.q=1", "model.loss.q must be a number > 1, got 1"),
     C("train", f"{T} model=ect model.teacher_path={{edm}} model.double_kimg=0", "model.double_kimg must be a number > 0"),
     C("train", f"{T} model=ect model.teacher_path={{edm}} model.loss.k=-1", "model.loss.k must be a number >= 0"),

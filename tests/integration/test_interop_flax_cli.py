@@ -133,11 +133,12 @@ def test_eval_edit_and_tau_search(release, tmp_path: Path, monkeypatch) -> None:
     assert sorted(p.name for p in release["cd"].parent.iterdir()) == ["checkpoint_80"]
 
 
-@pytest.mark.parametrize("method", ["cd", "ect"])
+@pytest.mark.parametrize("method", ["cd", "ect", "scd"])
 def test_released_edm_teacher_distils(release, tmp_path: Path, method: str) -> None:
     """``model.teacher_path=edm_cifar10_ema`` (test-made): CD's teacher and ECT's starting
-    point; the student is net=ncsnpp at the file's width and starts from the teacher's weights
-    (model.init_from_teacher=true for CD; ECT always does)."""
+    point, and sCD's teacher (converted to TrigFlow time); the student is net=ncsnpp at the
+    file's width and starts from the teacher's weights (model.init_from_teacher=true for CD and
+    sCD; ECT always does)."""
     from cmexp.train import train
 
     torch.set_num_threads(1)
@@ -160,6 +161,55 @@ def test_released_edm_teacher_distils(release, tmp_path: Path, method: str) -> N
     )
     assert ckpt["cmexp"]["kind"] == method
     assert ckpt["cmexp"]["teacher_path"] == str(release["edm"])
+
+
+@pytest.mark.parametrize("method", ["ect", "tcm"])
+def test_released_consistency_model_is_fine_tuned(release, tmp_path: Path, method: str) -> None:
+    """A released CD file (test-made) as ECT's starting point (``model.teacher_path``) and as
+    TCM's stage 1 (``model.stage1_path``), with the boundary scalings it was trained with
+    (``model/precond=cm``): the student starts as exactly the released EMA network and trains.
+    With ECT's own scalings (``model/precond=ect``) the run is refused on one line."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from cmexp.inference import load_model
+    from cmexp.train import train
+
+    torch.set_num_threads(1)
+    key = "model.teacher_path" if method == "ect" else "model.stage1_path"
+    overrides = [
+        "debug=tiny",
+        f"model={method}",
+        f"{key}={release['cd']}",
+        "net=ncsnpp",
+        "net.model_channels=8",
+        "net.channel_mult=[1,2]",
+        "net.num_blocks=1",
+        "net.attn_resolutions=[16]",
+        "net.label_dim=0",
+        "dataset.resolution=32",
+        "trainer.max_steps=2",
+    ]
+    released = load_model(str(release["cd"])).model.net.state_dict()
+    cfg = compose_train([*overrides, "model/precond=cm"], tmp_path / "a")
+    module = instantiate(cfg.model)
+    for name in ("model", "ema"):
+        mine = getattr(module, name).net.state_dict()
+        assert mine.keys() == released.keys()
+        assert all(torch.equal(mine[k], released[k]) for k in mine), name
+    train(compose_train([*overrides, "model/precond=cm"], tmp_path / "run"))
+    ckpt = torch.load(
+        tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert ckpt["cmexp"]["kind"] == method
+    with pytest.raises(InstantiationException) as err:
+        instantiate(compose_train([*overrides, "model/precond=ect"], tmp_path / "b").model)
+    assert isinstance(err.value.__cause__, ValueError)
+    msg = str(err.value.__cause__).splitlines()
+    assert msg == [
+        f"{key}={release['cd']} is a 'cd' model, trained with the boundary scalings; the "
+        "student must train with the same: use model/precond=cm"
+    ]
 
 
 def _fake_inception_weights(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -11,10 +11,16 @@ from torch import Tensor, nn
 
 from cmexp.diffusion.ema import ema_update_
 from cmexp.diffusion.precond import ECTPrecond
+from cmexp.inference.checkpoint import read_checkpoint
 from cmexp.inference.plan import SamplingSpec
 from cmexp.methods.ect.loss import ECTLoss
 from cmexp.training.base import DiffusionLitModule, OptimizerFactory, PrecondFactory, check_taus
-from cmexp.training.teacher import check_preconditioning, load_teacher
+from cmexp.training.teacher import (
+    CONSISTENCY_INIT_KINDS,
+    check_preconditioning,
+    init_from_consistency_model,
+    load_teacher,
+)
 
 
 class ECTLitModule(DiffusionLitModule):
@@ -23,9 +29,14 @@ class ECTLitModule(DiffusionLitModule):
 
     Args:
         net: raw network with the teacher's architecture. loss: :class:`ECTLoss`.
-        teacher_path: an EDM checkpoint of this suite (or ``zoo:NAME``): its sampling-EMA
-            weights initialise the online network, the sampling EMA, and nothing else (ECT
-            has no teacher after initialisation).
+        teacher_path: the model ECT starts from; its sampling-EMA weights initialise the
+            online network, the sampling EMA, and nothing else (ECT has no teacher after
+            initialisation). An EDM checkpoint of this suite, ``zoo:NAME`` or a converted
+            EDM file (ECT's "tuning from a diffusion model"), or a consistency model to
+            fine-tune: an ECT/CD/CT checkpoint of this suite or a released CD/CT file that
+            :mod:`cmexp.interop` reads (e.g. openai/consistency_models_cifar10's
+            ``ct-lpips/checkpoints/checkpoint_74``). A CD/CT model was trained with the
+            boundary scalings, so the run must use them too (``model/precond=cm``).
         double_kimg: images (thousands) per stage; the gap t - r shrinks by q each stage
             (ECT CIFAR-10: 3,200 kimg = 25k iterations at batch 128).
         precond: ``ECTPrecond`` (sigma_min: eps of the sampling boundary condition, ECT 0.003;
@@ -59,10 +70,24 @@ class ECTLitModule(DiffusionLitModule):
                 f"model.double_kimg must be > 0 (thousands of images per stage), got {double_kimg!r}"
             )
         self.model = precond(net)
-        teacher = load_teacher(teacher_path, net)
-        check_preconditioning(self.model, teacher, teacher_path)
-        self.model.net.load_state_dict(teacher.net.state_dict())
-        self.teacher_path = str(getattr(teacher, "source_path", teacher_path))
+        if (
+            teacher_path
+            and read_checkpoint(
+                teacher_path, "model.teacher_path", ("edm", *CONSISTENCY_INIT_KINDS)
+            ).kind
+            in CONSISTENCY_INIT_KINDS
+        ):
+            self.teacher_path = init_from_consistency_model(
+                self.model,
+                teacher_path,
+                "model.teacher_path",
+                "ECT starts from an EDM denoiser or a consistency model",
+            )
+        else:
+            teacher = load_teacher(teacher_path, net)
+            check_preconditioning(self.model, teacher, teacher_path)
+            self.model.net.load_state_dict(teacher.net.state_dict())
+            self.teacher_path = str(getattr(teacher, "source_path", teacher_path))
         self._init_ema()
         ema_update_(self.ema, self.model, 0.0)
         self.loss = loss

@@ -28,10 +28,7 @@ from cmexp.training.base import (
     check_taus,
     frozen_copy,
 )
-
-#: The checkpoint kinds a stage-1 model may have: consistency models of this suite.
-STAGE1_KINDS = ("ect", "cd", "ct")
-_CONSTANTS = ("sigma_min", "sigma_max", "sigma_data", "c_noise_scale")
+from cmexp.training.teacher import init_from_consistency_model
 
 
 def check_transition(transition_t: float, model: nn.Module) -> float:
@@ -44,10 +41,6 @@ def check_transition(transition_t: float, model: nn.Module) -> float:
             f"({model.sigma_min}, {model.sigma_max}), got {transition_t}"
         )
     return t
-
-
-def _edm_in_training(model: nn.Module) -> bool:
-    return isinstance(model, ECTPrecond) and model.edm_scalings_in_training
 
 
 class TCMLitModule(DiffusionLitModule):
@@ -118,41 +111,9 @@ class TCMLitModule(DiffusionLitModule):
                 "model.stage1_path is required for TCM stage 2: the last.ckpt of an ECT/CD/CT run "
                 "(e.g. +experiment=fmnist_tcm_stage1) or zoo:fmnist_cd"
             )
-        from cmexp.inference.loader import load_model
-
-        stage1 = load_model(
-            path,
-            key="model.stage1_path",
-            kinds=STAGE1_KINDS,
-            purpose="TCM stage 2 starts from a consistency model",
+        return init_from_consistency_model(
+            self.model, path, "model.stage1_path", "TCM stage 2 starts from a consistency model"
         )
-        diff = [
-            k
-            for k in _CONSTANTS
-            if abs(float(getattr(self.model, k)) - float(getattr(stage1.model, k))) > 1e-12
-        ]
-        if diff:
-            got = ", ".join(f"model.precond.{k}={getattr(self.model, k)}" for k in diff)
-            want = ", ".join(f"{k}={getattr(stage1.model, k)}" for k in diff)
-            raise ValueError(
-                f"model.stage1_path={path} was trained with {want} but this run sets {got}; "
-                "the student continues the stage-1 model: use its values"
-            )
-        if (stage1.kind == "ect") != _edm_in_training(self.model):
-            want = "model/precond=ect" if stage1.kind == "ect" else "model/precond=cm"
-            raise ValueError(
-                f"model.stage1_path={path} is a '{stage1.kind}' model, trained with "
-                f"{'EDM' if stage1.kind == 'ect' else 'the boundary'} scalings; the student must "
-                f"train with the same: use {want}"
-            )
-        try:
-            self.model.net.load_state_dict(stage1.net.state_dict())
-        except RuntimeError as err:
-            raise ValueError(
-                f"model.stage1_path={path}: its weights do not fit the run's net config; use the "
-                f"stage-1 run's net ({str(err).splitlines()[0]})"
-            ) from None
-        return str(stage1.path)
 
     @property
     def stage1(self) -> nn.Module:
