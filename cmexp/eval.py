@@ -92,6 +92,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from cmexp.inference import pick_device
+    from cmexp.metrics.features import check_features_fit
     from cmexp.metrics.suite import describe
 
     t0 = time.perf_counter()
@@ -103,12 +104,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if req is None:
         u8 = read_samples(cfg.samples)
         protocol.update({"samples": str(cfg.samples), "num_samples": len(u8)})
-        _check_features_fit(
+        check_features_fit(
             features, u8.shape[3], u8.shape[1], f"the images of samples={cfg.samples}"
         )
     else:
         loaded = req.loaded
-        _check_features_fit(
+        check_features_fit(
             features, loaded.img_channels, loaded.img_resolution, f"the samples of ckpt={cfg.ckpt}"
         )
     if cfg.get("reference"):  # reference statistics (mu, sigma) instead of real images
@@ -131,19 +132,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         print(set_name, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
     print(f"wrote {out_dir / 'metrics.json'}")
     return payload
-
-
-def _check_features_fit(features: Any, channels: int, resolution: int, what: str) -> None:
-    """The extractor scores images like these (the Fashion-MNIST classifier: 1-channel
-    Fashion-MNIST-like ones), else a ValueError naming ``features=``."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from cmexp.metrics.features import check_feature_input
-
-    choice = ""
-    if HydraConfig.initialized():
-        choice = str(HydraConfig.get().runtime.choices.get("features") or "")
-    check_feature_input(features, int(channels), int(resolution), what, choice)
 
 
 def _prepare_model(cfg: DictConfig, protocol: dict[str, Any]) -> Any:
@@ -192,10 +180,11 @@ def _reference(
 ) -> tuple[Any, dict[str, Any]]:
     """The reference datamodule and its (cached) real features."""
     from cmexp.inference.data import reference_datamodule
+    from cmexp.metrics.features import check_features_fit
     from cmexp.metrics.suite import RealFeatureCache, reference_features
 
     dm = reference_datamodule(dataset)
-    _check_features_fit(
+    check_features_fit(
         features, dm.channels, dm.resolution, f"the reference images ({type(dm).__name__})"
     )
     real = reference_features(

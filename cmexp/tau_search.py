@@ -34,6 +34,7 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     from cmexp.inference import sigma_plan
     from cmexp.inference.data import reference_datamodule
     from cmexp.inference.request import prepare
+    from cmexp.metrics.features import check_features_fit
     from cmexp.metrics.suite import RealFeatureCache, extract, frechet_distance, reference_features
 
     req = prepare(
@@ -44,6 +45,9 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     loaded, device = req.loaded, req.device
     features = instantiate(cfg.features).to(device)
     name = f"fd_{getattr(features, 'name', '') or 'features'}"
+    check_features_fit(
+        features, loaded.img_channels, loaded.img_resolution, f"the samples of ckpt={cfg.ckpt}"
+    )
     dm = reference_datamodule(loaded.dataset, cfg.data_dir)
     real = reference_features(
         RealFeatureCache(cfg.cache_dir),

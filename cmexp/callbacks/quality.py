@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -49,6 +49,7 @@ class SampleQualityCallback(pl.Callback):
         batch_size: int = 250,
         kid_subset_size: int = 1000,
         optional: bool = False,
+        sample_shape: Sequence[int] | None = None,
     ) -> None:
         if every_n_steps < 0 or num_samples < 2 or num_real < 2 or batch_size < 1:
             raise ValueError(
@@ -56,6 +57,8 @@ class SampleQualityCallback(pl.Callback):
             )
         self._factory = None if isinstance(features, nn.Module) else features
         self.features = features.eval() if isinstance(features, nn.Module) else None
+        self.sample_shape = tuple(int(v) for v in sample_shape) if sample_shape else None
+        self._check_input()
         self.optional = bool(optional)
         self.disabled = False
         self.cache = RealFeatureCache(cache_dir)
@@ -83,6 +86,25 @@ class SampleQualityCallback(pl.Callback):
             log.warning("sample-quality metrics skipped: %s", str(err).splitlines()[0])
             return
         self.name = str(getattr(self.features, "name", "features"))
+        self._check_input()
+
+    def _check_input(self) -> None:
+        """The extractor scores this run's samples (``sample_shape``: channels, resolution):
+        the Fashion-MNIST classifier's numbers of RGB or other-sized samples mean nothing.
+        A ValueError naming ``callbacks.sample_quality.features`` (the ``quality=`` group)."""
+        if self.features is None or self.sample_shape is None:
+            return
+        from cmexp.metrics.features import check_feature_input
+
+        channels, resolution = self.sample_shape
+        try:
+            check_feature_input(self.features, channels, resolution, "this run's samples")
+        except ValueError as err:
+            raise ValueError(
+                f"callbacks.sample_quality.features: {err}".replace(
+                    "use features=inception", "use quality=inception or quality=none"
+                )
+            ) from None
 
     def _real(self, trainer: pl.Trainer, device: torch.device) -> dict[str, torch.Tensor]:
         return reference_features(

@@ -203,3 +203,14 @@ def check_feature_input(
         f"{int(channels)}x{int(resolution)}x{int(resolution)}: use features=inception "
         "(or a feature classifier of that data)"
     )
+
+
+def check_features_fit(features: nn.Module, channels: int, resolution: int, what: str) -> None:
+    """:func:`check_feature_input` for an entry point's ``features=`` choice (named in the
+    error as the user typed it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = ""
+    if HydraConfig.initialized():
+        choice = str(HydraConfig.get().runtime.choices.get("features") or "")
+    check_feature_input(features, int(channels), int(resolution), what, choice)

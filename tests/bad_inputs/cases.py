@@ -217,6 +217,7 @@ CASES: list[Case] = [
     C("train", f"{T} callbacks.preemption.requeue=maybe", "callbacks.preemption.requeue must be true or false"),
     C("train", f"{T} quality=fmnist callbacks.sample_quality.features.ckpt=zoo:nope", "callbacks.sample_quality.features.ckpt=zoo:nope: unknown zoo model 'nope'; the zoo has: zoo:fmnist_cd, zoo:fmnist_classifier, zoo:fmnist_ct, zoo:fmnist_edm"),
     C("train", f"{T} quality=fmnist callbacks.sample_quality.features.ckpt={{corrupt}}", "callbacks.sample_quality.features.ckpt={corrupt} is not a PyTorch checkpoint"),
+    C("train", f"{T} quality=fmnist callbacks.sample_quality.features.ckpt=zoo:fmnist_classifier", "callbacks.sample_quality.features: features=fmnist_classifier scores 1-channel Fashion-MNIST-like images (28 or 32 pixels); this run's samples are 3x32x32: use quality=inception or quality=none", "load"),
     C("train", f"{T} quality=fmnist callbacks.sample_quality.features.ckpt={{clf}} callbacks.sample_quality.num_samples=1", "callbacks.sample_quality.num_samples must be an integer >= 2, got 1"),
     C("train", f"{T} quality=fmnist callbacks.sample_quality.features.ckpt={{clf}} callbacks.sample_quality.real_split=val", "callbacks.sample_quality.real_split must be one of train, test"),
     # ------------------------------------------------------------------ train: composition, run folder
@@ -393,6 +394,7 @@ CASES: list[Case] = [
     C("tau_search", "ckpt={ct} features.ckpt={clf} data_dir={nothere}", "data_dir={nothere}: no such folder"),
     C("tau_search", "ckpt={ct} features.ckpt=zoo:nope", "features.ckpt=zoo:nope: unknown zoo model 'nope'; the zoo has: zoo:fmnist_cd, zoo:fmnist_classifier, zoo:fmnist_ct, zoo:fmnist_edm"),
     C("tau_search", "ckpt={edm} features.ckpt={clf}", "ckpt={edm} holds a 'edm' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (the tau search needs a consistency model)", "load"),
+    C("tau_search", "ckpt={ct}", "features=fmnist_classifier scores 1-channel Fashion-MNIST-like images (28 or 32 pixels); the samples of ckpt={ct} are 3x32x32: use features=inception", "load"),
     C("tau_search", "ckpt={meanflow} features.ckpt={clf}", "ckpt={meanflow} holds a 'meanflow' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (the tau search needs a consistency model)", "load"),
     C("edit", "task=denoise ckpt={meanflow}", "ckpt={meanflow} holds a 'meanflow' model; expected 'cd' or 'ct' or 'ect' or 'sct' or 'scd' or 'tcm' here (editing needs a consistency model)", "load"),
     C("eval", "ckpt={meanflow} features.ckpt={clf} sampler=consistency", "sampler=consistency does not fit a flow_map model", "load"),

@@ -449,6 +449,7 @@ def test_fmnist_quality_uses_the_shipped_classifier_and_a_trained_one_never_repl
         *TINY,
         "model=ct",
         "quality=fmnist",
+        "dataset.channels=1",  # the shipped classifier scores 1-channel samples only
         f"paths.root_dir={tmp_path}",
         "callbacks.sample_quality.every_n_steps=0",
         "callbacks.sample_quality.num_samples=4",
