@@ -321,6 +321,8 @@ TRAIN: dict[str, Rule] = {
     "schedule.variant": OneOf("code", "paper"),
     "vp_schedule.alpha_bars.num_steps": Int(2),  # model=edm_vp: the discrete VP schedule
     "vp_schedule.alpha_bars.max_beta": Num(0, 1, lo_open=True),
+    "vp_schedule.alpha_bars.beta_start": Num(0, 1, lo_open=True, hi_open=True),  # DDPM: 1e-4
+    "vp_schedule.alpha_bars.beta_end": Num(0, 1, lo_open=True, hi_open=True),  # DDPM: 0.02
     "vp_schedule.alpha_bars.s": Num(0),
     "vp_schedule.zero_terminal_snr": Bool(),
     "tangent.eps": Num(0, 0.1, lo_open=True),  # the finite-difference tangent (sCT/sCD, MeanFlow)

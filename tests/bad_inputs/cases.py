@@ -80,6 +80,8 @@ CASES: list[Case] = [
     C("train", f"{T} model=sct model.loss.warmup_steps=-1", "model.loss.warmup_steps must be an integer >= 0, got -1"),
     C("train", f"{T} model=sct model.loss.tangent_c=0", "model.loss.tangent_c must be a number > 0, got 0"),
     C("train", f"{T} model=sct model.loss.tangent_norm=L2", "model.loss.tangent_norm must be one of"),
+    C("train", f"{T} model=edm_vp vp_schedule=linear vp_schedule.alpha_bars.beta_start=abc", "vp_schedule.alpha_bars.beta_start must be a number in (0, 1), got 'abc'"),
+    C("train", f"{T} model=edm_vp vp_schedule=linear vp_schedule.alpha_bars.beta_end=1", "vp_schedule.alpha_bars.beta_end must be a number in (0, 1), got 1"),
     C("train", f"{T} model=sct model.loss.prior_weighting=maybe", "model.loss.prior_weighting must be true or false"),
     C("train", f"{T} model=sct model.weighting.channels=3", "model.weighting.channels must be an even integer >= 2, got 3"),
     C("train", f"{T} model=sct model.num_scales=1", "model.num_scales must be an integer >= 2, got 1"),
