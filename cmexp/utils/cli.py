@@ -42,6 +42,20 @@ MULTIRUN_FLAGS = {"-m", "--multirun"}
 NO_RUN_FOLDER = {"export"}
 
 
+def _name_target(message: str, outer: str) -> str:
+    """A TypeError raised in a base class's ``__init__`` (``DiffusionLitModule.__init__() got
+    an unexpected keyword argument 'x'``: a method passes its base settings through) names the
+    class the config asked for instead: ``EDMLitModule.__init__() got ...``."""
+    import re
+
+    target = re.search(r"Error in call to target '([\w.]+)'", outer)
+    call = re.match(r"(\w+)\.__init__\(\) (.*)", message, re.S)
+    if target is None or call is None:
+        return message
+    cls = target.group(1).rsplit(".", 1)[-1]
+    return message if cls == call.group(1) else f"{cls}.__init__() {call.group(2)}"
+
+
 def user_error(err: BaseException) -> BaseException | None:
     """The exception to report on one line, or None for a genuine bug (full traceback).
 
@@ -70,7 +84,10 @@ def user_error(err: BaseException) -> BaseException | None:
             ),
             "",
         )
-        return ConfigError(f"{key or 'config'}: {err} (the config's keys do not fit its _target_)")
+        return ConfigError(
+            f"{key or 'config'}: {_name_target(str(err), str(outer))} "
+            "(the config's keys do not fit its _target_)"
+        )
     if isinstance(err, InstantiationException):
         return err
     if (

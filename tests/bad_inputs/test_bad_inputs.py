@@ -342,7 +342,7 @@ def test_cli_model_without_experiment_names_the_appended_main_experiment(tmp_pat
     out, _ = _cli("cmexp.train", "model=edm", f"paths.root_dir={tmp_path}")
     line = _one_error_line(out)
     assert line.startswith(
-        "error: model: DiffusionLitModule.__init__() got an unexpected keyword argument 'taus'"
+        "error: model: EDMLitModule.__init__() got an unexpected keyword argument 'taus'"
     ), line
     assert (
         "no +experiment was given, so the main job's experiment +experiment=fmnist_cd_quick "
