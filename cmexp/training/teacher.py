@@ -47,18 +47,7 @@ def init_from_consistency_model(model: nn.Module, path: str | None, key: str, pu
             f"{'EDM' if init.kind == 'ect' else 'the boundary'} scalings; the student must "
             f"train with the same: use {want}"
         )
-    diff = [
-        k
-        for k in _INIT_CONSTANTS
-        if abs(float(getattr(model, k)) - float(getattr(init.model, k))) > 1e-12
-    ]
-    if diff:
-        got = ", ".join(f"model.precond.{k}={getattr(model, k)}" for k in diff)
-        want = ", ".join(f"{k}={getattr(init.model, k)}" for k in diff)
-        raise ValueError(
-            f"{key}={path} was trained with {want} but this run sets {got}; "
-            "the student starts from its weights: use its values"
-        )
+    check_preconditioning(model, init.model, path, _INIT_CONSTANTS, key=key, whose="its")
     try:
         model.net.load_state_dict(init.net.state_dict())
     except RuntimeError as err:
@@ -86,10 +75,13 @@ def check_preconditioning(
     teacher: nn.Module,
     teacher_path: str | None,
     keys: tuple[str, ...] = PRECOND_KEYS,
+    key: str = "model.teacher_path",
+    whose: str = "the teacher's",
 ) -> None:
     """A student that starts from its teacher's weights must feed them the same inputs: a
     ValueError naming every ``model.precond.*`` key (of ``keys``) whose value differs from
-    the teacher's."""
+    the teacher's (``key``: the config key that named the teacher; ``whose``: how the error
+    refers to it)."""
     diff = [
         k for k in keys if abs(float(getattr(student, k)) - float(getattr(teacher, k))) > 1e-12
     ]
@@ -97,8 +89,8 @@ def check_preconditioning(
         got = ", ".join(f"model.precond.{k}={getattr(student, k)}" for k in diff)
         want = ", ".join(f"{k}={getattr(teacher, k)}" for k in diff)
         raise ValueError(
-            f"model.teacher_path={teacher_path} was trained with {want} but this run sets {got}; "
-            "the student starts from the teacher's weights: use the teacher's values"
+            f"{key}={teacher_path} was trained with {want} but this run sets {got}; "
+            f"the student starts from {whose} weights: use {whose} values"
         )
 
 

@@ -17,6 +17,16 @@ from tests import flax_format as ff
 from tests.integration.conftest import compose_train
 
 ARCH = {"ch_mult": (1, 2), "num_res_blocks": 1}
+#: The suite's NCSN++ at the test-made release files' width (a student that starts from them).
+FILE_NET = [
+    "net=ncsnpp",
+    "net.model_channels=8",
+    "net.channel_mult=[1,2]",
+    "net.num_blocks=1",
+    "net.attn_resolutions=[16]",
+    "net.label_dim=0",
+    "dataset.resolution=32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +156,7 @@ def test_released_edm_teacher_distils(release, tmp_path: Path, method: str) -> N
         "debug=tiny",
         f"model={method}",
         f"model.teacher_path={release['edm']}",
-        "net=ncsnpp",
-        "net.model_channels=8",
-        "net.channel_mult=[1,2]",
-        "net.num_blocks=1",
-        "net.attn_resolutions=[16]",
-        "net.label_dim=0",
-        "dataset.resolution=32",
+        *FILE_NET,
         "trainer.max_steps=2",
     ]
     train(compose_train(overrides, tmp_path / "run"))
@@ -181,13 +185,7 @@ def test_released_consistency_model_is_fine_tuned(release, tmp_path: Path, metho
         "debug=tiny",
         f"model={method}",
         f"{key}={release['cd']}",
-        "net=ncsnpp",
-        "net.model_channels=8",
-        "net.channel_mult=[1,2]",
-        "net.num_blocks=1",
-        "net.attn_resolutions=[16]",
-        "net.label_dim=0",
-        "dataset.resolution=32",
+        *FILE_NET,
         "trainer.max_steps=2",
     ]
     released = load_model(str(release["cd"])).model.net.state_dict()
