@@ -8,9 +8,10 @@
 
 Arms (``ARMS``): CD (``fmnist_cd_l2``), ECT (``fmnist_ect``) and sCD (``fmnist_scd``) from the
 EDM teacher; iCT-style CT (``fmnist_ct_pseudo_huber``), sCT (``fmnist_sct``), MeanFlow
-(``fmnist_meanflow``) and IMM (``fmnist_imm``) from scratch; TCM (``fmnist_tcm``): its stage 1
-is the ECT arm up to half the budget (the ECT checkpoint at step ``--steps``/2), its stage 2
-trains the other half, so its images seen count both stages.
+(``fmnist_meanflow``) and IMM (``fmnist_imm``) from scratch; TCM (``fmnist_tcm``): for each
+budget B it trains (``--until B``) one run OUT/runs/tcm_B whose stage 1 is the ECT arm's
+checkpoint at B/2 and whose stage 2 trains the other B/2 steps, so its images seen count both
+stages.
 
 1. Training: every arm is one ``cmexp.train +experiment=X +sweep=modes`` run in OUT/runs/<arm>
    (batch 64, 1- and 2-step fd_fmnist of 1,000 fixed seeds against 10,000 training images
@@ -70,9 +71,16 @@ ARMS: dict[str, Arm] = {
 DOUBLE_KIMG_ECT = 25.6  # fmnist_ect / fmnist_tcm model.double_kimg
 
 
-def offset_steps(arm: Arm, steps: int) -> int:
+def offset_steps(arm: Arm, budget: int) -> int:
     """Steps of another arm that this arm starts from (TCM: the ECT stage 1, half the budget)."""
-    return steps // 2 if arm.stage1 else 0
+    return budget // 2 if arm.stage1 else 0
+
+
+def run_name(name: str, budget: int) -> str:
+    """The run folder of arm ``name`` for a budget: TCM has one run per budget (its stage 1 is
+    the ECT arm at half of it: ``tcm_600`` = 300 ECT steps + 300 TCM steps); the other arms
+    have one run, evaluated along the way."""
+    return f"{name}_{budget}" if ARMS[name].stage1 else name
 
 
 def ckpt_dir(out: Path, name: str) -> Path:
@@ -89,9 +97,11 @@ def reached(out: Path, name: str) -> int:
 
 
 def command(out: Path, name: str, teacher: str, steps: int, until: int, every: int) -> list[str]:
-    """The ``cmexp.train`` command that takes arm ``name`` to ``until`` images-seen steps."""
+    """The ``cmexp.train`` command that takes arm ``name`` to ``until`` images-seen steps
+    (``steps``: the study's whole budget, which CT's curriculum spans)."""
     arm = ARMS[name]
-    own_until = until - offset_steps(arm, steps)
+    run = run_name(name, until)
+    own_until = until - offset_steps(arm, until)
     cmd = [
         sys.executable,
         "-m",
@@ -104,7 +114,7 @@ def command(out: Path, name: str, teacher: str, steps: int, until: int, every: i
         f"callbacks.sample_grid.every_n_steps={every}",
         "trainer.enable_progress_bar=false",
         f"hydra.sweep.dir={out / 'runs'}",
-        f"hydra.sweep.subdir={name}",
+        f"hydra.sweep.subdir={run}",
     ]
     if arm.teacher:
         # "++": the sweep config is composed before +experiment adds teacher_path
@@ -112,34 +122,33 @@ def command(out: Path, name: str, teacher: str, steps: int, until: int, every: i
     if arm.experiment == "fmnist_ct_pseudo_huber":
         cmd.append(f"schedule.total_steps={steps}")  # the curriculum of the whole budget
     if arm.stage1:
-        half = offset_steps(arm, steps)
+        half = offset_steps(arm, until)
         cmd += [
             f"model.stage1_path={ckpt_dir(out, arm.stage1) / f'step{half:07d}.ckpt'}",
             # stage 2 continues stage 1's stage (TCM README: --resume_tick)
             f"model.start_stage={int(half * BATCH / 1000 // DOUBLE_KIMG_ECT)}",
         ]
-    if (ckpt_dir(out, name) / "last.ckpt").is_file():
-        cmd.append(f"ckpt_path={ckpt_dir(out, name) / 'last.ckpt'}")
+    if (ckpt_dir(out, run) / "last.ckpt").is_file():
+        cmd.append(f"ckpt_path={ckpt_dir(out, run) / 'last.ckpt'}")
     return cmd
 
 
 def run_arm(out: Path, name: str, teacher: str, steps: int, until: int, every: int) -> str:
     arm = ARMS[name]
-    if until <= offset_steps(arm, steps):
-        return f"{name}: starts after step {offset_steps(arm, steps)} of {arm.stage1}"
-    own_until = until - offset_steps(arm, steps)
-    if reached(out, name) >= own_until:
-        return f"{name}: at step {reached(out, name)} already"
+    run = run_name(name, until)
+    own_until = until - offset_steps(arm, until)
+    if reached(out, run) >= own_until:
+        return f"{run}: at step {reached(out, run)} already"
     if arm.stage1 and os.environ.get("DRY_RUN") != "1":
-        half = offset_steps(arm, steps)
+        half = offset_steps(arm, until)
         while not (ckpt_dir(out, arm.stage1) / f"step{half:07d}.ckpt").is_file():
             time.sleep(30)  # the stage-1 arm runs in another job
     cmd = command(out, name, teacher, steps, until, every)
     if os.environ.get("DRY_RUN") == "1":
         print(" ".join(cmd))
         return f"{name}: dry run"
-    (out / "runs" / name).mkdir(parents=True, exist_ok=True)
-    log = out / "runs" / f"{name}.log"
+    (out / "runs" / run).mkdir(parents=True, exist_ok=True)
+    log = out / "runs" / f"{run}.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.time()
     with open(log, "a") as fh:
@@ -147,17 +156,20 @@ def run_arm(out: Path, name: str, teacher: str, steps: int, until: int, every: i
         fh.flush()
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        return f"{name}: exit {rc}, see {log}"
-    (out / "runs" / name / "reached.json").write_text(json.dumps({"step": own_until}))
-    return f"{name}: step {own_until} in {time.time() - t0:.0f} s"
+        return f"{run}: exit {rc}, see {log}"
+    (out / "runs" / run / "reached.json").write_text(json.dumps({"step": own_until}))
+    return f"{run}: step {own_until} in {time.time() - t0:.0f} s"
 
 
 def train(args: argparse.Namespace, names: list[str]) -> None:
     until = args.until or args.steps
     # a stage-1 arm runs before the arms that wait for it
     names = sorted(names, key=lambda n: ARMS[n].stage1 is not None)
-    jobs = 1 if os.environ.get("DRY_RUN") == "1" else args.jobs
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    if os.environ.get("DRY_RUN") == "1":  # the commands, in order
+        for n in names:
+            run_arm(args.out, n, args.teacher, args.steps, until, args.every)
+        return
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [
             pool.submit(run_arm, args.out, n, args.teacher, args.steps, until, args.every)
             for n in names
@@ -171,15 +183,33 @@ def arm_meta(out: Path) -> dict[str, int]:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
+def runs_of(out: Path) -> list[tuple[str, str, int]]:
+    """(arm, run folder, stage-1 steps before it) of every run under OUT/runs, in ARMS order
+    (TCM: one run per budget, ``tcm_<budget>``)."""
+    found = []
+    for name, arm in ARMS.items():
+        if arm.stage1 is None:
+            if (out / "runs" / name).is_dir():
+                found.append((name, name, 0))
+            continue
+        budgets = sorted(
+            int(d.name.rsplit("_", 1)[1])
+            for d in (out / "runs").glob(f"{name}_*")
+            if d.is_dir() and d.name.rsplit("_", 1)[1].isdigit()
+        )
+        found += [(name, f"{name}_{b}", offset_steps(arm, b)) for b in budgets]
+    return found
+
+
 def collect(out: Path) -> list[dict]:
     """Every in-training evaluation: mode, own step, images seen (kimg, stage 1 included)."""
-    steps = arm_meta(out).get("steps", 0)
     rows = []
-    for name, arm in ARMS.items():
-        metrics = out / "runs" / name / "csv" / "metrics.csv"
+    for name, run, before in runs_of(out):
+        arm = ARMS[name]
+        metrics = out / "runs" / run / "csv" / "metrics.csv"
         if not metrics.is_file():
             continue
-        offset = offset_steps(arm, steps) * BATCH / 1000
+        offset = before * BATCH / 1000
         evals: dict[int, dict] = {}
         with open(metrics) as fh:
             for r in csv.DictReader(fh):
@@ -189,7 +219,7 @@ def collect(out: Path) -> list[dict]:
         for step, v in sorted(evals.items()):
             rows.append(
                 {
-                    "mode": name,
+                    "mode": run,
                     "experiment": arm.experiment,
                     "step": step,
                     "kimg": offset + (step + 1) * BATCH / 1000,
@@ -231,10 +261,11 @@ def table(out: Path) -> None:
     print(f"wrote {out / 'modes.csv'} and {out / 'modes.png'} ({len(rows)} evaluations)")
 
 
-def checkpoint_at(out: Path, name: str, at: int, steps: int) -> Path:
-    """Arm ``name``'s checkpoint after ``at`` images-seen steps (TCM: stage 1 included)."""
-    own = at - offset_steps(ARMS[name], steps)
-    path = ckpt_dir(out, name) / f"step{own:07d}.ckpt"
+def checkpoint_at(out: Path, name: str, at: int) -> Path:
+    """Arm ``name``'s checkpoint after ``at`` images-seen steps (TCM: its run for that budget,
+    stage 1 included)."""
+    own = at - offset_steps(ARMS[name], at)
+    path = ckpt_dir(out, run_name(name, at)) / f"step{own:07d}.ckpt"
     if own <= 0 or not path.is_file():
         raise SystemExit(
             f"{path}: no checkpoint of arm {name} at step {at}; train to --until {at}"
@@ -244,10 +275,9 @@ def checkpoint_at(out: Path, name: str, at: int, steps: int) -> Path:
 
 def final(out: Path, at: int, num_samples: int, names: list[str]) -> None:
     """cmexp.eval of every arm at ``at`` steps: 1 and 2 steps, the test split."""
-    steps = arm_meta(out)["steps"]
     rows = []
     for name in names:
-        ckpt = checkpoint_at(out, name, at, steps)
+        ckpt = checkpoint_at(out, name, at)
         run = out / "final" / f"{name}_{at}"
         metrics = run / "metrics.json"
         if not metrics.is_file():
@@ -311,12 +341,13 @@ def grids(out: Path, at: int | None, num: int = 12) -> None:
 
     from cmexp.inference import generate, load_model, sigma_plan
 
-    steps = arm_meta(out).get("steps", 0)
     runs = []
-    for name in ARMS:
-        last = ckpt_dir(out, name) / "last.ckpt"
-        if last.is_file():
-            runs.append((name, checkpoint_at(out, name, at, steps) if at else last))
+    for name, run, _ in runs_of(out):
+        last = ckpt_dir(out, run) / "last.ckpt"
+        if at is not None and run == run_name(name, at):
+            runs.append((name, checkpoint_at(out, name, at)))
+        elif at is None and last.is_file():
+            runs.append((run, last))
     if not runs:
         raise SystemExit(f"no checkpoints under {out / 'runs'}: train first")
     rows = []

@@ -320,21 +320,23 @@ def test_modes_sweep_trains_every_mode_at_equal_images_seen(composer, tmp_path: 
         for line in out.stdout.splitlines()
         if "cmexp.train" in line
     }
-    assert list(cmds) == list(arms)
+    assert list(cmds) == [n if n != "tcm" else "tcm_800" for n in arms]
     for name, experiment in arms.items():
-        cmd = cmds[name]
+        cmd = cmds[name if name != "tcm" else "tcm_800"]
         assert f"+experiment={experiment} +sweep=modes" in cmd
         assert ("++model.teacher_path=T.ckpt" in cmd) == (name in ("cd", "ect", "scd"))
-        assert ("trainer.max_steps=200" if name == "tcm" else "trainer.max_steps=800") in cmd
+        assert "trainer.max_steps=" + ("400" if name == "tcm" else "800") in cmd
     assert "schedule.total_steps=1200" in cmds["ct"]  # the curriculum of the whole budget
-    stage1 = tmp_path / "runs" / "ect" / "checkpoints" / "step0000600.ckpt"
-    assert f"model.stage1_path={stage1}" in cmds["tcm"] and "model.start_stage=1" in cmds["tcm"]
+    # TCM for the budget 800: stage 1 = ECT's 400 steps (25.6 kimg: stage 1), 400 of its own
+    stage1 = tmp_path / "runs" / "ect" / "checkpoints" / "step0000400.ckpt"
+    assert f"model.stage1_path={stage1}" in cmds["tcm_800"]
+    assert "model.start_stage=1" in cmds["tcm_800"]
     bad = subprocess.run(
         [*script, "--modes", "cd,xyz"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 2 and "--modes: unknown xyz" in bad.stderr
     (tmp_path / "study.json").write_text('{"steps": 1200}')
-    for name, fd in (("ect", 3.0), ("tcm", 5.0)):
+    for name, fd in (("ect", 3.0), ("tcm_1200", 5.0)):
         run = tmp_path / "runs" / name
         (run / "csv").mkdir(parents=True)
         (run / "csv" / "metrics.csv").write_text(
@@ -348,7 +350,7 @@ def test_modes_sweep_trains_every_mode_at_equal_images_seen(composer, tmp_path: 
     rows = (tmp_path / "modes.csv").read_text().splitlines()
     assert "ect,fmnist_ect,399,25.6,3.0,1.5" in rows
     # TCM's images seen include its stage 1: 600 ECT steps (38.4 kimg) before its own 400
-    assert "tcm,fmnist_tcm,399,64.0,5.0,2.5" in rows
+    assert "tcm_1200,fmnist_tcm,399,64.0,5.0,2.5" in rows
     assert (tmp_path / "modes.png").stat().st_size > 1000
 
 
