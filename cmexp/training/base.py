@@ -132,8 +132,12 @@ class DiffusionLitModule(TrainingClock, pl.LightningModule):
 
     def consistency_spec(self, num_scales: int) -> SamplingSpec:
         """The sampling settings of a consistency function (CM paper Alg. 1): the wrapper's
-        sigma range, ``self.rho``, the grid N that ``tau_indices`` index and ``self.taus``."""
+        sigma range, ``self.rho``, the grid N that ``tau_indices`` index, ``self.taus`` and the
+        method's ``clip_denoised`` default (its registry record)."""
+        from cmexp import registry
+
         m = self.model
+        record = registry.methods().get(self.kind)  # its clip_denoised default (None: Alg. 1's)
         return SamplingSpec(
             family="consistency",
             sampler="consistency",
@@ -142,6 +146,7 @@ class DiffusionLitModule(TrainingClock, pl.LightningModule):
             rho=self.rho,
             num_scales=int(num_scales),
             taus=self.taus,
+            clip_denoised=record.clip_denoised if record is not None else None,
         )
 
     def configure_model(self) -> None:

@@ -212,6 +212,32 @@ def test_alg1_clip_denoised_switches_the_intermediate_clamp_only() -> None:
     assert run(clip=False).abs().max() > 1  # latents: never clamped
 
 
+def test_clip_denoised_defaults_follow_each_methods_source() -> None:
+    """Alg. 1 clamps each intermediate output in the CM paper's code (CD, CT: the family's
+    default); ECT's sampler (locuslab/ect), NVlabs/TCM's generator_fn and FastGen's sCM sampler
+    do not. The default reaches cmexp.sample/eval (the checkpoint's spec) and the in-training
+    samples (the module's consistency_spec) alike."""
+    from cmexp import registry
+    from cmexp.inference.plan import SamplingSpec, check_clip_denoised
+
+    want = {"cd": True, "ct": True, "ect": False, "sct": False, "scd": False, "tcm": False}
+    for kind, clamp in want.items():
+        record = registry.method(kind)
+        spec = SamplingSpec(family="consistency", clip_denoised=record.clip_denoised)
+        assert check_clip_denoised(None, spec, "consistency") is clamp, kind
+        assert check_clip_denoised(True, spec, "consistency") is True, kind  # the option wins
+
+    from cmexp.methods.scm.loss import AdaptiveWeight, JVPTangent, SCMLoss
+    from cmexp.methods.scm.module import SCTLitModule
+    from cmexp.nets import TinyUNet
+
+    net = TinyUNet(img_resolution=8, img_channels=1, model_channels=8)
+    module = SCTLitModule(
+        net, SCMLoss(JVPTangent()), weighting=AdaptiveWeight(8), optimizer=torch.optim.Adam
+    )
+    assert module.sampling_spec().clip_denoised is False
+
+
 def test_solver_clip_denoised_clamps_the_denoiser_in_every_step() -> None:
     from cmexp.diffusion import sample_heun
     from cmexp.inference.samplers import run_euler, run_heun

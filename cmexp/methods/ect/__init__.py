@@ -11,6 +11,8 @@ register_method(
         family="consistency",
         wrapper="cmexp.diffusion.precond:CMPrecond",  # ECTPrecond in eval mode
         sampler="consistency",
+        # ECT's sampler re-noises the unclamped output (locuslab/ect; issue 35 item 4)
+        clip_denoised=False,
         teacher="easy consistency tuning (model=ect starts from an EDM teacher)",
         schema=SCHEMA,
         doc="docs/modes.md",

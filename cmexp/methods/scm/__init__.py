@@ -15,6 +15,8 @@ for _kind, _cls, _wrapper, _teacher in (
             family="consistency",
             wrapper=f"cmexp.diffusion.trigflow:{_wrapper}",
             sampler="consistency",
+            # sCM has no official code; FastGen's sCM sampler does not clamp (issue 35 item 4)
+            clip_denoised=False,
             teacher=_teacher,
             schema=SCHEMA,
             doc="docs/modes.md",

@@ -12,6 +12,8 @@ register_method(
         family="consistency",
         wrapper="cmexp.diffusion.precond:CMPrecond",  # ECTPrecond/CMPrecond in eval mode
         sampler="consistency",
+        # NVlabs/TCM generate.py generator_fn re-noises the unclamped output (as ECT's)
+        clip_denoised=False,
         schema=SCHEMA,
         rules=rules,
         doc="docs/modes.md (TCM)",
