@@ -294,17 +294,19 @@ def final(out: Path, at: int, num_samples: int, names: list[str]) -> None:
             ]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True)
-        m = json.loads(metrics.read_text())
-        flat = {k: v for k, v in m.items() if isinstance(v, int | float)}
+        sets = json.loads(metrics.read_text())["metrics"]
+        one, two = sets.get("1step", {}), sets.get("2step", {})
         rows.append(
             {
                 "mode": name,
                 "experiment": ARMS[name].experiment,
                 "kimg": at * BATCH / 1000,
-                "fd_1step": flat.get("fd_fmnist_1step"),
-                "fd_2step": flat.get("fd_fmnist_2step"),
-                "precision_1step": flat.get("precision_1step"),
-                "recall_1step": flat.get("recall_1step"),
+                "fd_1step": one.get("fd_fmnist"),
+                "fd_2step": two.get("fd_fmnist"),
+                "precision_1step": one.get("precision"),
+                "recall_1step": one.get("recall"),
+                "precision_2step": two.get("precision"),
+                "recall_2step": two.get("recall"),
             }
         )
     with open(out / "final.csv", "w", newline="") as fh:
@@ -316,15 +318,15 @@ def final(out: Path, at: int, num_samples: int, names: list[str]) -> None:
         return "-" if v is None else f"{v:.2f}"
 
     lines = [
-        f"| mode | experiment | fd_fmnist 1 step | fd_fmnist 2 steps | precision 1 step "
-        f"| recall 1 step |  ({num_samples} samples vs 10,000 test images, {at * BATCH / 1000:g} kimg)",
+        "| mode | experiment | fd_fmnist 1 step | fd_fmnist 2 steps | precision / recall 1 step "
+        "| precision / recall 2 steps |",
         "|---|---|---|---|---|---|",
     ]
-    lines[0] = lines[0].split("  (")[0]
     for r in rows:
         lines.append(
             f"| {r['mode']} | `{r['experiment']}` | {fmt(r['fd_1step'])} | {fmt(r['fd_2step'])} "
-            f"| {fmt(r['precision_1step'])} | {fmt(r['recall_1step'])} |"
+            f"| {fmt(r['precision_1step'])} / {fmt(r['recall_1step'])} "
+            f"| {fmt(r['precision_2step'])} / {fmt(r['recall_2step'])} |"
         )
     (out / "final.md").write_text("\n".join(lines) + "\n")
     print((out / "final.md").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -352,6 +353,32 @@ def test_modes_sweep_trains_every_mode_at_equal_images_seen(composer, tmp_path: 
     # TCM's images seen include its stage 1: 600 ECT steps (38.4 kimg) before its own 400
     assert "tcm_1200,fmnist_tcm,399,64.0,5.0,2.5" in rows
     assert (tmp_path / "modes.png").stat().st_size > 1000
+    # --final: the table of cmexp.eval's metrics.json at a budget (TCM: its run for that budget)
+    for name, ckpt, fd in (
+        ("ect", "ect/checkpoints/step0000600", 7.0),
+        ("tcm", "tcm_600/checkpoints/step0000300", 9.0),
+    ):
+        (tmp_path / "runs" / f"{ckpt}.ckpt").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs" / f"{ckpt}.ckpt").write_bytes(b"")
+        sets = {
+            k: {"fd_fmnist": fd / n, "precision": 0.5, "recall": 0.25}
+            for n, k in ((1, "1step"), (2, "2step"))
+        }
+        (tmp_path / "final" / f"{name}_600").mkdir(parents=True)
+        (tmp_path / "final" / f"{name}_600" / "metrics.json").write_text(
+            json.dumps({"metrics": sets})
+        )
+    out = subprocess.run(
+        [*script, "--final", str(tmp_path), "--at", "600", "--modes", "ect,tcm"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    md = (tmp_path / "final.md").read_text()
+    assert "| ect | `fmnist_ect` | 7.00 | 3.50 | 0.50 / 0.25 | 0.50 / 0.25 |" in md
+    assert "| tcm | `fmnist_tcm` | 9.00 | 4.50 |" in md
 
 
 def test_modes_script_draws_every_runs_samples_with_the_same_seeds(tmp_path: Path) -> None:
