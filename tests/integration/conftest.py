@@ -90,3 +90,53 @@ def raises_wrapped_value_error(match: str) -> Iterator[pytest.ExceptionInfo]:
     cause = user_error(info.value)
     assert type(cause) is ValueError, f"not a ValueError: {cause!r}"
     assert re.search(match, str(cause)), f"{match!r} not found in {cause}"
+
+
+#: One process of 8 images, and two ddp_fork processes of 4: the same global batch.
+SINGLE_AND_DDP = (
+    ("single", ["dataset.batch_size=8"]),
+    ("ddp", ["dataset.batch_size=4", "trainer.devices=2", "+trainer.strategy=ddp_fork"]),
+)
+
+
+def train_single_and_ddp(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overrides: list[str],
+    report: Callable[[Path], object],
+) -> dict[str, tuple[Path, Path]]:
+    """Train ``overrides`` once as one process of 8 images and once as two ``ddp_fork``
+    processes of 4 (:data:`SINGLE_AND_DDP`), each trainer with the callback ``report(folder)``
+    appended (it writes what the test compares into ``folder``). Returns ``{"single": (report
+    folder, run folder), "ddp": (...)}``."""
+    import hydra
+    import lightning.pytorch as pl
+
+    from cmexp.train import train
+
+    out = {}
+    for name, extra in SINGLE_AND_DDP:
+        folder = tmp_path / f"rep_{name}"
+        folder.mkdir()
+        callback = report(folder)
+        orig = hydra.utils.instantiate
+
+        def with_report(node, *args, _orig=orig, _cb=callback, **kwargs):
+            obj = _orig(node, *args, **kwargs)
+            if isinstance(obj, pl.Trainer):
+                obj.callbacks.append(_cb)
+            return obj
+
+        with monkeypatch.context() as m:
+            m.setattr(hydra.utils, "instantiate", with_report)
+            train(compose_train([*overrides, *extra], tmp_path / name))
+        out[name] = (folder, tmp_path / name)
+    return out
+
+
+def logged_losses(run: Path) -> list[float]:
+    """``train/loss`` of every logged step of a run (its csv/metrics.csv), in order."""
+    import csv
+
+    with open(run / "csv" / "metrics.csv") as fh:
+        return [float(r["train/loss"]) for r in csv.DictReader(fh) if r.get("train/loss")]

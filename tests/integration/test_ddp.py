@@ -11,7 +11,7 @@ import torch
 
 from cmexp.train import train
 
-from .conftest import compose_train
+from .conftest import compose_train, logged_losses, train_single_and_ddp
 
 
 class RankReport(pl.Callback):
@@ -220,39 +220,16 @@ def test_ddp_step_equals_the_single_process_step_on_the_same_global_batch(
 ) -> None:
     """2 processes x 4 images == 1 process x 8 images: same data, noise levels, noise and flips
     (drawn for the global batch and sliced), so the same losses and the same weights."""
-    import csv
-
-    import hydra
 
     from .test_sample_edit import TINY
 
+    runs = train_single_and_ddp(
+        tmp_path, monkeypatch, [*TINY, "model=ct", "trainer.max_steps=3"], RankReport
+    )
     reports = {}
-    for name, extra in (
-        ("single", ["dataset.batch_size=8"]),
-        ("ddp", ["dataset.batch_size=4", "trainer.devices=2", "+trainer.strategy=ddp_fork"]),
-    ):
-        folder = tmp_path / f"rep_{name}"
-        folder.mkdir()
-        report = RankReport(folder)
-        orig = hydra.utils.instantiate
-
-        def with_report(node, *args, _orig=orig, _rep=report, **kwargs):
-            obj = _orig(node, *args, **kwargs)
-            if isinstance(obj, pl.Trainer):
-                obj.callbacks.append(_rep)
-            return obj
-
-        with monkeypatch.context() as m:
-            m.setattr(hydra.utils, "instantiate", with_report)
-            train(
-                compose_train([*TINY, "model=ct", "trainer.max_steps=3", *extra], tmp_path / name)
-            )
+    for name, (folder, run) in runs.items():
         reports[name] = json.loads((folder / "rank0.json").read_text())
-        reports[name]["losses"] = [
-            float(r["train/loss"])
-            for r in csv.DictReader(open(tmp_path / name / "csv" / "metrics.csv"))
-            if r.get("train/loss")
-        ]
+        reports[name]["losses"] = logged_losses(run)
     single, ddp = reports["single"], reports["ddp"]
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert ddp["online"] == pytest.approx(single["online"], abs=1e-5)

@@ -19,7 +19,7 @@ import torch
 
 from cmexp.train import train
 
-from .conftest import compose_train
+from .conftest import compose_train, logged_losses, train_single_and_ddp
 
 ROOT = Path(__file__).resolve().parents[2]
 #: IMM on the tiny net and the synthetic set: 2 groups of 4 per batch of 8
@@ -150,31 +150,12 @@ class _Weights(pl.Callback):
 def test_ddp_step_equals_the_single_process_step(tmp_path: Path, monkeypatch) -> None:
     """2 processes x 4 images (one group each) == 1 process x 8 images (two groups): group
     times and noise are drawn for the global batch and sliced, groups never straddle ranks."""
-    import hydra
 
-    results = {}
-    for name, extra in (
-        ("single", ["dataset.batch_size=8"]),
-        ("ddp", ["dataset.batch_size=4", "trainer.devices=2", "+trainer.strategy=ddp_fork"]),
-    ):
-        folder = tmp_path / f"rep_{name}"
-        folder.mkdir()
-        report = _Weights(folder)
-        orig = hydra.utils.instantiate
-
-        def with_report(node, *args, _orig=orig, _rep=report, **kwargs):
-            obj = _orig(node, *args, **kwargs)
-            if isinstance(obj, pl.Trainer):
-                obj.callbacks.append(_rep)
-            return obj
-
-        with monkeypatch.context() as m:
-            m.setattr(hydra.utils, "instantiate", with_report)
-            train(compose_train([*IMM, "trainer.max_steps=3", *extra], tmp_path / name))
-        results[name] = (
-            json.loads((folder / "rank0.json").read_text()),
-            list(_losses(tmp_path / name).values()),
-        )
+    runs = train_single_and_ddp(tmp_path, monkeypatch, [*IMM, "trainer.max_steps=3"], _Weights)
+    results = {
+        name: (json.loads((folder / "rank0.json").read_text()), logged_losses(run))
+        for name, (folder, run) in runs.items()
+    }
     assert (tmp_path / "rep_ddp" / "rank1.json").is_file()  # two ranks trained
     (w1, l1), (w2, l2) = results["single"], results["ddp"]
     assert len(l1) == 3

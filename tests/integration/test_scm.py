@@ -20,7 +20,7 @@ from cmexp.diffusion import EDMPrecond, EDMTrigFlowPrecond, TrigFlowPrecond
 from cmexp.inference import load_model
 from cmexp.train import train
 
-from .conftest import compose_train
+from .conftest import compose_train, logged_losses, train_single_and_ddp
 
 TINY = ["debug=tiny"]
 
@@ -269,29 +269,14 @@ def test_sct_ddp_equals_the_single_process_step_and_keeps_ranks_identical(
         "model.optimizer.lr=0.05",
     ]
     common = [*TINY, "model=sct", "trainer.max_steps=3", "model.loss.warmup_steps=2", *sgd]
-    for name, extra in (
-        ("single", ["dataset.batch_size=8"]),
-        ("ddp", ["dataset.batch_size=4", "trainer.devices=2", "+trainer.strategy=ddp_fork"]),
-    ):
-        folder = tmp_path / f"rep_{name}"
-        folder.mkdir()
-        report = _Report(folder)
-        orig = hydra.utils.instantiate
-
-        def with_report(node, *args, _orig=orig, _rep=report, **kwargs):
-            obj = _orig(node, *args, **kwargs)
-            if isinstance(obj, pl.Trainer):
-                obj.callbacks.append(_rep)
-            return obj
-
-        with monkeypatch.context() as m:
-            m.setattr(hydra.utils, "instantiate", with_report)
-            train(compose_train([*common, *extra], tmp_path / name))
+    for name, (folder, run) in train_single_and_ddp(
+        tmp_path, monkeypatch, common, _Report
+    ).items():
         reports[name] = [
             json.loads((folder / f"rank{r}.json").read_text())
             for r in ((0, 1) if name == "ddp" else (0,))
         ]
-        reports[name][0]["losses"] = list(_losses(tmp_path / name).values())
+        reports[name][0]["losses"] = logged_losses(run)
     (single,), (r0, r1) = reports["single"], reports["ddp"]
     assert len(r0["losses"]) == 3
     for key in ("online", "ema", "weight"):

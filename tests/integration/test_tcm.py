@@ -17,7 +17,7 @@ import torch
 from cmexp.inference import load_model
 from cmexp.train import train
 
-from .conftest import compose_train
+from .conftest import compose_train, logged_losses, train_single_and_ddp
 
 TINY = ["debug=tiny"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -267,33 +267,14 @@ def test_ddp_step_equals_the_single_process_step(
 ) -> None:
     """2 processes x 4 images == 1 process x 8 images: the same levels, boundary rows and
     noise (drawn for the global batch and sliced), so the same weights."""
-    import csv
 
-    results = {}
-    for name, extra in (
-        ("single", ["dataset.batch_size=8"]),
-        ("ddp", ["dataset.batch_size=4", "trainer.devices=2", "+trainer.strategy=ddp_fork"]),
-    ):
-        folder = tmp_path / f"rep_{name}"
-        folder.mkdir()
-        report = _Report(folder)
-        orig = hydra.utils.instantiate
-
-        def with_report(node, *args, _orig=orig, _rep=report, **kwargs):
-            obj = _orig(node, *args, **kwargs)
-            if isinstance(obj, pl.Trainer):
-                obj.callbacks.append(_rep)
-            return obj
-
-        with monkeypatch.context() as m:
-            m.setattr(hydra.utils, "instantiate", with_report)
-            train(compose_train(_stage2(stage1, "trainer.max_steps=2", *extra), tmp_path / name))
-        losses = [
-            float(r["train/loss"])
-            for r in csv.DictReader(open(tmp_path / name / "csv" / "metrics.csv"))
-            if r.get("train/loss")
-        ]
-        results[name] = (json.loads((folder / "rank0.json").read_text()), losses)
+    runs = train_single_and_ddp(
+        tmp_path, monkeypatch, _stage2(stage1, "trainer.max_steps=2"), _Report
+    )
+    results = {
+        name: (json.loads((folder / "rank0.json").read_text()), logged_losses(run))
+        for name, (folder, run) in runs.items()
+    }
     (w1, l1), (w2, l2) = results["single"], results["ddp"]
     assert l2 == pytest.approx(l1, rel=1e-5)
     assert w2 == pytest.approx(w1, abs=1e-5)
