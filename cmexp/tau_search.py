@@ -44,7 +44,7 @@ def tau_search(cfg: DictConfig) -> dict[str, Any]:
     )
     loaded, device = req.loaded, req.device
     features = instantiate(cfg.features).to(device)
-    name = f"fd_{getattr(features, 'name', '') or 'features'}"
+    name = f"fd_{features.name}" if getattr(features, "name", "") else "fid"  # Inception: fid
     check_features_fit(
         features, loaded.img_channels, loaded.img_resolution, f"the samples of ckpt={cfg.ckpt}"
     )

@@ -140,3 +140,21 @@ def logged_losses(run: Path) -> list[float]:
 
     with open(run / "csv" / "metrics.csv") as fh:
         return [float(r["train/loss"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+
+
+def fake_inception_weights(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """torch-fidelity's Inception-v3 weights file name and layout with random values."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+
+    from cmexp.metrics import InceptionFeatures
+
+    with monkeypatch.context() as m:
+        m.setattr(fi.torch, "load", lambda *a, **k: None)
+        m.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        state = fi.FeatureExtractorInceptionV3(
+            "x", ["2048"], feature_extractor_weights_path="unused"
+        ).state_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / InceptionFeatures.FILE)
+    return folder

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests import edm_format as ef
-from tests.integration.conftest import compose_train
+from tests.integration.conftest import compose_train, fake_inception_weights
 
 SMALL = {"model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1, "attn_resolutions": (16,)}
 
@@ -162,10 +162,12 @@ def test_edit_a_consistency_models_file(
 
 
 def test_tau_search_a_consistency_models_file(
-    cd_file_and_npz: tuple[Path, Path], tmp_path: Path
+    cd_file_and_npz: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`cmexp.tau_search` on a released-style CD file: its grid (N = 40 as released, here
-    num_scales=6 to keep it short), scored against npz ImageNet-64 images."""
+    num_scales=6 to keep it short), scored against npz ImageNet-64 images in Inception's
+    features (a weights file of the real layout with random values; the Fashion-MNIST
+    classifier refuses RGB samples)."""
     import json
 
     from cmexp.tau_search import tau_search
@@ -182,6 +184,8 @@ def test_tau_search_a_consistency_models_file(
             "num_scales=6",
             "device=cpu",
             f"cache_dir={tmp_path / 'cache'}",
+            "features=inception",
+            f"features.weights_path={fake_inception_weights(tmp_path / 'inc', monkeypatch)}",
         ],
         tmp_path / "ts",
         "tau_search",
@@ -189,6 +193,6 @@ def test_tau_search_a_consistency_models_file(
     res = tau_search(cfg)
     assert res["num_scales"] == 6 and len(res["taus"]) == 1 and 1 <= res["tau_indices"][0] <= 4
     saved = json.loads((tmp_path / "ts" / "tau_search.json").read_text())
-    scores = [e["fd_fmnist"] for e in saved["evaluated"]]
+    scores = [e["fid"] for e in saved["evaluated"]]
     assert res["score"] == min(scores) and len(scores) >= 2 and saved["num_real"] == 8
     assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests import flax_format as ff
-from tests.integration.conftest import compose_train
+from tests.integration.conftest import compose_train, fake_inception_weights
 
 ARCH = {"ch_mult": (1, 2), "num_res_blocks": 1}
 #: The suite's NCSN++ at the test-made release files' width (a student that starts from them).
@@ -105,7 +105,7 @@ def test_eval_edit_and_tau_search(release, tmp_path: Path, monkeypatch) -> None:
     common = [f"ckpt={release['cd']}", f"cache_dir={tmp_path / 'cache'}"]
     # CIFAR-10-shaped samples are scored with Inception (the Fashion-MNIST classifier refuses
     # them): a weights file of the real layout with random values
-    weights = _fake_inception_weights(tmp_path / "inception", monkeypatch)
+    weights = fake_inception_weights(tmp_path / "inception", monkeypatch)
     out = evaluate(
         compose_train(
             [*common, "num_samples=4", "num_real=8", "batch_size=4", "steps=[1,2]",
@@ -134,7 +134,15 @@ def test_eval_edit_and_tau_search(release, tmp_path: Path, monkeypatch) -> None:
     assert res["metrics"]["kind"] == "cd" and np.isfinite(res["metrics"]["psnr"])
     ts = tau_search(
         compose_train(
-            [*common, "num_samples=4", "num_real=8", "batch_size=4", "num_scales=5"],
+            [
+                *common,
+                "num_samples=4",
+                "num_real=8",
+                "batch_size=4",
+                "num_scales=5",
+                "features=inception",
+                f"features.weights_path={weights}",
+            ],
             tmp_path / "ts",
             "tau_search",
         )
@@ -208,20 +216,3 @@ def test_released_consistency_model_is_fine_tuned(release, tmp_path: Path, metho
         f"{key}={release['cd']} is a 'cd' model, trained with the boundary scalings; the "
         "student must train with the same: use model/precond=cm"
     ]
-
-
-def _fake_inception_weights(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """torch-fidelity's Inception-v3 weights file name and layout with random values."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fi
-
-    from cmexp.metrics import InceptionFeatures
-
-    with monkeypatch.context() as m:
-        m.setattr(fi.torch, "load", lambda *a, **k: None)
-        m.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-        state = fi.FeatureExtractorInceptionV3(
-            "x", ["2048"], feature_extractor_weights_path="unused"
-        ).state_dict()
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / InceptionFeatures.FILE)
-    return folder
