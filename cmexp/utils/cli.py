@@ -45,7 +45,7 @@ NO_RUN_FOLDER = {"export"}
 def _name_target(message: str, outer: str) -> str:
     """A TypeError raised in a base class's ``__init__`` (``DiffusionLitModule.__init__() got
     an unexpected keyword argument 'x'``: a method passes its base settings through) names the
-    class the config asked for instead: ``EDMLitModule.__init__() got ...``."""
+    class the config's ``_target_`` asked for instead (the method's LightningModule)."""
     import re
 
     target = re.search(r"Error in call to target '([\w.]+)'", outer)
