@@ -222,7 +222,7 @@ def collect(out: Path) -> list[dict]:
                     "mode": run,
                     "experiment": arm.experiment,
                     "step": step,
-                    "kimg": offset + (step + 1) * BATCH / 1000,
+                    "kimg": offset + step * BATCH / 1000,  # logged at global_step = steps done
                     "fd_1step": v.get("1step"),
                     "fd_2step": v.get("2step"),
                 }

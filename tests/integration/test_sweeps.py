@@ -342,16 +342,16 @@ def test_modes_sweep_trains_every_mode_at_equal_images_seen(composer, tmp_path: 
         (run / "csv").mkdir(parents=True)
         (run / "csv" / "metrics.csv").write_text(
             "step,train/kimg,val/fd_fmnist_1step,val/fd_fmnist_2step\n"
-            f"199,12.8,,\n199,,{2 * fd},{fd}\n399,25.6,,\n399,,{fd},{fd / 2}\n"
+            f"199,12.8,,\n200,,{2 * fd},{fd}\n399,25.6,,\n400,,{fd},{fd / 2}\n"
         )
     out = subprocess.run(
         [*script, "--table", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = (tmp_path / "modes.csv").read_text().splitlines()
-    assert "ect,fmnist_ect,399,25.6,3.0,1.5" in rows
+    assert "ect,fmnist_ect,400,25.6,3.0,1.5" in rows  # logged at global_step 400: 400 x 64
     # TCM's images seen include its stage 1: 600 ECT steps (38.4 kimg) before its own 400
-    assert "tcm_1200,fmnist_tcm,399,64.0,5.0,2.5" in rows
+    assert "tcm_1200,fmnist_tcm,400,64.0,5.0,2.5" in rows
     assert (tmp_path / "modes.png").stat().st_size > 1000
     # --final: the table of cmexp.eval's metrics.json at a budget (TCM: its run for that budget)
     for name, ckpt, fd in (
